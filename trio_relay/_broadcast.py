@@ -1,0 +1,339 @@
+"""The broadcast object: one publisher-facing end, one bounded memory channel per subscriber.
+
+No network is involved; any trio program can use :class:`Broadcast` on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
+
+import trio
+
+from ._exceptions import SlowConsumerError
+
+__all__ = [
+    "Broadcast",
+    "BroadcastStatistics",
+    "MessageBus",
+    "OverflowPolicy",
+    "PublishReport",
+    "Subscription",
+    "SubscriptionStatistics",
+]
+
+T = TypeVar("T")
+
+OverflowPolicy = Literal["block", "drop", "evict"]
+"""What :meth:`Broadcast.publish` does when a subscriber's buffer is full.
+
+* ``"block"``: the publisher waits until the subscriber makes room (pure backpressure:
+  one stalled subscriber stalls every publisher).
+* ``"drop"``: this subscriber misses the message; counted in ``dropped``.
+* ``"evict"``: the publisher waits at most the subscription's ``timeout`` seconds, then
+  removes the subscriber, whose :meth:`Subscription.receive` raises
+  :class:`SlowConsumerError`.
+"""
+
+_POLICIES: frozenset[str] = frozenset({"block", "drop", "evict"})
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """What one :meth:`Broadcast.publish` did: how many subscribers got the message queued,
+    how many missed it under the ``drop`` policy, and how many were evicted by it."""
+
+    queued: int
+    dropped: int
+    evicted: int
+
+
+@dataclass(frozen=True)
+class SubscriptionStatistics:
+    """A snapshot of one subscription."""
+
+    id: int
+    name: str
+    policy: OverflowPolicy
+    max_buffer: int
+    queued: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class BroadcastStatistics:
+    """A snapshot of a :class:`Broadcast`, taken by :meth:`Broadcast.statistics`.
+
+    ``queued`` holds the number of messages waiting in each current subscription,
+    in subscription order; ``subscriptions`` has the details behind it.
+    """
+
+    subscribers: int
+    queued: tuple[int, ...]
+    published: int
+    dropped: int
+    evicted: int
+    subscriptions: tuple[SubscriptionStatistics, ...]
+
+
+class Subscription(trio.abc.ReceiveChannel[T]):
+    """The receive side of one subscriber, yielded by :meth:`Broadcast.subscribe`.
+
+    A normal trio :class:`~trio.abc.ReceiveChannel`: ``await receive()`` or ``async for``.
+    It ends with :class:`trio.EndOfChannel` when the broadcast is closed (after the queued
+    messages are received), and with :class:`SlowConsumerError` at once when the
+    subscription is evicted.
+    """
+
+    def __init__(
+        self,
+        max_buffer: int,
+        policy: OverflowPolicy,
+        timeout: float,
+        name: str,
+    ) -> None:
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {sorted(_POLICIES)}, not {policy!r}")
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1")
+        if timeout < 0:
+            raise ValueError("timeout must not be negative")
+        self.id = next(_ids)
+        self.name = name or f"subscription-{self.id}"
+        self.policy: OverflowPolicy = policy
+        self.max_buffer = max_buffer
+        self.timeout = timeout
+        self.dropped = 0
+        self._send, self._receive = trio.open_memory_channel[T](max_buffer)
+        self._evicted = trio.Event()
+
+    @property
+    def evicted(self) -> bool:
+        """True once the broadcast has removed this subscription for being too slow."""
+        return self._evicted.is_set()
+
+    async def wait_evicted(self) -> None:
+        """Wait until this subscription is evicted (forever, if it never is)."""
+        await self._evicted.wait()
+
+    def _too_slow(self) -> SlowConsumerError:
+        return SlowConsumerError(
+            f"{self.name} was evicted: its buffer of {self.max_buffer} messages "
+            f"stayed full for {self.timeout} s"
+        )
+
+    def receive_nowait(self) -> T:
+        """Return the next queued message, or raise :class:`trio.WouldBlock` if there is none."""
+        try:
+            return self._receive.receive_nowait()
+        except trio.ClosedResourceError:
+            if self.evicted:
+                raise self._too_slow() from None
+            raise
+
+    async def receive(self) -> T:
+        """Wait for the next message.
+
+        Raises :class:`SlowConsumerError` once evicted, :class:`trio.EndOfChannel` after the
+        broadcast closed and the queue is empty. Cancellation is safe: no message is lost.
+        """
+        try:
+            return await self._receive.receive()
+        except trio.ClosedResourceError:
+            if self.evicted:
+                raise self._too_slow() from None
+            raise
+
+    async def aclose(self) -> None:
+        """Stop receiving; publishers skip this subscription from now on."""
+        self._receive.close()
+        await trio.sleep(0)  # a checkpoint, as trio's aclose() methods have
+
+    def statistics(self) -> SubscriptionStatistics:
+        """A snapshot of this subscription."""
+        return SubscriptionStatistics(
+            id=self.id,
+            name=self.name,
+            policy=self.policy,
+            max_buffer=self.max_buffer,
+            queued=self._send.statistics().current_buffer_used,
+            dropped=self.dropped,
+        )
+
+
+class MessageBus(Protocol[T]):
+    """The small interface the relay server needs from a broadcast.
+
+    :class:`Broadcast` is the in-process implementation; a backplane that spans
+    processes implements the same three calls.
+    """
+
+    def subscribe(
+        self,
+        *,
+        max_buffer: int | None = None,
+        policy: OverflowPolicy | None = None,
+        timeout: float | None = None,
+        name: str = "",
+    ) -> AbstractAsyncContextManager[Subscription[T]]: ...  # pragma: no cover
+
+    async def publish(self, message: T) -> PublishReport: ...  # pragma: no cover
+
+    def statistics(self) -> BroadcastStatistics: ...  # pragma: no cover
+
+
+class Broadcast(Generic[T]):
+    """Hands every published message to every current subscriber, in one global order.
+
+    Each subscriber has its own bounded :func:`trio.open_memory_channel`; what happens when
+    it is full is the subscription's :data:`OverflowPolicy`. The constructor's arguments are
+    the defaults for :meth:`subscribe`.
+
+    Ordering: publishes are serialized, so every subscriber sees the messages it gets in the
+    order :meth:`publish` was called. A subscription receives exactly the messages whose
+    ``publish()`` started after it subscribed and before it left.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_buffer: int = 256,
+        policy: OverflowPolicy = "evict",
+        timeout: float = 5.0,
+    ) -> None:
+        Subscription[T](max_buffer, policy, timeout, "check")  # validate the defaults early
+        self._max_buffer = max_buffer
+        self._policy: OverflowPolicy = policy
+        self._timeout = timeout
+        # Replaced, never mutated, so publish() can iterate a snapshot without copying.
+        self._subscriptions: tuple[Subscription[T], ...] = ()
+        self._lock = trio.Lock()
+        self._published = 0
+        self._dropped = 0
+        self._evicted = 0
+        self._closed = False
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        *,
+        max_buffer: int | None = None,
+        policy: OverflowPolicy | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the evict policy's wait, not a call timeout
+        name: str = "",
+    ) -> AsyncIterator[Subscription[T]]:
+        """Subscribe for the duration of the ``async with`` block.
+
+        Yields a :class:`Subscription` with room for ``max_buffer`` messages. Leaving the
+        block unsubscribes at once (it never blocks, so it is safe under cancellation).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the broadcast is closed")
+        subscription = Subscription[T](
+            self._max_buffer if max_buffer is None else max_buffer,
+            self._policy if policy is None else policy,
+            self._timeout if timeout is None else timeout,
+            name,
+        )
+        self._subscriptions = (*self._subscriptions, subscription)
+        try:
+            yield subscription
+        finally:
+            self._remove(subscription)
+            subscription._receive.close()
+
+    def _remove(self, subscription: Subscription[T]) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
+        subscription._send.close()
+
+    def _evict(self, subscription: Subscription[T]) -> None:
+        self._remove(subscription)
+        subscription._evicted.set()
+        # Closing the receive side wakes a blocked receive() and discards the backlog.
+        subscription._receive.close()
+        self._evicted += 1
+
+    async def publish(self, message: T) -> PublishReport:
+        """Queue ``message`` for every current subscriber and return what happened.
+
+        Subscribers with room get it at once. For the full ones the publisher then waits,
+        concurrently, as their policies say (``drop`` never waits). Returns when every
+        subscriber has the message queued, dropped it, or was evicted.
+
+        Cancellation: if cancelled while waiting for a full subscriber, the subscribers that
+        already had the message queued keep it and the ones still waited for miss it; the
+        broadcast stays consistent and the next publish proceeds normally.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the broadcast is closed")
+        async with self._lock:
+            self._published += 1
+            queued = dropped = 0
+            full: list[Subscription[T]] = []
+            for subscription in self._subscriptions:
+                try:
+                    subscription._send.send_nowait(message)
+                except trio.WouldBlock:
+                    if subscription.policy == "drop":
+                        subscription.dropped += 1
+                        dropped += 1
+                    else:
+                        full.append(subscription)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # it left (or was evicted) while we were iterating
+                else:
+                    queued += 1
+            self._dropped += dropped
+            evicted = 0
+            if full:
+                outcomes: list[bool] = []
+                if len(full) == 1:
+                    await self._wait_for_room(full[0], message, outcomes)
+                else:
+                    async with trio.open_nursery() as nursery:
+                        for subscription in full:
+                            nursery.start_soon(self._wait_for_room, subscription, message, outcomes)
+                queued += sum(outcomes)
+                evicted = outcomes.count(False)
+            return PublishReport(queued=queued, dropped=dropped, evicted=evicted)
+
+    async def _wait_for_room(
+        self, subscription: Subscription[T], message: T, outcomes: list[bool]
+    ) -> None:
+        timeout = math.inf if subscription.policy == "block" else subscription.timeout
+        with trio.move_on_after(timeout):
+            try:
+                await subscription._send.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # it left while we waited: neither queued nor evicted
+            outcomes.append(True)
+            return
+        self._evict(subscription)
+        outcomes.append(False)
+
+    async def aclose(self) -> None:
+        """Close the broadcast: publishing raises :class:`trio.ClosedResourceError`, and each
+        subscriber receives what is queued for it, then :class:`trio.EndOfChannel`."""
+        self._closed = True
+        for subscription in self._subscriptions:
+            subscription._send.close()
+        self._subscriptions = ()
+        await trio.sleep(0)  # a checkpoint, as trio's aclose() methods have
+
+    def statistics(self) -> BroadcastStatistics:
+        """A frozen snapshot: subscribers, queue depths, and the lifetime counters."""
+        subscriptions = tuple(s.statistics() for s in self._subscriptions)
+        return BroadcastStatistics(
+            subscribers=len(subscriptions),
+            queued=tuple(s.queued for s in subscriptions),
+            published=self._published,
+            dropped=self._dropped,
+            evicted=self._evicted,
+            subscriptions=subscriptions,
+        )

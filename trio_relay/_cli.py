@@ -1,0 +1,197 @@
+"""The ``trio-relay`` command: ``serve``, ``consume`` and ``produce``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import get_args
+
+import trio
+
+from ._broadcast import OverflowPolicy
+from ._client import DEFAULT_TIMEOUT, consume, produce
+from ._config import RelayConfig
+from ._exceptions import ClientError
+from ._server import DEFAULT_HOST, DEFAULT_PORT, serve_relay
+
+__all__ = ["main"]
+
+logger = logging.getLogger("trio_relay")
+
+_DEFAULTS = RelayConfig()
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``trio-relay`` (and ``python -m trio_relay``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--host", default=DEFAULT_HOST, help="relay host name or address (default: %(default)s)"
+    )
+    common.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="relay TCP port (default: %(default)s)"
+    )
+    common.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging threshold (default: %(default)s)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="trio-relay",
+        description="A WebSocket relay: every message a client sends reaches every client.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the relay",
+        description="Run the relay on ws://HOST:PORT/ until SIGINT or SIGTERM.",
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=_positive_int,
+        default=_DEFAULTS.queue_size,
+        help="messages queued per consumer before its policy applies (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--overflow-policy",
+        choices=get_args(OverflowPolicy),
+        default=_DEFAULTS.overflow_policy,
+        help="what happens when a consumer's queue is full (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--slow-consumer-timeout",
+        type=_positive_float,
+        default=_DEFAULTS.slow_consumer_timeout,
+        help="seconds a full consumer may take to make room before eviction (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-message-size",
+        type=_positive_int,
+        default=_DEFAULTS.max_message_size,
+        help="largest accepted message in bytes; larger closes with 1009 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=_positive_float,
+        default=_DEFAULTS.handshake_timeout,
+        help="seconds to complete the HTTP upgrade (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--close-timeout",
+        type=_positive_float,
+        default=_DEFAULTS.close_timeout,
+        help="seconds allowed for closing handshakes and shutdown (default: %(default)s)",
+    )
+
+    consume_cmd = commands.add_parser(
+        "consume",
+        parents=[common],
+        help="print every message the relay sends",
+        description="Connect and print every message, one per line, until interrupted.",
+    )
+    consume_cmd.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds allowed to connect (default: %(default)s)",
+    )
+
+    produce_cmd = commands.add_parser(
+        "produce",
+        parents=[common],
+        help="send one message and wait for its echo",
+        description="Send MESSAGE and exit once the relay echoes it back (the acknowledgement).",
+    )
+    produce_cmd.add_argument("message", help="the text message to send")
+    produce_cmd.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds allowed for connecting and the acknowledgement (default: %(default)s)",
+    )
+    return parser
+
+
+def _url(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"ws://{host}:{port}/"
+
+
+def _show(message: str | bytes) -> str:
+    return message if isinstance(message, str) else f"<{len(message)} bytes> {message.hex()}"
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    config = RelayConfig(
+        queue_size=args.queue_size,
+        overflow_policy=args.overflow_policy,
+        slow_consumer_timeout=args.slow_consumer_timeout,
+        max_message_size=args.max_message_size,
+        handshake_timeout=args.handshake_timeout,
+        close_timeout=args.close_timeout,
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_relay, args.host, args.port, config=config))
+            async for signum in signals:
+                logger.info("%s received: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    logger.info("relay stopped")
+
+
+async def _consume(args: argparse.Namespace) -> None:
+    url = _url(args.host, args.port)
+    async with consume(url, connect_timeout=args.timeout) as messages:
+        logger.info("connected to %s", url)
+        async for message in messages:
+            print(_show(message), flush=True)
+
+
+async def _produce(args: argparse.Namespace) -> None:
+    url = _url(args.host, args.port)
+    await produce(url, args.message, timeout=args.timeout)
+    print(f"acknowledged: {args.message}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trio-relay``; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    command = {"serve": _serve, "consume": _consume, "produce": _produce}[args.command]
+    try:
+        trio.run(command, args)
+    except ClientError as exc:
+        print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:  # e.g. the port is already in use
+        print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0

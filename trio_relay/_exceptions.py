@@ -1,0 +1,76 @@
+"""Everything trio_relay raises on purpose derives from :class:`RelayError`.
+
+The tree::
+
+    RelayError
+    ├── SlowConsumerError        a subscription was evicted because it fell behind
+    └── ClientError              a client call (produce / consume) failed; has .url
+        ├── RelayUnavailable     no TCP connection could be made (refused, unreachable, DNS)
+        ├── HandshakeRejected    the relay answered the upgrade with an HTTP error (.status_code)
+        ├── RelayTimeout         a bounded wait ran out (connect, handshake, acknowledgement)
+        └── RelayConnectionClosed the relay closed an open connection (.code, .reason)
+
+trio-websocket's own exceptions never escape the client functions: they are
+wrapped at the boundary, with the original attached as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClientError",
+    "HandshakeRejected",
+    "RelayConnectionClosed",
+    "RelayError",
+    "RelayTimeout",
+    "RelayUnavailable",
+    "SlowConsumerError",
+]
+
+
+class RelayError(Exception):
+    """Root of every exception trio_relay raises on purpose."""
+
+
+class SlowConsumerError(RelayError):
+    """The subscription was evicted: its buffer stayed full for longer than its timeout.
+
+    Raised by :meth:`Subscription.receive` from the moment of eviction; messages
+    that were still queued for the subscription are discarded.
+    """
+
+
+class ClientError(RelayError):
+    """A client operation against the relay at :attr:`url` failed."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+
+
+class RelayUnavailable(ClientError):
+    """No connection could be made to the relay (refused, unreachable, name not resolved)."""
+
+
+class HandshakeRejected(ClientError):
+    """The relay refused the WebSocket handshake with an HTTP status."""
+
+    def __init__(self, url: str, status_code: int, body: bytes | None) -> None:
+        text = (body or b"").decode("utf-8", "replace").strip()
+        detail = f": {text}" if text else ""
+        super().__init__(url, f"handshake rejected with HTTP {status_code}{detail}")
+        self.status_code = status_code
+        self.body = body
+
+
+class RelayTimeout(ClientError):
+    """A bounded wait (connect, handshake, or acknowledgement) ran out."""
+
+
+class RelayConnectionClosed(ClientError):
+    """The relay closed the connection with WebSocket close :attr:`code`."""
+
+    def __init__(self, url: str, code: int, reason: str | None) -> None:
+        detail = f" ({reason})" if reason else ""
+        super().__init__(url, f"connection closed with code {code}{detail}")
+        self.code = code
+        self.reason = reason

@@ -1,0 +1,76 @@
+"""Sans-IO pieces of the server side of RFC 6455: framing, close codes, request heads.
+
+Nothing here touches a stream, so tests drive it with plain bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+__all__ = ["CloseCode", "encode_frame", "frame_payload", "split_request_head"]
+
+
+class CloseCode(enum.IntEnum):
+    """The WebSocket close codes the relay sends, and when."""
+
+    NORMAL = 1000
+    """The client closed, and the relay answered."""
+    GOING_AWAY = 1001
+    """The relay is shutting down (cancellation, SIGINT or SIGTERM)."""
+    PROTOCOL_ERROR = 1002
+    """The client broke RFC 6455 (unmasked frame, bad opcode, oversized control frame...)."""
+    INVALID_DATA = 1007
+    """A text message was not valid UTF-8."""
+    SLOW_CONSUMER = 1008
+    """The client's queue stayed full longer than the slow-consumer timeout (policy violation)."""
+    MESSAGE_TOO_BIG = 1009
+    """A message exceeded ``max_message_size`` bytes."""
+    INTERNAL_ERROR = 1011
+    """The relay hit an unexpected error on this connection; other connections are unaffected."""
+
+
+_TEXT = 0x81  # FIN + opcode 1
+_BINARY = 0x82  # FIN + opcode 2
+_pack_short = struct.Struct("!BBH").pack
+_pack_long = struct.Struct("!BBQ").pack
+
+
+def encode_frame(message: str | bytes) -> bytes:
+    """Frame ``message`` as one unfragmented, unmasked server frame (text for ``str``).
+
+    Server frames are never masked, so the same bytes go to every consumer: the relay
+    frames each message once, whatever the number of subscribers.
+    """
+    if isinstance(message, str):
+        return frame_payload(message.encode("utf-8"), text=True)
+    return frame_payload(bytes(message), text=False)
+
+
+def frame_payload(payload: bytes, *, text: bool) -> bytes:
+    """Frame an already encoded payload (UTF-8 bytes when ``text``); see :func:`encode_frame`."""
+    first = _TEXT if text else _BINARY
+    length = len(payload)
+    if length < 126:
+        return bytes((first, length)) + payload
+    if length < 65536:
+        return _pack_short(first, 126, length) + payload
+    return _pack_long(first, 127, length) + payload
+
+
+_END_OF_HEAD = b"\r\n\r\n"
+
+
+def split_request_head(buffer: bytes | bytearray) -> tuple[bytes, bytes] | None:
+    """Split received bytes into the HTTP request head and whatever followed it.
+
+    Returns ``None`` while the head is incomplete. The relay feeds only the head to the
+    handshake parser and hands the rest to the frame parser after accepting, so a frame
+    sent in the same segment as the handshake is processed at once (trio-websocket 0.12.2
+    leaves such bytes in h11's buffer until more data arrives).
+    """
+    end = buffer.find(_END_OF_HEAD)
+    if end < 0:
+        return None
+    end += len(_END_OF_HEAD)
+    return bytes(buffer[:end]), bytes(buffer[end:])

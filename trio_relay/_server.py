@@ -1,0 +1,150 @@
+"""The relay server: listeners, one task per connection, one broadcast shared by all."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import trio
+
+from ._broadcast import Broadcast, BroadcastStatistics, MessageBus, PublishReport
+from ._config import RelayConfig
+from ._connection import RelayConnection
+from ._frames import encode_frame
+
+__all__ = ["RelayServer", "RelayStatistics", "serve_relay"]
+
+logger = logging.getLogger("trio_relay")
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 4000
+
+
+@dataclass(frozen=True)
+class RelayStatistics:
+    """A snapshot of a running relay: open connections and its broadcast's statistics."""
+
+    connections: int
+    broadcast: BroadcastStatistics
+
+
+class RelayServer:
+    """A running relay, as returned by ``await nursery.start(serve_relay, ...)``.
+
+    It knows its bound ports (so tests can bind port 0), its broadcast, and its open
+    connections. The relay stops when the task running :func:`serve_relay` is cancelled:
+    it stops accepting, closes every client with 1001 within ``config.close_timeout``
+    seconds, and returns.
+    """
+
+    def __init__(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        broadcast: MessageBus[bytes],
+        config: RelayConfig,
+    ) -> None:
+        self.listeners = tuple(listeners)
+        self.broadcast = broadcast
+        self.config = config
+        self._connections: set[RelayConnection] = set()
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """The TCP ports of the socket listeners (one per address family bound)."""
+        ports: list[int] = []
+        for listener in self.listeners:
+            inner: object = listener
+            if isinstance(inner, trio.SSLListener):
+                inner = inner.transport_listener
+            if isinstance(inner, trio.SocketListener):
+                port = inner.socket.getsockname()[1]
+                if port not in ports:
+                    ports.append(port)
+        return tuple(ports)
+
+    @property
+    def port(self) -> int:
+        """The TCP port, when all socket listeners share one (the usual case)."""
+        ports = self.ports
+        if len(ports) != 1:
+            raise RuntimeError(f"the relay listens on {len(ports)} distinct ports: {ports}")
+        return ports[0]
+
+    def statistics(self) -> RelayStatistics:
+        """How many connections are open, and the broadcast's statistics."""
+        return RelayStatistics(
+            connections=len(self._connections), broadcast=self.broadcast.statistics()
+        )
+
+    async def publish(self, message: str | bytes) -> PublishReport:
+        """Send ``message`` to every connected client, as if a client had sent it."""
+        return await self.broadcast.publish(encode_frame(message))
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one already-connected stream until it closes.
+
+        The listeners call this for each accepted stream; tests and custom transports call it
+        directly (with an in-memory stream, say). Never raises except ``Cancelled``.
+        """
+        connection = RelayConnection(stream, self.broadcast, self.config)
+        self._connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self._connections.discard(connection)
+
+    async def _run(
+        self, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self.serve_stream, list(self.listeners))
+            for listener in self.listeners:
+                logger.info("relay listening on %s", _describe(listener))
+            task_status.started(self)
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _describe(listener: trio.abc.Listener[Any]) -> str:
+    inner: object = listener
+    scheme = "ws"
+    if isinstance(inner, trio.SSLListener):
+        inner, scheme = inner.transport_listener, "wss"
+    if isinstance(inner, trio.SocketListener):
+        host, port = inner.socket.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{port}/"
+    return repr(listener)
+
+
+async def serve_relay(
+    host: str | None = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    config: RelayConfig | None = None,
+    broadcast: MessageBus[bytes] | None = None,
+    listeners: Sequence[trio.abc.Listener[Any]] | None = None,
+    task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run a relay until cancelled; supports ``server = await nursery.start(serve_relay, ...)``.
+
+    Binds ``host``:``port`` (port 0 picks a free one; see :attr:`RelayServer.ports`) unless
+    ``listeners`` are given, in which case those are served instead (in-memory listeners in
+    tests, say). ``broadcast`` defaults to a new in-process :class:`Broadcast` of encoded frames.
+
+    On cancellation the listeners close, every client gets close 1001 ("going away") within
+    ``config.close_timeout`` seconds, and the cancellation propagates.
+    """
+    config = config or RelayConfig()
+    if broadcast is None:
+        broadcast = Broadcast[bytes](
+            max_buffer=config.queue_size,
+            policy=config.overflow_policy,
+            timeout=config.slow_consumer_timeout,
+        )
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    server = RelayServer(listeners, broadcast, config)
+    await server._run(task_status=task_status)

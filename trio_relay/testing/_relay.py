@@ -1,0 +1,108 @@
+"""A real relay server over in-memory connections, for deterministic tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import trio
+import trio_websocket
+
+from .._broadcast import PublishReport
+from .._client import DEFAULT_TIMEOUT, MessageStream, consume, produce
+from .._config import RelayConfig
+from .._server import RelayServer, serve_relay
+from ._streams import DEFAULT_CAPACITY, MemoryListener
+
+__all__ = ["MemoryRelay", "open_memory_relay"]
+
+
+class MemoryRelay:
+    """A running :func:`serve_relay` whose only listener is a :class:`MemoryListener`.
+
+    Nothing touches a socket and nothing waits on real time, so tests using it run under
+    ``trio.testing.MockClock(autojump_threshold=0)`` (pytest-trio's ``autojump_clock``
+    fixture) and can assert exact virtual times. Get one from :func:`open_memory_relay`
+    or the ``memory_relay`` pytest fixture.
+    """
+
+    url = "ws://relay.test/"
+    """The URL clients are told they connect to (only its path matters)."""
+
+    def __init__(self, server: RelayServer, listener: MemoryListener) -> None:
+        self.server = server
+        self.listener = listener
+
+    async def open_stream(self) -> trio.abc.Stream:
+        """A raw in-memory connection to the relay, for speaking bytes at it directly."""
+        return await self.listener.connect()
+
+    @asynccontextmanager
+    async def connect(
+        self, path: str = "/", *, message_queue_size: int = 1
+    ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """A trio-websocket client connection, open for the ``async with`` block.
+
+        A test that never calls ``get_message()`` has a consumer that stops reading: its
+        connection holds ``message_queue_size`` messages, then the in-memory pipe fills and
+        the relay's writes to it block, as with a real socket.
+        """
+        stream = await self.open_stream()
+        async with trio.open_nursery() as nursery:
+            connection = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,  # type: ignore[arg-type]  # typed for sockets, documented for any stream
+                "relay.test",
+                path,
+                message_queue_size=message_queue_size,
+            )
+            try:
+                yield connection
+            finally:
+                with trio.move_on_after(self.server.config.close_timeout) as scope:
+                    scope.shield = True
+                    await connection.aclose()
+                nursery.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def consume(
+        self, *, connect_timeout: float = DEFAULT_TIMEOUT
+    ) -> AsyncIterator[MessageStream]:
+        """:func:`trio_relay.consume` against this relay."""
+        stream = await self.open_stream()
+        async with consume(self.url, connect_timeout=connect_timeout, stream=stream) as messages:
+            yield messages
+
+    async def produce(
+        self,
+        message: str | bytes,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - passed on to produce()
+    ) -> None:
+        """:func:`trio_relay.produce` against this relay."""
+        await produce(self.url, message, timeout=timeout, stream=await self.open_stream())
+
+    async def publish(self, message: str | bytes) -> PublishReport:
+        """Publish from the server side, as if a client had sent ``message``."""
+        return await self.server.publish(message)
+
+
+@asynccontextmanager
+async def open_memory_relay(
+    config: RelayConfig | None = None, *, capacity: int = DEFAULT_CAPACITY
+) -> AsyncIterator[MemoryRelay]:
+    """Run a relay over in-memory connections for the ``async with`` block.
+
+    ``capacity`` is the bytes each direction of each connection buffers (a socket's
+    buffers, in effect). On exit the relay shuts down as on cancellation: clients get 1001.
+    """
+    listener = MemoryListener(capacity)
+    async with trio.open_nursery() as nursery:
+        server: RelayServer = await nursery.start(
+            partial(serve_relay, config=config, listeners=[listener])
+        )
+        try:
+            yield MemoryRelay(server, listener)
+        finally:
+            nursery.cancel_scope.cancel()
