@@ -188,6 +188,9 @@ class RelayConnection:
                     return False
                 buffer += data
             head, rest = parts
+            if len(head) > MAX_REQUEST_HEAD:
+                await self._reject(431, "request head too large")
+                return False
             try:
                 self._ws.receive_data(head)
                 events = list(self._ws.events())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 import trio
 import trio_websocket
@@ -30,9 +29,26 @@ class MemoryRelay:
     url = "ws://relay.test/"
     """The URL clients are told they connect to (only its path matters)."""
 
-    def __init__(self, server: RelayServer, listener: MemoryListener) -> None:
+    def __init__(
+        self,
+        server: RelayServer,
+        listener: MemoryListener,
+        cancel_scope: trio.CancelScope,
+        stopped: trio.Event,
+    ) -> None:
         self.server = server
         self.listener = listener
+        self._cancel_scope = cancel_scope
+        self._stopped = stopped
+
+    async def shutdown(self) -> None:
+        """Stop the relay as cancellation does, and wait until it has stopped.
+
+        New connections are refused at once; every client gets close 1001 and has
+        ``close_timeout`` seconds to answer before its connection is aborted.
+        """
+        self._cancel_scope.cancel()
+        await self._stopped.wait()
 
     async def open_stream(self) -> trio.abc.Stream:
         """A raw in-memory connection to the relay, for speaking bytes at it directly."""
@@ -98,11 +114,19 @@ async def open_memory_relay(
     buffers, in effect). On exit the relay shuts down as on cancellation: clients get 1001.
     """
     listener = MemoryListener(capacity)
-    async with trio.open_nursery() as nursery:
-        server: RelayServer = await nursery.start(
-            partial(serve_relay, config=config, listeners=[listener])
-        )
+    cancel_scope = trio.CancelScope()
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[RelayServer]) -> None:
         try:
-            yield MemoryRelay(server, listener)
+            with cancel_scope:
+                await serve_relay(config=config, listeners=[listener], task_status=task_status)
         finally:
-            nursery.cancel_scope.cancel()
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        server: RelayServer = await nursery.start(run)
+        try:
+            yield MemoryRelay(server, listener, cancel_scope, stopped)
+        finally:
+            cancel_scope.cancel()

@@ -1,0 +1,131 @@
+"""A raw WebSocket client for tests that need exact bytes on the wire.
+
+It speaks through wsproto's client side, so its frames are masked and well-formed unless a
+test writes bytes of its own with :meth:`RawClient.send_raw`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from trio_relay.testing import MemoryRelay
+
+HOST = "relay.test"
+
+
+def upgrade_request(path: str = "/", *, extra: str = "") -> bytes:
+    """A hand-written, valid WebSocket upgrade request."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
+def masked_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A client frame, masked as RFC 6455 requires (payload under 64 KiB)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    header = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        header += bytes([0x80 | length])
+    else:
+        header += bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class RawClient:
+    """One client connection driven by the test, event by event."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self._events: deque[Event] = deque()
+
+    @classmethod
+    async def connect(cls, relay: MemoryRelay, path: str = "/") -> RawClient:
+        client = cls(await relay.open_stream())
+        await client.send(Request(host=HOST, target=path))
+        event = await client.next_event()
+        assert isinstance(event, AcceptConnection), event
+        return client
+
+    async def send(self, event: Event) -> None:
+        await self.stream.send_all(self.ws.send(event))
+
+    async def send_text(self, text: str) -> None:
+        await self.send(TextMessage(data=text))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def next_event(self) -> Event:
+        """The next event from the relay; raises EOFError if the stream ends first."""
+        while not self._events:
+            data = await self.stream.receive_some()
+            if not data:
+                raise EOFError("the relay closed the stream")
+            self.ws.receive_data(bytes(data))
+            self._events.extend(self.ws.events())
+        return self._events.popleft()
+
+    async def next_message(self) -> str | bytes:
+        """The next data message, skipping pongs."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, TextMessage | BytesMessage):
+                assert event.message_finished
+                return event.data if isinstance(event.data, str) else bytes(event.data)
+            assert not isinstance(event, CloseConnection), event
+
+    async def close_from_relay(self) -> CloseConnection:
+        """Read until the relay's close frame, skipping data; answer it like a good client."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, CloseConnection):
+                await self.send(event.response())
+                return event
+
+    async def read_to_eof(self) -> bytes:
+        """Everything the relay still sends, until it closes the stream."""
+        data = b""
+        while chunk := await self.stream.receive_some():
+            data += chunk
+        return data
+
+
+async def rejected(relay: MemoryRelay, request: bytes) -> tuple[int, bytes]:
+    """Send a raw request; return the HTTP status and body of the relay's rejection."""
+    stream = await relay.open_stream()
+    await stream.send_all(request)
+    ws = WSConnection(ConnectionType.CLIENT)
+    ws.send(Request(host=HOST, target="/"))  # puts wsproto's client in the state to read one
+    status, body = 0, b""
+    while True:
+        data = await stream.receive_some()
+        ws.receive_data(bytes(data) if data else None)
+        for event in ws.events():
+            if isinstance(event, RejectConnection):
+                status = event.status_code
+            elif isinstance(event, RejectData):
+                body += event.data
+                if event.body_finished:
+                    return status, body
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+        if not data:
+            return status, body
