@@ -103,13 +103,14 @@ async def _open_connection(
                 try:
                     yield ws
                 finally:
-                    with trio.move_on_after(timeout) as scope:
-                        scope.shield = True
+                    # Not shielded: when the body was cancelled, aclose() closes the stream
+                    # at once (as trio-websocket's open_websocket does).
+                    with trio.move_on_after(timeout):
                         await ws.aclose()
                     nursery.cancel_scope.cancel()
-    except trio.TooSlowError as exc:
-        raise RelayTimeout(url, f"no handshake within {timeout} s") from exc
     except BaseException as exc:
+        if isinstance(_leaf(exc), trio.TooSlowError):
+            raise RelayTimeout(url, f"no WebSocket handshake within {timeout} s") from None
         translated = _translate(url, exc, connected=connected)
         if translated is None or translated is exc:
             raise

@@ -76,8 +76,7 @@ class MemoryRelay:
             try:
                 yield connection
             finally:
-                with trio.move_on_after(self.server.config.close_timeout) as scope:
-                    scope.shield = True
+                with trio.move_on_after(self.server.config.close_timeout):
                     await connection.aclose()
                 nursery.cancel_scope.cancel()
 
