@@ -9,6 +9,7 @@ is exactly what a relay has to survive.
 from __future__ import annotations
 
 import math
+import operator
 
 import trio
 
@@ -71,10 +72,20 @@ class _PipeSendStream(trio.abc.SendStream):
             self._busy = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        pipe = self._pipe
-        while len(pipe.buffer) >= pipe.capacity and not (pipe.reader_closed or pipe.writer_closed):
-            await pipe.wait_for_change()
-        await trio.sleep(0)
+        if self._busy:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._busy = True
+        try:
+            await trio.sleep(0)
+            pipe = self._pipe
+            while True:
+                if pipe.writer_closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                if pipe.reader_closed or len(pipe.buffer) < pipe.capacity:
+                    return
+                await pipe.wait_for_change()
+        finally:
+            self._busy = False
 
     async def aclose(self) -> None:
         self._pipe.writer_closed = True
@@ -85,23 +96,34 @@ class _PipeSendStream(trio.abc.SendStream):
 class _PipeReceiveStream(trio.abc.ReceiveStream):
     def __init__(self, pipe: _Pipe) -> None:
         self._pipe = pipe
+        self._busy = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Wait for bytes; ``b""`` once the writer closed and everything was read."""
-        await trio.sleep(0)
-        pipe = self._pipe
-        while True:
-            if pipe.reader_closed:
-                raise trio.ClosedResourceError("this stream was closed")
-            if pipe.buffer:
-                count = len(pipe.buffer) if max_bytes is None else max_bytes
-                data = bytes(pipe.buffer[:count])
-                del pipe.buffer[:count]
-                pipe.notify()
-                return data
-            if pipe.writer_closed:
-                return b""
-            await pipe.wait_for_change()
+        if self._busy:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
+        self._busy = True
+        try:
+            await trio.sleep(0)
+            pipe = self._pipe
+            while True:
+                if pipe.reader_closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                if pipe.buffer:
+                    count = len(pipe.buffer) if max_bytes is None else max_bytes
+                    data = bytes(pipe.buffer[:count])
+                    del pipe.buffer[:count]
+                    pipe.notify()
+                    return data
+                if pipe.writer_closed:
+                    return b""
+                await pipe.wait_for_change()
+        finally:
+            self._busy = False
 
     async def aclose(self) -> None:
         self._pipe.reader_closed = True
