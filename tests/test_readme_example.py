@@ -18,7 +18,7 @@ async def test_a_stalled_consumer_is_evicted_while_the_others_get_everything(
     config = RelayConfig(queue_size=8, slow_consumer_timeout=5.0)
     async with (
         open_memory_relay(config) as relay,
-        relay.connect() as stalled,  # never reads: the relay's writes to it back up
+        relay.connect(),  # a consumer that never reads: the relay's writes to it back up
         relay.consume() as healthy,
     ):
         start = trio.current_time()
