@@ -152,9 +152,11 @@ async def _serve(args: argparse.Namespace) -> None:
         handshake_timeout=args.handshake_timeout,
         close_timeout=args.close_timeout,
     )
+    # Bind before starting the nursery, so that a port in use is a plain OSError for main().
+    listeners = await trio.open_tcp_listeners(args.port, host=args.host)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve_relay, args.host, args.port, config=config))
+            await nursery.start(partial(serve_relay, config=config, listeners=listeners))
             async for signum in signals:
                 logger.info("%s received: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

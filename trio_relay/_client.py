@@ -6,6 +6,7 @@ exceptions are wrapped at this boundary (the original is the ``__cause__``).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -64,30 +65,44 @@ def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError 
     return None
 
 
+async def _open_stream(url: str) -> trio.abc.Stream:
+    """A TCP (or TLS, for ``wss://``) stream to the host and port of ``url``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    host = parts.hostname or "localhost"
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if parts.scheme == "wss":
+        tls = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
+        await tls.do_handshake()
+        stream = tls
+    return stream
+
+
 @asynccontextmanager
 async def _open_connection(
     url: str,
     *,
-    timeout: float,  # noqa: ASYNC109 - bounds each network wait of the connection
+    timeout: float,  # noqa: ASYNC109 - bounds connecting, the handshake and the close
     stream: trio.abc.Stream | None,
     message_queue_size: int = 1,
 ) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client connection to ``url`` (or over ``stream``, for tests)."""
+    """A trio-websocket client connection to ``url``, over ``stream`` if one is given.
+
+    The stream is always closed on exit. We open (and close) the TCP stream ourselves rather
+    than use ``open_websocket_url``: trio-websocket 0.12.2 never closes a client's socket
+    when the server closes first (tests/test_end_to_end.py pins this).
+    """
     connected = False
+    failure: BaseException | None = None
+    parts = urlsplit(url)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        if stream is None:
-            async with trio_websocket.open_websocket_url(
-                url,
-                message_queue_size=message_queue_size,
-                max_message_size=_MAX_MESSAGE_SIZE,
-                connect_timeout=timeout,
-                disconnect_timeout=timeout,
-            ) as ws:
-                connected = True
-                yield ws
-        else:
-            parts = urlsplit(url)
-            resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        with trio.fail_after(timeout):
+            if stream is None:
+                stream = await _open_stream(url)
+        try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(timeout):
                     ws = await trio_websocket.wrap_client_stream(
@@ -108,13 +123,30 @@ async def _open_connection(
                     with trio.move_on_after(timeout):
                         await ws.aclose()
                     nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
     except BaseException as exc:
-        if isinstance(_leaf(exc), trio.TooSlowError):
-            raise RelayTimeout(url, f"no WebSocket handshake within {timeout} s") from None
-        translated = _translate(url, exc, connected=connected)
-        if translated is None or translated is exc:
-            raise
-        raise translated from _leaf(exc)
+        failure = _failure(url, exc, timeout=timeout, connected=connected)
+    if failure is not None:
+        # Raised outside the except block, so the exception group our internal nursery
+        # wrapped it in does not become its __context__: callers see what their own code
+        # raised (KeyboardInterrupt, say) or one ClientError, never a group.
+        try:
+            raise failure
+        finally:
+            failure = None
+
+
+def _failure(url: str, exc: BaseException, *, timeout: float, connected: bool) -> BaseException:
+    """What a client call raises for ``exc``: a ClientError, or the bare exception."""
+    leaf = _leaf(exc)
+    if isinstance(leaf, trio.TooSlowError):
+        error: BaseException = RelayTimeout(url, f"could not connect within {timeout} s")
+    else:
+        error = _translate(url, leaf, connected=connected) or leaf
+    if error is not leaf:
+        error.__cause__ = leaf
+    return error
 
 
 async def produce(

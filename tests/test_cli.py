@@ -1,0 +1,107 @@
+"""The ``trio-relay`` argument parser: documented defaults, rejected values, ``--help``."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from trio_relay import DEFAULT_TIMEOUT, RelayConfig
+from trio_relay._cli import build_parser
+
+
+def test_serve_defaults() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert vars(args) == {
+        "command": "serve",
+        "host": "localhost",
+        "port": 4000,
+        "log_level": "INFO",
+        "queue_size": 256,
+        "overflow_policy": "evict",
+        "slow_consumer_timeout": 5.0,
+        "max_message_size": 1024 * 1024,
+        "handshake_timeout": 10.0,
+        "close_timeout": 5.0,
+    }
+
+
+def test_serve_defaults_are_the_relay_config_defaults() -> None:
+    args = vars(build_parser().parse_args(["serve"]))
+    names = [field.name for field in dataclasses.fields(RelayConfig) if field.name in args]
+    assert len(names) == 6
+    assert RelayConfig(**{name: args[name] for name in names}) == RelayConfig()
+
+
+def test_client_defaults() -> None:
+    parser = build_parser()
+    consume = parser.parse_args(["consume"])
+    produce = parser.parse_args(["produce", "hi"])
+    assert vars(consume) == {
+        "command": "consume",
+        "host": "localhost",
+        "port": 4000,
+        "log_level": "INFO",
+        "timeout": 10.0,
+    }
+    assert vars(produce) == {**vars(consume), "command": "produce", "message": "hi"}
+    assert DEFAULT_TIMEOUT == 10.0
+
+
+def test_options_are_parsed() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--host=127.0.0.1",
+            "--port=0",
+            "--log-level=debug",
+            "--queue-size=8",
+            "--overflow-policy=drop",
+            "--slow-consumer-timeout=0",
+            "--close-timeout=0.5",
+        ]
+    )
+    assert (args.host, args.port, args.log_level) == ("127.0.0.1", 0, "DEBUG")
+    assert (args.queue_size, args.overflow_policy) == (8, "drop")
+    assert (args.slow_consumer_timeout, args.close_timeout) == (0.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["produce", "hi", "--timeout", "-1"], "argument --timeout: must not be negative: -1"),
+        (["consume", "--timeout", "-0.5"], "argument --timeout: must not be negative: -0.5"),
+        (
+            ["serve", "--close-timeout", "-2"],
+            "argument --close-timeout: must not be negative: -2",
+        ),
+        (["serve", "--queue-size", "0"], "argument --queue-size: must be at least 1: 0"),
+        (["serve", "--overflow-policy", "wait"], "argument --overflow-policy: invalid choice"),
+        (["produce"], "the following arguments are required: message"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_2(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+def test_python_m_trio_relay_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_relay", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: trio-relay [-h] COMMAND ...")
+    for command in ("serve", "consume", "produce"):
+        assert f"\n    {command} " in result.stdout, result.stdout
+    assert result.stderr == ""
