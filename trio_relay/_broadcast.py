@@ -81,6 +81,15 @@ class BroadcastStatistics:
     subscriptions: tuple[SubscriptionStatistics, ...]
 
 
+def _validate(max_buffer: int, policy: str, timeout: float) -> None:
+    if policy not in _POLICIES:
+        raise ValueError(f"policy must be one of {sorted(_POLICIES)}, not {policy!r}")
+    if max_buffer < 1:
+        raise ValueError("max_buffer must be at least 1")
+    if not timeout >= 0:  # also rejects NaN
+        raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+
+
 class Subscription(trio.abc.ReceiveChannel[T]):
     """The receive side of one subscriber, yielded by :meth:`Broadcast.subscribe`.
 
@@ -97,12 +106,7 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         timeout: float,
         name: str,
     ) -> None:
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {sorted(_POLICIES)}, not {policy!r}")
-        if max_buffer < 1:
-            raise ValueError("max_buffer must be at least 1")
-        if timeout < 0:
-            raise ValueError("timeout must not be negative")
+        _validate(max_buffer, policy, timeout)
         self.id = next(_ids)
         self.name = name or f"subscription-{self.id}"
         self.policy: OverflowPolicy = policy
@@ -111,6 +115,7 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         self.dropped = 0
         self._send, self._receive = trio.open_memory_channel[T](max_buffer)
         self._evicted = trio.Event()
+        self._broadcast: Broadcast[T] | None = None  # set while registered
 
     @property
     def evicted(self) -> bool:
@@ -150,7 +155,13 @@ class Subscription(trio.abc.ReceiveChannel[T]):
             raise
 
     async def aclose(self) -> None:
-        """Stop receiving; publishers skip this subscription from now on."""
+        """Unsubscribe now rather than at the end of the ``subscribe()`` block.
+
+        Queued messages are discarded; ``receive()`` then raises
+        :class:`trio.ClosedResourceError`.
+        """
+        if self._broadcast is not None:
+            self._broadcast._remove(self)
         self._receive.close()
         await trio.sleep(0)  # a checkpoint, as trio's aclose() methods have
 
@@ -195,8 +206,9 @@ class Broadcast(Generic[T]):
     the defaults for :meth:`subscribe`.
 
     Ordering: publishes are serialized, so every subscriber sees the messages it gets in the
-    order :meth:`publish` was called. A subscription receives exactly the messages whose
-    ``publish()`` started after it subscribed and before it left.
+    order in which the calls to :meth:`publish` took their turn. A subscription receives
+    exactly the messages whose ``publish()`` took its turn after the subscription started
+    and before it ended (by leaving the ``subscribe()`` block or :meth:`Subscription.aclose`).
     """
 
     def __init__(
@@ -206,7 +218,7 @@ class Broadcast(Generic[T]):
         policy: OverflowPolicy = "evict",
         timeout: float = 5.0,
     ) -> None:
-        Subscription[T](max_buffer, policy, timeout, "check")  # validate the defaults early
+        _validate(max_buffer, policy, timeout)
         self._max_buffer = max_buffer
         self._policy: OverflowPolicy = policy
         self._timeout = timeout
@@ -230,7 +242,8 @@ class Broadcast(Generic[T]):
         """Subscribe for the duration of the ``async with`` block.
 
         Yields a :class:`Subscription` with room for ``max_buffer`` messages. Leaving the
-        block unsubscribes at once (it never blocks, so it is safe under cancellation).
+        block unsubscribes at once and discards what was still queued; it never blocks, so
+        it is safe under cancellation.
         """
         if self._closed:
             raise trio.ClosedResourceError("the broadcast is closed")
@@ -241,6 +254,7 @@ class Broadcast(Generic[T]):
             name,
         )
         self._subscriptions = (*self._subscriptions, subscription)
+        subscription._broadcast = self
         try:
             yield subscription
         finally:
@@ -248,6 +262,7 @@ class Broadcast(Generic[T]):
             subscription._receive.close()
 
     def _remove(self, subscription: Subscription[T]) -> None:
+        subscription._broadcast = None
         if subscription in self._subscriptions:
             self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
         subscription._send.close()
@@ -270,9 +285,10 @@ class Broadcast(Generic[T]):
         already had the message queued keep it and the ones still waited for miss it; the
         broadcast stays consistent and the next publish proceeds normally.
         """
-        if self._closed:
-            raise trio.ClosedResourceError("the broadcast is closed")
         async with self._lock:
+            # Checked after taking the lock: aclose() may have run while we waited for it.
+            if self._closed:
+                raise trio.ClosedResourceError("the broadcast is closed")
             self._published += 1
             queued = dropped = 0
             full: list[Subscription[T]] = []
