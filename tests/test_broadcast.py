@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -929,13 +930,31 @@ async def test_statistics_report_every_field(autojump_clock: trio.abc.Clock) -> 
             evicted=1,
             subscriptions=(
                 SubscriptionStatistics(
-                    id=a.id, name="a", policy="block", max_buffer=3, queued=2, dropped=0
+                    id=a.id,
+                    name="a",
+                    policy="block",
+                    max_buffer=3,
+                    queued=2,
+                    queued_bytes=0,
+                    dropped=0,
                 ),
                 SubscriptionStatistics(
-                    id=b.id, name="b", policy="drop", max_buffer=1, queued=1, dropped=2
+                    id=b.id,
+                    name="b",
+                    policy="drop",
+                    max_buffer=1,
+                    queued=1,
+                    queued_bytes=0,
+                    dropped=2,
                 ),
                 SubscriptionStatistics(
-                    id=c.id, name="c", policy="evict", max_buffer=3, queued=2, dropped=0
+                    id=c.id,
+                    name="c",
+                    policy="evict",
+                    max_buffer=3,
+                    queued=2,
+                    queued_bytes=0,
+                    dropped=0,
                 ),
             ),
         )
@@ -1196,3 +1215,126 @@ async def test_subscription_aclose_unregisters_at_once() -> None:
         assert (await broadcast.publish("after")).queued == 0
         with pytest.raises(trio.ClosedResourceError):
             await subscription.receive()
+
+
+# ------------------------------------------------------------------ bytes, write-through
+
+
+async def test_max_bytes_bounds_a_subscription_in_bytes() -> None:
+    broadcast = Broadcast[bytes](max_buffer=100, policy="drop", size_of=len)
+    async with broadcast.subscribe(max_bytes=10) as subscription:
+        for message in (b"aaaa", b"bbbb", b"cccc", b"dd"):
+            await broadcast.publish(message)
+        # 4 + 4 fit; 4 more would make 12 > 10: dropped; 2 more make exactly 10.
+        assert subscription.statistics().queued_bytes == 10
+        assert subscription.dropped == 1
+        assert [subscription.receive_nowait() for _ in range(3)] == [b"aaaa", b"bbbb", b"dd"]
+        assert subscription.statistics().queued_bytes == 0
+
+
+async def test_a_message_larger_than_max_bytes_still_fits_an_empty_queue() -> None:
+    broadcast = Broadcast[bytes](policy="drop", size_of=len, max_bytes=4)
+    async with broadcast.subscribe() as subscription:
+        assert (await broadcast.publish(b"0123456789")).queued == 1
+        assert (await broadcast.publish(b"x")).dropped == 1
+        assert await subscription.receive() == b"0123456789"
+
+
+async def test_evict_with_a_zero_timeout_evicts_without_the_publisher_waiting(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broadcast = Broadcast[bytes](policy="evict", timeout=0, size_of=len, max_bytes=8)
+    async with broadcast.subscribe() as slow, broadcast.subscribe(max_bytes=100) as roomy:
+        await broadcast.publish(b"12345678")
+        report = await broadcast.publish(b"9")
+        assert report == PublishReport(queued=1, dropped=0, evicted=1)
+        assert trio.current_time() == 0
+        with pytest.raises(SlowConsumerError):
+            await slow.receive()
+        assert [await roomy.receive(), await roomy.receive()] == [b"12345678", b"9"]
+
+
+async def test_block_waits_for_bytes_to_drain_not_only_messages(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broadcast = Broadcast[bytes](policy="block", size_of=len, max_bytes=5)
+    async with broadcast.subscribe() as subscription, trio.open_nursery() as nursery:
+        await broadcast.publish(b"xxxx")
+        nursery.start_soon(broadcast.publish, b"yy")
+        await trio.sleep(3)
+        assert subscription.statistics().queued == 1  # the publisher is still waiting
+        assert await subscription.receive() == b"xxxx"
+        assert await subscription.receive() == b"yy"
+        assert trio.current_time() == 3
+
+
+async def test_write_through_takes_a_message_for_an_idle_subscriber() -> None:
+    taken: list[bytes] = []
+
+    def take(message: bytes) -> bytes | None:
+        taken.append(message)
+        return None
+
+    broadcast = Broadcast[bytes]()
+    async with (
+        broadcast.subscribe(write_through=take) as subscription,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(subscription.receive)  # parks: idle, nothing queued
+        await trio.testing.wait_all_tasks_blocked()
+        report = await broadcast.publish(b"direct")
+        assert report.queued == 1
+        assert taken == [b"direct"]
+        assert subscription.statistics().queued == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_write_through_is_skipped_while_the_subscriber_is_busy() -> None:
+    calls: list[bytes] = []
+
+    def take(message: bytes) -> bytes | None:
+        calls.append(message)
+        return None
+
+    broadcast = Broadcast[bytes]()
+    async with broadcast.subscribe(write_through=take) as subscription:
+        # Not waiting in receive(): everything is queued, in order.
+        await broadcast.publish(b"one")
+        await broadcast.publish(b"two")
+        assert calls == []
+        assert [await subscription.receive(), await subscription.receive()] == [b"one", b"two"]
+
+
+async def test_write_through_and_the_queue_never_reorder_the_byte_stream() -> None:
+    # The subscriber is a socket writer: write_through "writes" a random prefix at once, the
+    # receiver "writes" whatever it receives. Whatever the interleaving, the bytes on the
+    # wire must be the messages in publish order.
+    rng = random.Random(6455)
+    wire = bytearray()
+
+    def write_some(message: bytes) -> bytes | None:
+        taken = rng.randint(0, len(message))
+        wire.extend(message[:taken])
+        return message[taken:] if taken < len(message) else None
+
+    broadcast = Broadcast[bytes](size_of=len, max_buffer=10_000)
+    messages = [f"<{i}:{'x' * rng.randint(0, 20)}>".encode() for i in range(500)]
+    async with (
+        broadcast.subscribe(write_through=write_some) as subscription,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def writer() -> None:
+            async for item in subscription:
+                wire.extend(item)
+                if rng.random() < 0.5:
+                    await trio.sleep(0)
+
+        nursery.start_soon(writer)
+        for message in messages:
+            await broadcast.publish(message)
+            if rng.random() < 0.3:
+                await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert bytes(wire) == b"".join(messages)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
@@ -55,13 +55,14 @@ class PublishReport:
 
 @dataclass(frozen=True)
 class SubscriptionStatistics:
-    """A snapshot of one subscription."""
+    """A snapshot of one subscription (``queued_bytes`` stays 0 without a ``size_of``)."""
 
     id: int
     name: str
     policy: OverflowPolicy
     max_buffer: int
     queued: int
+    queued_bytes: int
     dropped: int
 
 
@@ -105,15 +106,34 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         policy: OverflowPolicy,
         timeout: float,
         name: str,
+        *,
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] | None = None,
+        write_through: Callable[[T], T | None] | None = None,
     ) -> None:
         _validate(max_buffer, policy, timeout)
+        if max_bytes is not None and (max_bytes < 1 or size_of is None):
+            raise ValueError("max_bytes must be at least 1, and needs the broadcast's size_of")
         self.id = next(_ids)
         self.name = name or f"subscription-{self.id}"
         self.policy: OverflowPolicy = policy
         self.max_buffer = max_buffer
+        self.max_bytes = max_bytes
         self.timeout = timeout
         self.dropped = 0
-        self._send, self._receive = trio.open_memory_channel[T](max_buffer)
+        # The channel itself is unbounded: the bounds (max_buffer, max_bytes) are enforced
+        # by publish(), which needs to know "full" before it sends, in messages and bytes.
+        self._send, self._receive = trio.open_memory_channel[T](math.inf)
+        self._queued = 0
+        self._queued_bytes = 0
+        self._size_of = size_of
+        self._write_through = write_through
+        # True while the receiver waits in receive() with nothing queued: only then may
+        # publish() hand a message to write_through instead of queueing it.
+        self._parked = False
+        self._gone = False
+        self._room = trio.Event()
+        self._room_waiters = 0
         self._evicted = trio.Event()
         self._broadcast: Broadcast[T] | None = None  # set while registered
 
@@ -127,15 +147,60 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         await self._evicted.wait()
 
     def _too_slow(self) -> SlowConsumerError:
+        bound = f"{self.max_buffer} messages"
+        if self.max_bytes is not None:
+            bound += f" or {self.max_bytes} bytes"
         return SlowConsumerError(
-            f"{self.name} was evicted: its buffer of {self.max_buffer} messages "
-            f"stayed full for {self.timeout} s"
+            f"{self.name} was evicted: its buffer of {bound} stayed full for {self.timeout} s"
         )
+
+    # -- the publisher's side (called by Broadcast.publish, never awaits)
+
+    def _full(self, size: int) -> bool:
+        if self._queued >= self.max_buffer:
+            return True
+        return (
+            self.max_bytes is not None
+            and self._queued > 0
+            and self._queued_bytes + size > self.max_bytes
+        )
+
+    def _put(self, item: T, size: int) -> None:
+        self._send.send_nowait(item)  # never WouldBlock: the channel is unbounded
+        self._queued += 1
+        self._queued_bytes += size
+        self._parked = False  # a parked receiver was just handed this item
+
+    def _took(self, item: T) -> T:
+        self._queued -= 1
+        if self._size_of is not None:
+            self._queued_bytes -= self._size_of(item)
+        if self._room_waiters:
+            self._wake_room_waiters()
+        return item
+
+    def _discard(self) -> None:
+        """Close the receive side: queued messages are dropped, a blocked receive() wakes."""
+        self._receive.close()
+        self._queued = self._queued_bytes = 0
+
+    def _wake_room_waiters(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
+    async def _wait_for_room(self) -> None:
+        self._room_waiters += 1
+        try:
+            await self._room.wait()
+        finally:
+            self._room_waiters -= 1
+
+    # -- the subscriber's side
 
     def receive_nowait(self) -> T:
         """Return the next queued message, or raise :class:`trio.WouldBlock` if there is none."""
         try:
-            return self._receive.receive_nowait()
+            return self._took(self._receive.receive_nowait())
         except trio.ClosedResourceError:
             if self.evicted:
                 raise self._too_slow() from None
@@ -147,12 +212,16 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         Raises :class:`SlowConsumerError` once evicted, :class:`trio.EndOfChannel` after the
         broadcast closed and the queue is empty. Cancellation is safe: no message is lost.
         """
+        self._parked = not self._queued
         try:
-            return await self._receive.receive()
+            item = await self._receive.receive()
         except trio.ClosedResourceError:
             if self.evicted:
                 raise self._too_slow() from None
             raise
+        finally:
+            self._parked = False
+        return self._took(item)
 
     async def aclose(self) -> None:
         """Unsubscribe now rather than at the end of the ``subscribe()`` block.
@@ -162,7 +231,7 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         """
         if self._broadcast is not None:
             self._broadcast._remove(self)
-        self._receive.close()
+        self._discard()
         await trio.sleep(0)  # a checkpoint, as trio's aclose() methods have
 
     def statistics(self) -> SubscriptionStatistics:
@@ -172,7 +241,8 @@ class Subscription(trio.abc.ReceiveChannel[T]):
             name=self.name,
             policy=self.policy,
             max_buffer=self.max_buffer,
-            queued=self._send.statistics().current_buffer_used,
+            queued=self._queued,
+            queued_bytes=self._queued_bytes,
             dropped=self.dropped,
         )
 
@@ -191,6 +261,8 @@ class MessageBus(Protocol[T]):
         policy: OverflowPolicy | None = None,
         timeout: float | None = None,
         name: str = "",
+        max_bytes: int | None = None,
+        write_through: Callable[[T], T | None] | None = None,
     ) -> AbstractAsyncContextManager[Subscription[T]]: ...  # pragma: no cover
 
     async def publish(self, message: T) -> PublishReport: ...  # pragma: no cover
@@ -201,9 +273,11 @@ class MessageBus(Protocol[T]):
 class Broadcast(Generic[T]):
     """Hands every published message to every current subscriber, in one global order.
 
-    Each subscriber has its own bounded :func:`trio.open_memory_channel`; what happens when
-    it is full is the subscription's :data:`OverflowPolicy`. The constructor's arguments are
-    the defaults for :meth:`subscribe`.
+    Each subscriber has its own :func:`trio.open_memory_channel`, bounded by ``max_buffer``
+    messages and, when the broadcast has a ``size_of`` (``len`` for bytes, say), by
+    ``max_bytes``. What happens when it is full is the subscription's
+    :data:`OverflowPolicy`. The constructor's arguments are the defaults for
+    :meth:`subscribe`.
 
     Ordering: publishes are serialized, so every subscriber sees the messages it gets in the
     order in which the calls to :meth:`publish` took their turn. A subscription receives
@@ -217,11 +291,17 @@ class Broadcast(Generic[T]):
         max_buffer: int = 256,
         policy: OverflowPolicy = "evict",
         timeout: float = 5.0,
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] | None = None,
     ) -> None:
         _validate(max_buffer, policy, timeout)
+        if max_bytes is not None and size_of is None:
+            raise ValueError("max_bytes needs size_of, to know how many bytes a message is")
         self._max_buffer = max_buffer
         self._policy: OverflowPolicy = policy
         self._timeout = timeout
+        self._max_bytes = max_bytes
+        self._size_of = size_of
         # Replaced, never mutated, so publish() can iterate a snapshot without copying.
         self._subscriptions: tuple[Subscription[T], ...] = ()
         self._lock = trio.Lock()
@@ -238,12 +318,21 @@ class Broadcast(Generic[T]):
         policy: OverflowPolicy | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the evict policy's wait, not a call timeout
         name: str = "",
+        max_bytes: int | None = None,
+        write_through: Callable[[T], T | None] | None = None,
     ) -> AsyncIterator[Subscription[T]]:
         """Subscribe for the duration of the ``async with`` block.
 
-        Yields a :class:`Subscription` with room for ``max_buffer`` messages. Leaving the
-        block unsubscribes at once and discards what was still queued; it never blocks, so
-        it is safe under cancellation.
+        Yields a :class:`Subscription` with room for ``max_buffer`` messages (and
+        ``max_bytes`` bytes, if the broadcast has a ``size_of``). Leaving the block
+        unsubscribes at once and discards what was still queued; it never blocks, so it is
+        safe under cancellation.
+
+        ``write_through`` lets a subscriber take a message synchronously instead of through
+        its channel, when it is idle: waiting in :meth:`Subscription.receive` with nothing
+        queued. It returns ``None`` when it took the whole message, or the part it could not
+        take, which is then queued as usual. (The relay server writes to the client's
+        socket this way, without waking its writer task.)
         """
         if self._closed:
             raise trio.ClosedResourceError("the broadcast is closed")
@@ -252,6 +341,9 @@ class Broadcast(Generic[T]):
             self._policy if policy is None else policy,
             self._timeout if timeout is None else timeout,
             name,
+            max_bytes=self._max_bytes if max_bytes is None else max_bytes,
+            size_of=self._size_of,
+            write_through=write_through,
         )
         self._subscriptions = (*self._subscriptions, subscription)
         subscription._broadcast = self
@@ -259,27 +351,30 @@ class Broadcast(Generic[T]):
             yield subscription
         finally:
             self._remove(subscription)
-            subscription._receive.close()
+            subscription._discard()
 
     def _remove(self, subscription: Subscription[T]) -> None:
         subscription._broadcast = None
+        subscription._gone = True
         if subscription in self._subscriptions:
             self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
         subscription._send.close()
+        subscription._wake_room_waiters()  # a publisher waiting for room stops waiting
 
     def _evict(self, subscription: Subscription[T]) -> None:
         self._remove(subscription)
         subscription._evicted.set()
-        # Closing the receive side wakes a blocked receive() and discards the backlog.
-        subscription._receive.close()
+        subscription._discard()
         self._evicted += 1
 
     async def publish(self, message: T) -> PublishReport:
         """Queue ``message`` for every current subscriber and return what happened.
 
-        Subscribers with room get it at once. For the full ones the publisher then waits,
-        concurrently, as their policies say (``drop`` never waits). Returns when every
-        subscriber has the message queued, dropped it, or was evicted.
+        Subscribers with room get it at once. For the full ones, their policy decides:
+        ``drop`` skips them, ``evict`` with a timeout of 0 evicts them at once; otherwise the
+        publisher waits, concurrently for all of them, up to their timeouts (``block``: as
+        long as it takes). Returns when every subscriber has the message queued, dropped
+        it, or was evicted.
 
         Cancellation: if cancelled while waiting for a full subscriber, the subscribers that
         already had the message queued keep it and the ones still waited for miss it; the
@@ -290,44 +385,60 @@ class Broadcast(Generic[T]):
             if self._closed:
                 raise trio.ClosedResourceError("the broadcast is closed")
             self._published += 1
-            queued = dropped = 0
-            full: list[Subscription[T]] = []
+            size_of = self._size_of
+            size = 0 if size_of is None else size_of(message)
+            queued = dropped = evicted = 0
+            full: list[tuple[Subscription[T], T, int]] = []
             for subscription in self._subscriptions:
-                try:
-                    subscription._send.send_nowait(message)
-                except trio.WouldBlock:
+                item, item_size = message, size
+                if subscription._parked and subscription._write_through is not None:
+                    rest = subscription._write_through(item)
+                    if rest is None:
+                        queued += 1
+                        continue
+                    item = rest
+                    item_size = 0 if size_of is None else size_of(rest)
+                if subscription._full(item_size):
                     if subscription.policy == "drop":
                         subscription.dropped += 1
                         dropped += 1
+                    elif subscription.policy == "evict" and subscription.timeout == 0:
+                        self._evict(subscription)
+                        evicted += 1
                     else:
-                        full.append(subscription)
+                        full.append((subscription, item, item_size))
+                    continue
+                try:
+                    subscription._put(item, item_size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # it left (or was evicted) while we were iterating
-                else:
-                    queued += 1
+                    continue  # it left (or was evicted) while we were iterating
+                queued += 1
             self._dropped += dropped
-            evicted = 0
             if full:
                 outcomes: list[bool] = []
                 if len(full) == 1:
-                    await self._wait_for_room(full[0], message, outcomes)
+                    await self._wait_for_room(*full[0], outcomes)
                 else:
                     async with trio.open_nursery() as nursery:
-                        for subscription in full:
-                            nursery.start_soon(self._wait_for_room, subscription, message, outcomes)
+                        for waiting in full:
+                            nursery.start_soon(self._wait_for_room, *waiting, outcomes)
                 queued += sum(outcomes)
-                evicted = outcomes.count(False)
+                evicted += outcomes.count(False)
             return PublishReport(queued=queued, dropped=dropped, evicted=evicted)
 
     async def _wait_for_room(
-        self, subscription: Subscription[T], message: T, outcomes: list[bool]
+        self, subscription: Subscription[T], item: T, size: int, outcomes: list[bool]
     ) -> None:
         timeout = math.inf if subscription.policy == "block" else subscription.timeout
         with trio.move_on_after(timeout):
+            while subscription._full(size):
+                if subscription._gone:
+                    return  # it left while we waited: neither queued nor evicted
+                await subscription._wait_for_room()
             try:
-                await subscription._send.send(message)
+                subscription._put(item, size)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return  # it left while we waited: neither queued nor evicted
+                return
             outcomes.append(True)
             return
         self._evict(subscription)
@@ -338,7 +449,9 @@ class Broadcast(Generic[T]):
         subscriber receives what is queued for it, then :class:`trio.EndOfChannel`."""
         self._closed = True
         for subscription in self._subscriptions:
+            subscription._gone = True
             subscription._send.close()
+            subscription._wake_room_waiters()
         self._subscriptions = ()
         await trio.sleep(0)  # a checkpoint, as trio's aclose() methods have
 
