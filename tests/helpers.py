@@ -84,21 +84,29 @@ class RawClient:
         return self._events.popleft()
 
     async def next_message(self) -> str | bytes:
-        """The next data message, skipping pongs."""
+        """The next data message, reassembled from the pieces wsproto reports; pongs and
+        pings in between are skipped."""
+        parts: list[str | bytes] = []
         while True:
             event = await self.next_event()
             if isinstance(event, TextMessage | BytesMessage):
-                assert event.message_finished
-                return event.data if isinstance(event.data, str) else bytes(event.data)
+                parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
+                if event.message_finished:
+                    return "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)  # type: ignore[arg-type]
             assert not isinstance(event, CloseConnection), event
 
-    async def close_from_relay(self) -> CloseConnection:
-        """Read until the relay's close frame, skipping data; answer it like a good client."""
+    async def next_close(self) -> CloseConnection:
+        """Read until the relay's close frame, skipping data; do not answer it."""
         while True:
             event = await self.next_event()
             if isinstance(event, CloseConnection):
-                await self.send(event.response())
                 return event
+
+    async def close_from_relay(self) -> CloseConnection:
+        """Read until the relay's close frame, skipping data; answer it like a good client."""
+        event = await self.next_close()
+        await self.send(event.response())
+        return event
 
     async def read_to_eof(self) -> bytes:
         """Everything the relay still sends, until it closes the stream."""

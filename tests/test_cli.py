@@ -19,19 +19,22 @@ def test_serve_defaults() -> None:
         "host": "localhost",
         "port": 4000,
         "log_level": "INFO",
-        "queue_size": 256,
+        "queue_size": 4096,
+        "max_queue_bytes": 4 * 1024 * 1024,
         "overflow_policy": "evict",
+        "overflow_timeout": 0.0,
         "slow_consumer_timeout": 5.0,
         "max_message_size": 1024 * 1024,
         "handshake_timeout": 10.0,
         "close_timeout": 5.0,
+        "receive_buffer_size": 64 * 1024,
     }
 
 
 def test_serve_defaults_are_the_relay_config_defaults() -> None:
     args = vars(build_parser().parse_args(["serve"]))
     names = [field.name for field in dataclasses.fields(RelayConfig) if field.name in args]
-    assert len(names) == 6
+    assert len(names) == len(dataclasses.fields(RelayConfig))
     assert RelayConfig(**{name: args[name] for name in names}) == RelayConfig()
 
 

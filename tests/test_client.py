@@ -39,7 +39,7 @@ class _Bus:
     """A broadcast wrapper whose publish() a test can bend."""
 
     def __init__(self, *, swallow: bool = False, noise: bytes | None = None) -> None:
-        self.inner = Broadcast[bytes]()
+        self.inner = Broadcast[bytes](size_of=len)
         self.swallow = swallow
         self.noise = noise
 

@@ -425,12 +425,15 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--host HOST": "localhost",
         "--port PORT": "4000",
         "--log-level {DEBUG,INFO,WARNING,ERROR}": "INFO",
-        "--queue-size QUEUE_SIZE": "256",
+        "--queue-size QUEUE_SIZE": "4096",
+        "--max-queue-bytes MAX_QUEUE_BYTES": "4194304",
         "--overflow-policy {block,drop,evict}": "evict",
+        "--overflow-timeout OVERFLOW_TIMEOUT": "0.0",
         "--slow-consumer-timeout SLOW_CONSUMER_TIMEOUT": "5.0",
         "--max-message-size MAX_MESSAGE_SIZE": "1048576",
         "--handshake-timeout HANDSHAKE_TIMEOUT": "10.0",
         "--close-timeout CLOSE_TIMEOUT": "5.0",
+        "--receive-buffer-size RECEIVE_BUFFER_SIZE": "65536",
     }
     for option, default in expected.items():
         # The option, then its help up to the first parenthesis, without reaching another option.

@@ -9,6 +9,7 @@ bounded buffers push back like sockets when a client stops reading.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
@@ -126,40 +127,29 @@ async def test_the_relay_answers_a_client_close_and_forgets_the_connection(
         assert relay.server.statistics().broadcast.subscribers == 0
 
 
-async def test_a_stalled_consumer_is_evicted_after_exactly_the_timeout(
+async def test_a_consumer_past_its_byte_budget_is_evicted_and_nobody_waits(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    config = RelayConfig(queue_size=4, slow_consumer_timeout=2.0, close_timeout=1.0)
+    config = RelayConfig(max_queue_bytes=8 * 1024, slow_consumer_timeout=2.0)
     total = 200
+    message = "m" * 1000
     async with (
-        open_memory_relay(config, capacity=1024) as relay,
+        open_memory_relay(config, capacity=4096) as relay,
         relay.connect() as stalled,
         relay.consume() as healthy,
     ):
         received: list[str | bytes] = []
-
-        async def drain() -> None:
-            async for message in healthy:
-                received.append(message)
-                if len(received) == total:
-                    return
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain)
-            start = trio.current_time()
-            for i in range(total):
-                await relay.publish(f"message {i:04d} " + "x" * 100)
-            # The publisher waited once, exactly the slow-consumer timeout.
-            assert trio.current_time() - start == 2.0
-        assert received == [f"message {i:04d} " + "x" * 100 for i in range(total)]
+        start = trio.current_time()
+        for i in range(total):
+            await relay.publish(f"{i:04d}{message}")
+            received.append(await anext(healthy))
+        # Publishing never waited for the consumer that stopped reading.
+        assert trio.current_time() == start
+        assert received == [f"{i:04d}{message}" for i in range(total)]
         assert relay.server.statistics().broadcast.evicted == 1
-
-        # The stalled client never reads, so the relay's write to it never finishes: after
-        # close_timeout more (1.0 s) it aborts the connection, no close frame possible.
-        await trio.sleep_until(start + 2.9)
-        assert relay.server.statistics().connections == 2
-        await trio.sleep_until(start + 3.1)
-        assert relay.server.statistics().connections == 1
+        # Its writer was stuck mid-write when it was evicted: no close frame can follow half
+        # a frame, so the connection is aborted when that write times out.
+        await _at(start + 2.0, lambda: relay.server.statistics().connections == 1)
         with pytest.raises(ConnectionClosed) as closed:
             while True:
                 await stalled.get_message()
@@ -167,22 +157,63 @@ async def test_a_stalled_consumer_is_evicted_after_exactly_the_timeout(
         assert closed.value.reason.code == 1006
 
 
-async def test_a_slow_consumer_that_resumes_reading_gets_close_1008(
+async def test_a_dead_reader_on_a_quiet_relay_is_cut_off_after_the_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    config = RelayConfig(queue_size=4, slow_consumer_timeout=2.0, close_timeout=1.0)
+    config = RelayConfig(slow_consumer_timeout=3.0)
+    async with (
+        open_memory_relay(config, capacity=4096) as relay,
+        relay.connect(),  # never reads
+        relay.consume() as healthy,
+    ):
+        start = trio.current_time()
+        for _ in range(3):  # far below the byte budget, but more than its socket takes
+            await relay.publish("q" * 10_000)
+            assert await anext(healthy) == "q" * 10_000
+        assert relay.server.statistics().broadcast.evicted == 0
+        await _at(start + 3.0, lambda: relay.server.statistics().connections == 1)
+        await relay.publish("still flowing")
+        assert await anext(healthy) == "still flowing"
+
+
+async def _at(deadline: float, condition: Callable[[], bool]) -> None:
+    """Assert that ``condition`` becomes true exactly at virtual time ``deadline``."""
+    await trio.sleep_until(deadline - 1e-6)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not condition(), f"already true before {deadline}"
+    await trio.sleep_until(deadline)
+    await trio.testing.wait_all_tasks_blocked()
+    assert condition(), f"not true at {deadline}"
+
+
+async def test_an_evicted_consumer_that_is_still_reading_gets_close_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = RelayConfig(max_queue_bytes=4096, slow_consumer_timeout=5.0)
     async with open_memory_relay(config, capacity=1024) as relay, relay.connect() as slow:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_publish_many, relay, 100)
-            await trio.testing.wait_all_tasks_blocked()
-            # The publisher now waits on the full consumer; resume reading after eviction.
-            await trio.sleep(2.5)
-            assert relay.server.statistics().broadcast.evicted == 1
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await slow.get_message()
+        await _publish_many(relay, 100)
+        assert relay.server.statistics().broadcast.evicted == 1
+        # It reads again before its stuck write times out: that write completes, then the
+        # relay says why it is closing.
+        await trio.sleep(2.5)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await slow.get_message()
         assert closed.value.reason is not None
         assert (closed.value.reason.code, closed.value.reason.reason) == (1008, "slow consumer")
+
+
+async def test_a_consumer_merely_behind_within_its_budget_keeps_every_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = RelayConfig(max_queue_bytes=1024 * 1024, slow_consumer_timeout=5.0)
+    async with open_memory_relay(config, capacity=4096) as relay, relay.consume() as lagging:
+        for i in range(300):
+            await relay.publish(f"{i:03d}" + "z" * 1000)  # 300 KB while it reads nothing
+        await trio.sleep(4.0)  # behind, but its socket keeps accepting once it reads
+        got = [await anext(lagging) for _ in range(300)]
+        assert got == [f"{i:03d}" + "z" * 1000 for i in range(300)]
+        assert relay.server.statistics().broadcast.evicted == 0
 
 
 async def _publish_many(relay: MemoryRelay, count: int) -> None:
@@ -208,7 +239,7 @@ class _FailingBus:
     """A broadcast that breaks on one particular message, to see failures contained."""
 
     def __init__(self) -> None:
-        self.inner = Broadcast[bytes]()
+        self.inner = Broadcast[bytes](size_of=len)
 
     def subscribe(self, **kwargs: Any) -> AbstractAsyncContextManager[Subscription[bytes]]:
         return self.inner.subscribe(**kwargs)
@@ -277,8 +308,10 @@ async def test_a_message_over_the_size_limit_closes_with_1009(
         await raw.send_text("x" * 1000)  # exactly the limit: fine
         assert await anext(bystander) == "x" * 1000
         await raw.send_text("é" * 501)  # 1002 bytes of UTF-8, 501 characters
-        close = await raw.close_from_relay()
+        close = await raw.next_close()
         assert close.code == CloseCode.MESSAGE_TOO_BIG
+        # The rest of the oversized frame is never parsed: the relay closes at once.
+        assert await raw.read_to_eof() == b""
         await relay.produce("others unaffected")
         assert await anext(bystander) == "others unaffected"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -72,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size",
         type=_positive_int,
         default=_DEFAULTS.queue_size,
-        help="messages queued per consumer before its policy applies (default: %(default)s)",
+        help="batches of messages queued per consumer before its policy applies "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue-bytes",
+        type=_positive_int,
+        default=_DEFAULTS.max_queue_bytes,
+        help="bytes queued per consumer beyond its socket buffers before its policy applies "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--overflow-policy",
@@ -81,10 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="what happens when a consumer's queue is full (default: %(default)s)",
     )
     serve.add_argument(
+        "--overflow-timeout",
+        type=_positive_float,
+        default=_DEFAULTS.overflow_timeout,
+        help="seconds a publisher waits for a full consumer before the policy evicts it "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
         "--slow-consumer-timeout",
         type=_positive_float,
         default=_DEFAULTS.slow_consumer_timeout,
-        help="seconds a full consumer may take to make room before eviction (default: %(default)s)",
+        help="seconds a consumer's socket may accept nothing before it is disconnected "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--max-message-size",
@@ -103,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=_DEFAULTS.close_timeout,
         help="seconds allowed for closing handshakes and shutdown (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--receive-buffer-size",
+        type=_positive_int,
+        default=_DEFAULTS.receive_buffer_size,
+        help="bytes asked of a client's socket per read (default: %(default)s)",
     )
 
     consume_cmd = commands.add_parser(
@@ -145,12 +168,7 @@ def _show(message: str | bytes) -> str:
 
 async def _serve(args: argparse.Namespace) -> None:
     config = RelayConfig(
-        queue_size=args.queue_size,
-        overflow_policy=args.overflow_policy,
-        slow_consumer_timeout=args.slow_consumer_timeout,
-        max_message_size=args.max_message_size,
-        handshake_timeout=args.handshake_timeout,
-        close_timeout=args.close_timeout,
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(RelayConfig)}
     )
     # Bind before starting the nursery, so that a port in use is a plain OSError for main().
     listeners = await trio.open_tcp_listeners(args.port, host=args.host)

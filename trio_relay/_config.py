@@ -13,20 +13,27 @@ __all__ = ["RelayConfig"]
 class RelayConfig:
     """Settings of :func:`serve_relay`. Every wait on the network has a bound here.
 
-    Why the defaults: a consumer that falls behind gets ``queue_size`` messages of slack,
-    then ``slow_consumer_timeout`` seconds to make room before it is evicted (close 1008).
-    ``evict`` is the default policy because ``block`` lets one dead reader freeze every
-    producer (the tutorial's flaw) and ``drop`` loses messages silently; five seconds covers
-    a healthy consumer's hiccup (GC pause, brief network stall) while bounding how long a
-    dead one holds up publishers.
+    The slow-consumer rule, and why: each consumer may have up to ``max_queue_bytes``
+    (and ``queue_size`` batches) queued in the relay beyond what its socket buffers hold.
+    Under the default ``evict`` policy with ``overflow_timeout`` 0, a consumer that goes
+    past that is disconnected at once (close 1008), so publishers and the other consumers
+    never wait for it and the relay's memory stays bounded; a consumer whose socket accepts
+    nothing for ``slow_consumer_timeout`` seconds while the relay has data for it is
+    disconnected too (a dead reader on a quiet relay). A consumer that is merely behind by
+    less than that keeps every message. ``block`` would let one dead reader freeze every
+    producer (the tutorial's flaw) and ``drop`` loses messages silently.
     """
 
-    queue_size: int = 256
-    """Messages queued per consumer before its overflow policy applies."""
+    queue_size: int = 4096
+    """Most batches queued per consumer (a batch: the messages of one read from a client)."""
+    max_queue_bytes: int = 4 * 1024 * 1024
+    """Most bytes queued per consumer in the relay, beyond its socket's buffers."""
     overflow_policy: OverflowPolicy = "evict"
     """``block``, ``drop`` or ``evict``: see :data:`trio_relay.OverflowPolicy`."""
+    overflow_timeout: float = 0.0
+    """Seconds a publisher waits for a full consumer before ``evict`` applies (0: never)."""
     slow_consumer_timeout: float = 5.0
-    """Seconds a full consumer queue may stay full before eviction (policy ``evict``)."""
+    """Seconds a consumer's socket may accept nothing while the relay writes to it."""
     max_message_size: int = 1024 * 1024
     """Largest message accepted from a client, in bytes (UTF-8 bytes for text); over it: 1009."""
     handshake_timeout: float = 10.0
@@ -41,9 +48,14 @@ class RelayConfig:
             raise ValueError(
                 f"overflow_policy must be one of {sorted(_POLICIES)}, not {self.overflow_policy!r}"
             )
-        for name in ("queue_size", "max_message_size", "receive_buffer_size"):
+        for name in ("queue_size", "max_queue_bytes", "max_message_size", "receive_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("slow_consumer_timeout", "handshake_timeout", "close_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+        for name in (
+            "overflow_timeout",
+            "slow_consumer_timeout",
+            "handshake_timeout",
+            "close_timeout",
+        ):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0")

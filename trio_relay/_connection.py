@@ -1,8 +1,8 @@
 """One client connection on the relay server: handshake, reader, writer, closing handshake.
 
-The protocol state lives in wsproto (sans-IO: handshake parsing, unmasking, UTF-8
-validation, fragmentation, control frames, close codes); this module only moves bytes
-between it, the trio stream, and the broadcast.
+wsproto parses the HTTP upgrade; after it, :mod:`trio_relay._parser` parses client frames
+and the relay writes pre-framed bytes itself. This module only moves bytes between the
+stream, the parser and the broadcast.
 
 Lifecycle of a :class:`RelayConnection`::
 
@@ -12,9 +12,15 @@ Lifecycle of a :class:`RelayConnection`::
     subscribe ─► reader task (client → broadcast, pongs, close replies)
                  writer task (subscription → client, batched)
                  eviction watcher
-        │ first of: client close · EOF · protocol error · too big · evicted · cancelled
+        │ first of: client close · EOF · protocol error · too big · evicted · stalled ·
+        │           cancelled
         ▼
     closing handshake (shielded, bounded by close_timeout) ────────► stream closed
+
+The fast path: everything one read brings in is published as one batch of frames (so a
+consumer gets many messages in one write), and a consumer that is idle gets that batch
+written to its socket by the publisher at once (``write_through``), without waking its
+writer task; only what the socket does not take is queued.
 """
 
 from __future__ import annotations
@@ -23,24 +29,26 @@ import contextlib
 import http
 import itertools
 import logging
+import os
+from collections.abc import Callable
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
 from ._broadcast import MessageBus, Subscription
 from ._config import RelayConfig
 from ._exceptions import SlowConsumerError
-from ._frames import CloseCode, frame_payload, split_request_head
+from ._frames import (
+    PONG_OPCODE,
+    CloseCode,
+    close_frame,
+    control_frame,
+    frame_header,
+    split_request_head,
+)
+from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
 
 __all__ = ["RelayConnection"]
 
@@ -48,14 +56,45 @@ logger = logging.getLogger("trio_relay")
 
 MAX_REQUEST_HEAD = 16 * 1024
 """Bytes of HTTP request head accepted before answering 431."""
-MAX_BATCH = 1024
-"""Most queued frames joined into one ``send_all``."""
+MAX_BATCH_BYTES = 1024 * 1024
+"""Most bytes of queued frames the writer joins into one write."""
+WRITE_CHUNK = 256 * 1024
+"""The writer's unit of progress: each chunk must be accepted within slow_consumer_timeout."""
 
 _ids = itertools.count(1)
 
 
 class _PeerGone(Exception):
     """The stream broke or was closed under us: nothing more can be written."""
+
+
+class _Stalled(Exception):
+    """The client accepted no chunk of a write within slow_consumer_timeout."""
+
+
+def nowait_sender(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
+    """A function that writes what it can of some bytes *now*, without blocking, or None.
+
+    For a plain :class:`trio.SocketStream` this is ``os.write`` on its file descriptor:
+    trio keeps its sockets non-blocking (``tests/test_connection.py`` checks this, since
+    a blocking socket here would freeze the event loop), and trio's own ``send_all`` is
+    never running on it at the same time, because every write of a connection holds its
+    write slot. Python ignores SIGPIPE, so a vanished peer is an ``OSError``. Streams of
+    :mod:`trio_relay.testing` offer ``send_nowait``. Anything else (TLS streams, say)
+    gets ``None``: every write then goes through the writer task.
+    """
+    if type(stream) is trio.SocketStream:
+        fd = stream.socket.fileno()
+
+        def write_now(data: bytes) -> int:
+            try:
+                return os.write(fd, data)
+            except BlockingIOError:
+                return 0
+
+        return write_now
+    send_nowait = getattr(getattr(stream, "send_stream", None), "send_nowait", None)
+    return send_nowait if callable(send_nowait) else None
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
@@ -72,7 +111,7 @@ def peer_name(stream: trio.abc.Stream) -> str:
             host, port = address[0], address[1]
             return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
         return str(address) or "unix"
-    return type(stream).__name__
+    return "in-memory"
 
 
 def http_response(status: int, body: str) -> bytes:
@@ -103,14 +142,21 @@ class RelayConnection:
         stream: trio.abc.Stream,
         broadcast: MessageBus[bytes],
         config: RelayConfig,
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.id = next(_ids)
+        self._on_subscribed = on_subscribed
         self.peer = peer_name(stream)
         self._stream = stream
         self._broadcast = broadcast
         self._config = config
-        self._ws = WSConnection(ConnectionType.SERVER)
-        self._send_lock = trio.StrictFIFOLock()
+        self._parser = FrameParser(config.max_message_size)
+        # The right to write to the stream. A Semaphore, not a Lock: write_through takes it
+        # synchronously in the publisher's task and, after a partial write, hands it to the
+        # writer task, which releases it once the rest of the frame is out.
+        self._write_slot = trio.Semaphore(1)
+        self._handoff = False
+        self._send_nowait = nowait_sender(stream)
         self._tasks = trio.CancelScope()
         self._writer_done = trio.Event()
         # How the connection ended; exactly one of these paths decides the close.
@@ -118,6 +164,8 @@ class RelayConnection:
         self._protocol_error = False
         self._peer_closed = False
         self._peer_gone = False
+        # True while the stream may hold half a frame: a write in progress, or one that was
+        # interrupted (then nothing more may be written, not even a close frame).
         self._write_broken = False
         self.close_code: int | None = None
         """The close code sent or received (1006 if the connection ended without one)."""
@@ -161,13 +209,16 @@ class RelayConnection:
         async with (
             self._broadcast.subscribe(
                 max_buffer=config.queue_size,
+                max_bytes=config.max_queue_bytes,
                 policy=config.overflow_policy,
-                timeout=config.slow_consumer_timeout,
+                timeout=config.overflow_timeout,
                 name=f"#{self.id} {self.peer}",
+                write_through=self._write_through if self._send_nowait is not None else None,
             ) as subscription,
             trio.open_nursery() as nursery,
         ):
             self._tasks = nursery.cancel_scope
+            self._on_subscribed()
             nursery.start_soon(self._write_loop, subscription)
             nursery.start_soon(self._watch_eviction, subscription)
             await self._read_loop()
@@ -177,6 +228,7 @@ class RelayConnection:
 
     async def _handshake(self) -> bool:
         buffer = bytearray()
+        ws = WSConnection(ConnectionType.SERVER)
         with trio.move_on_after(self._config.handshake_timeout):
             while (parts := split_request_head(buffer)) is None:
                 if len(buffer) > MAX_REQUEST_HEAD:
@@ -192,8 +244,8 @@ class RelayConnection:
                 await self._reject(431, "request head too large")
                 return False
             try:
-                self._ws.receive_data(head)
-                events = list(self._ws.events())
+                ws.receive_data(head)
+                events = list(ws.events())
             except RemoteProtocolError as exc:
                 hint = exc.event_hint
                 status = getattr(hint, "status_code", 400)
@@ -208,55 +260,123 @@ class RelayConnection:
                 await self._reject(404, f"no such path {path!r}: this relay serves '/'")
                 return False
             try:
-                await self._send(self._ws.send(AcceptConnection()))
-            except _PeerGone:
+                await self._send(ws.send(AcceptConnection()))
+            except (_PeerGone, _Stalled):
                 return False
             if rest:
                 # Bytes that came in the same read as the request head: frames sent right
-                # after the handshake. Feed them now, not when more data arrives.
-                self._ws.receive_data(rest)
+                # after the handshake. They are parsed with the first read of the reader.
+                self._early = rest
             return True
         logger.info("connection from %s: handshake timed out", self.peer)
         return False
 
+    _early = b""
+
     async def _reject(self, status: int, reason: str) -> None:
         logger.info("connection from %s rejected: HTTP %d %s", self.peer, status, reason)
-        with contextlib.suppress(_PeerGone):
+        with contextlib.suppress(_PeerGone, _Stalled):
             await self._send(http_response(status, reason))
 
     # ---------------------------------------------------------------- bytes out
 
     async def _send(self, data: bytes) -> None:
-        """Write ``data`` whole, serialized with every other write of this connection.
+        """Write ``data`` whole, after any write in progress (pongs, close frames, HTTP)."""
+        async with self._write_slot:
+            await self._write_all(data)
 
-        A write that fails or is cancelled midway may leave half a frame on the wire: the
-        connection is then marked broken and never written to again.
+    async def _write_all(self, data: bytes) -> None:
+        """Write ``data``; the caller holds the write slot.
+
+        Each chunk of :data:`WRITE_CHUNK` bytes must be accepted within
+        ``slow_consumer_timeout`` seconds, or :class:`_Stalled` is raised. A write that
+        fails, stalls or is cancelled midway leaves ``_write_broken`` set for good.
         """
-        async with self._send_lock:
-            if self._write_broken:
-                raise _PeerGone("an earlier write was interrupted")
-            self._write_broken = True
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _PeerGone(str(exc)) from exc
-            self._write_broken = False
+        if self._write_broken and not self._handoff:
+            raise _PeerGone("an earlier write was interrupted")
+        self._write_broken = True
+        timeout = self._config.slow_consumer_timeout
+        try:
+            if len(data) <= WRITE_CHUNK:
+                with trio.move_on_after(timeout) as scope:
+                    await self._stream.send_all(data)
+                if scope.cancelled_caught:
+                    raise _Stalled
+            else:
+                view = memoryview(data)
+                for start in range(0, len(view), WRITE_CHUNK):
+                    with trio.move_on_after(timeout) as scope:
+                        await self._stream.send_all(view[start : start + WRITE_CHUNK])
+                    if scope.cancelled_caught:
+                        raise _Stalled
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _PeerGone(str(exc)) from exc
+        self._handoff = False
+        self._write_broken = False
+
+    def _write_through(self, data: bytes) -> bytes | None:
+        """The broadcast's synchronous delivery for an idle consumer: write what the socket
+        takes now; return the rest (queued by the broadcast for the writer task) or None."""
+        send_nowait = self._send_nowait
+        assert send_nowait is not None
+        try:
+            self._write_slot.acquire_nowait()
+        except trio.WouldBlock:
+            return data  # a pong or close frame is being written: queue behind it
+        if self._write_broken:
+            self._write_slot.release()
+            return data
+        try:
+            sent = send_nowait(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            sent = 0  # the writer task will meet the error through trio
+        if sent == len(data):
+            self._write_slot.release()
+            return None
+        if sent == 0:
+            self._write_slot.release()
+            return data
+        # Half a frame may be out: the rest must follow before anything else. The writer
+        # task inherits the write slot with the rest, which is the next thing it receives.
+        self._handoff = True
+        self._write_broken = True
+        return data[sent:]
 
     async def _write_loop(self, subscription: Subscription[bytes]) -> None:
         try:
             while True:
-                frame = await subscription.receive()
-                batch = [frame]
+                first = await subscription.receive()
+                batch = [first]
+                size = len(first)
                 try:
-                    while len(batch) < MAX_BATCH:
-                        batch.append(subscription.receive_nowait())
+                    while size < MAX_BATCH_BYTES:
+                        item = subscription.receive_nowait()
+                        batch.append(item)
+                        size += len(item)
                 except (trio.WouldBlock, trio.EndOfChannel):
                     pass
-                await self._send(frame if len(batch) == 1 else b"".join(batch))
+                data = first if len(batch) == 1 else b"".join(batch)
+                if self._handoff:
+                    # We own the write slot already: the publisher wrote part of `first`.
+                    try:
+                        await self._write_all(data)
+                    finally:
+                        self._write_slot.release()
+                else:
+                    await self._send(data)
         except SlowConsumerError:
             pass  # _watch_eviction decides what happens next
         except trio.EndOfChannel:
             self._request_close(CloseCode.GOING_AWAY, "relay shutting down")
+        except _Stalled:
+            timeout = self._config.slow_consumer_timeout
+            logger.warning(
+                "connection #%d from %s: slow consumer, no write progress for %s s",
+                self.id,
+                self.peer,
+                timeout,
+            )
+            self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
         except _PeerGone:
             self._peer_gone = True
             self._tasks.cancel()
@@ -266,15 +386,16 @@ class RelayConnection:
     async def _watch_eviction(self, subscription: Subscription[bytes]) -> None:
         await subscription.wait_evicted()
         logger.warning(
-            "connection #%d from %s evicted: slow consumer (queue full for %s s)",
+            "connection #%d from %s evicted: slow consumer (%d messages or %s bytes queued)",
             self.id,
             self.peer,
-            self._config.slow_consumer_timeout,
+            self._config.queue_size,
+            self._config.max_queue_bytes,
         )
         self._close_request = (CloseCode.SLOW_CONSUMER, "slow consumer")
-        # Let a write in progress finish, so the close frame can follow a whole frame.
-        with trio.move_on_after(self._config.close_timeout):
-            await self._writer_done.wait()
+        # Let a write in progress finish (it is bounded by slow_consumer_timeout per chunk),
+        # so that the close frame can follow a whole frame.
+        await self._writer_done.wait()
         self._tasks.cancel()
 
     def _request_close(self, code: int, reason: str, *, protocol_error: bool = False) -> None:
@@ -286,51 +407,45 @@ class RelayConnection:
     # ---------------------------------------------------------------- bytes in
 
     async def _read_loop(self) -> None:
-        ws = self._ws
-        limit = self._config.max_message_size
-        parts: list[bytes] = []
-        size = 0
+        parser = self._parser
+        data: bytes | bytearray = self._early
+        self._early = b""
         while True:
-            for event in ws.events():
-                if isinstance(event, TextMessage | BytesMessage):
-                    chunk = (
-                        event.data.encode("utf-8")
-                        if isinstance(event, TextMessage)
-                        else bytes(event.data)
-                    )
-                    size += len(chunk)
-                    if size > limit:
-                        self._request_close(
-                            CloseCode.MESSAGE_TOO_BIG, f"message exceeds {limit} bytes"
-                        )
-                        return
-                    parts.append(chunk)
-                    if event.message_finished:
-                        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-                        parts = []
-                        size = 0
-                        frame = frame_payload(payload, text=isinstance(event, TextMessage))
-                        await self._broadcast.publish(frame)
-                elif isinstance(event, Ping):
-                    try:
-                        await self._send(ws.send(event.response()))
-                    except _PeerGone:
-                        self._peer_gone = True
-                        return
-                elif isinstance(event, CloseConnection):
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
+            if data:
+                error: ProtocolError | None = None
+                try:
+                    events = parser.feed(data)
+                except ProtocolError as exc:
+                    events, error = exc.events, exc
+                frames: list[bytes] = []
+                replies: list[bytes] = []
+                close: Close | None = None
+                for kind, payload, text in events:
+                    if kind == MESSAGE:
+                        frames.append(frame_header(len(payload), text=text))
+                        frames.append(payload)
+                    elif kind == PING:
+                        replies.append(control_frame(PONG_OPCODE, payload))
+                    elif kind == CLOSE:
+                        close = Close.parse(payload)
+                    # PONG: nothing to do.
+                if frames:
+                    await self._broadcast.publish(b"".join(frames))
+                try:
+                    if replies:
+                        await self._send(b"".join(replies))
+                    if close is not None:
                         # The client starts the closing handshake: answer and finish.
                         self._peer_closed = True
-                        self.close_code = event.code
-                        try:
-                            await self._send(ws.send(event.response()))
-                        except _PeerGone:
-                            self._peer_gone = True
+                        self.close_code = close.code
+                        await self._send(close_frame(close.code, close.reason))
                         return
-                    # wsproto reports a protocol violation as the close it wants us to send.
-                    self._request_close(event.code, event.reason or "", protocol_error=True)
+                except (_PeerGone, _Stalled):
+                    self._peer_gone = True
                     return
-                # Pong: nothing to do.
+                if error is not None:
+                    self._request_close(error.code, error.reason, protocol_error=True)
+                    return
             try:
                 data = await self._stream.receive_some(self._config.receive_buffer_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -338,7 +453,6 @@ class RelayConnection:
             if not data:
                 self._peer_gone = True
                 return
-            ws.receive_data(bytes(data))
 
     # ---------------------------------------------------------------- closing
 
@@ -348,8 +462,8 @@ class RelayConnection:
             return
         code, reason = self._close_request or (CloseCode.GOING_AWAY, "relay shutting down")
         try:
-            await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
-        except _PeerGone:
+            await self._send(close_frame(code, reason))
+        except (_PeerGone, _Stalled):
             return
         self.close_code = code
         if self._protocol_error:
@@ -361,7 +475,9 @@ class RelayConnection:
                 return
             if not data:
                 return
-            self._ws.receive_data(bytes(data))
-            for event in self._ws.events():
-                if isinstance(event, CloseConnection):
-                    return
+            try:
+                events = self._parser.feed(data)
+            except ProtocolError:
+                return
+            if any(kind == CLOSE for kind, _, _ in events):
+                return

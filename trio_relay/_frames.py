@@ -8,7 +8,15 @@ from __future__ import annotations
 import enum
 import struct
 
-__all__ = ["CloseCode", "encode_frame", "frame_payload", "split_request_head"]
+__all__ = [
+    "CloseCode",
+    "close_frame",
+    "control_frame",
+    "encode_frame",
+    "frame_header",
+    "frame_payload",
+    "split_request_head",
+]
 
 
 class CloseCode(enum.IntEnum):
@@ -49,13 +57,40 @@ def encode_frame(message: str | bytes) -> bytes:
 
 def frame_payload(payload: bytes, *, text: bool) -> bytes:
     """Frame an already encoded payload (UTF-8 bytes when ``text``); see :func:`encode_frame`."""
+    return frame_header(len(payload), text=text) + payload
+
+
+def frame_header(length: int, *, text: bool) -> bytes:
+    """The header of an unfragmented, unmasked data frame carrying ``length`` bytes."""
     first = _TEXT if text else _BINARY
-    length = len(payload)
     if length < 126:
-        return bytes((first, length)) + payload
+        return bytes((first, length))
     if length < 65536:
-        return _pack_short(first, 126, length) + payload
-    return _pack_long(first, 127, length) + payload
+        return _pack_short(first, 126, length)
+    return _pack_long(first, 127, length)
+
+
+PING_OPCODE = 0x9
+PONG_OPCODE = 0xA
+CLOSE_OPCODE = 0x8
+
+
+def control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """An unmasked control frame (ping, pong, close); ``payload`` is at most 125 bytes."""
+    if len(payload) > 125:
+        raise ValueError("control frame payloads are at most 125 bytes")
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def close_frame(code: int | None, reason: str = "") -> bytes:
+    """A close frame; ``code=None`` (or 1005, "no status") sends an empty payload.
+
+    The reason is cut to fit the 125-byte limit without splitting a UTF-8 character.
+    """
+    if code is None or code == 1005:
+        return control_frame(CLOSE_OPCODE)
+    encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return control_frame(CLOSE_OPCODE, code.to_bytes(2, "big") + encoded)
 
 
 _END_OF_HEAD = b"\r\n\r\n"

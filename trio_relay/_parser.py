@@ -111,7 +111,7 @@ class FrameParser:
         self._fragment_size = 0
         self._decoder: codecs.IncrementalDecoder | None = None
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | bytearray) -> list[Event]:
         """Add received bytes; return the events they complete, in order.
 
         After a close frame, further bytes are ignored (RFC 6455 5.5.1).

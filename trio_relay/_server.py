@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -49,6 +49,7 @@ class RelayServer:
         self.broadcast = broadcast
         self.config = config
         self._connections: set[RelayConnection] = set()
+        self._changed = trio.Event()
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -78,6 +79,22 @@ class RelayServer:
             connections=len(self._connections), broadcast=self.broadcast.statistics()
         )
 
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[RelayStatistics], bool]) -> RelayStatistics:
+        """Wait until ``predicate(self.statistics())`` is true, and return those statistics.
+
+        The predicate is checked now and again whenever a connection opens, subscribes or
+        closes: ``await server.wait_until(lambda s: s.broadcast.subscribers == 3)`` waits
+        until three clients can receive. Bound it with a cancel scope.
+        """
+        await trio.sleep(0)
+        while not predicate(statistics := self.statistics()):
+            await self._changed.wait()
+        return statistics
+
     async def publish(self, message: str | bytes) -> PublishReport:
         """Send ``message`` to every connected client, as if a client had sent it."""
         return await self.broadcast.publish(encode_frame(message))
@@ -88,12 +105,14 @@ class RelayServer:
         The listeners call this for each accepted stream; tests and custom transports call it
         directly (with an in-memory stream, say). Never raises except ``Cancelled``.
         """
-        connection = RelayConnection(stream, self.broadcast, self.config)
+        connection = RelayConnection(stream, self.broadcast, self.config, self._notify)
         self._connections.add(connection)
+        self._notify()
         try:
             await connection.serve()
         finally:
             self._connections.discard(connection)
+            self._notify()
 
     async def _run(
         self, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED
@@ -141,8 +160,10 @@ async def serve_relay(
     if broadcast is None:
         broadcast = Broadcast[bytes](
             max_buffer=config.queue_size,
+            max_bytes=config.max_queue_bytes,
+            size_of=len,
             policy=config.overflow_policy,
-            timeout=config.slow_consumer_timeout,
+            timeout=config.overflow_timeout,
         )
     if listeners is None:
         listeners = await trio.open_tcp_listeners(port, host=host)

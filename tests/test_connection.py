@@ -1,0 +1,112 @@
+"""The relay connection's write path: write-through to idle sockets, and what it relies on.
+
+Write-through writes to a client's socket synchronously, from the publishing task. That is
+only safe because trio's sockets are non-blocking and because every write of a connection
+holds its write slot; these tests pin both, and check that a partial write-through keeps
+frames whole when a pong has to go out at the same moment.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+import pytest
+import trio
+import trio.testing
+from helpers import RawClient
+from wsproto.events import Ping, Pong, TextMessage
+
+from trio_relay._connection import nowait_sender
+from trio_relay.testing import open_memory_relay, socket_like_stream_pair
+
+
+async def test_trio_keeps_its_sockets_non_blocking() -> None:
+    # If trio ever handed out blocking sockets, os.write() in write-through would freeze
+    # the whole event loop on a client that stops reading. This test must then fail.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0] as listener:
+        port = listener.socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listener.accept()
+        async with client, server:
+            for stream in (client, server):
+                assert isinstance(stream, trio.SocketStream)
+                assert os.get_blocking(stream.socket.fileno()) is False
+
+
+async def test_write_through_writes_what_a_socket_takes_and_no_more() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0] as listener:
+        client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+        server = await listener.accept()
+        async with client, server:
+            write_now = nowait_sender(server)
+            assert write_now is not None
+            assert write_now(b"hello") == 5
+            assert await client.receive_some() == b"hello"
+            # Nobody reads: the kernel buffers fill, then it takes nothing and does not block.
+            total = 0
+            while (sent := write_now(b"x" * 65536)) > 0:
+                total += sent
+            assert total > 0
+            assert write_now(b"more") == 0
+
+
+def test_only_plain_sockets_and_the_testing_pipes_get_write_through() -> None:
+    a, _ = socket_like_stream_pair()
+    assert nowait_sender(a) is not None
+    memory, _ = trio.testing.memory_stream_pair()
+    assert nowait_sender(memory) is None
+    tls = trio.SSLStream(a, ssl.create_default_context(), server_hostname="relay.test")
+    assert nowait_sender(tls) is None
+
+
+@pytest.mark.parametrize(
+    "ping_first", [True, False], ids=["ping-then-publish", "publish-then-ping"]
+)
+async def test_a_pong_never_lands_inside_a_partly_written_frame(
+    autojump_clock: trio.testing.MockClock, ping_first: bool
+) -> None:
+    # The client's socket takes 1000 of a 3000-byte frame at once; the rest of that frame
+    # must go out before the pong the client asks for at about the same moment.
+    async with open_memory_relay(capacity=1000) as relay:
+        raw = await RawClient.connect(relay)
+        await relay.server.wait_until(lambda s: s.broadcast.subscribers == 1)
+        await trio.testing.wait_all_tasks_blocked()
+        if ping_first:
+            await raw.send(Ping(payload=b"are you there"))
+        await relay.publish("p" * 3000)
+        if not ping_first:
+            await raw.send(Ping(payload=b"are you there"))
+        await trio.testing.wait_all_tasks_blocked()
+        events: list[object] = []
+        text = ""
+        while len(events) < 2:  # a whole text frame and a pong, in either order
+            event = await raw.next_event()
+            if isinstance(event, TextMessage):
+                text += event.data
+                if event.message_finished:
+                    events.append(text)
+            else:
+                assert text in ("", "p" * 3000), "a control frame inside a data frame"
+                events.append(event)
+        assert sorted(map(repr, events)) == sorted(
+            map(repr, ["p" * 3000, Pong(payload=b"are you there")])
+        )
+
+
+async def test_many_partial_writes_keep_the_stream_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_relay(capacity=777) as relay, relay.consume() as messages:
+        sent = [f"{i}:" + "w" * (i * 37 % 2000) for i in range(200)]
+        async with trio.open_nursery() as nursery:
+
+            async def publish_all() -> None:
+                for message in sent:
+                    await relay.publish(message)
+
+            nursery.start_soon(publish_all)
+            got = [await anext(messages) for _ in sent]
+        assert got == sent
