@@ -37,15 +37,19 @@ def upgrade_request(path: str = "/", *, extra: str = "") -> bytes:
 
 
 def masked_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """A client frame, masked as RFC 6455 requires (payload under 64 KiB)."""
+    """A client frame, masked as RFC 6455 requires."""
     mask = os.urandom(4)
     length = len(payload)
     header = bytes([(0x80 if fin else 0) | opcode])
     if length < 126:
         header += bytes([0x80 | length])
-    else:
+    elif length < 65536:
         header += bytes([0x80 | 126]) + length.to_bytes(2, "big")
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    else:
+        header += bytes([0x80 | 127]) + length.to_bytes(8, "big")
+    key = (mask * (length // 4 + 1))[:length]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+    return header + mask + masked
 
 
 class RawClient:

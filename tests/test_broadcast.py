@@ -1338,3 +1338,46 @@ async def test_write_through_and_the_queue_never_reorder_the_byte_stream() -> No
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert bytes(wire) == b"".join(messages)
+
+
+async def test_publish_nowait_delivers_without_yielding_when_nobody_must_be_waited_for() -> None:
+    broadcast = Broadcast[str](max_buffer=1)
+    async with (
+        broadcast.subscribe(policy="drop") as dropping,
+        broadcast.subscribe(policy="evict", timeout=0) as evicting,
+    ):
+        assert broadcast.publish_nowait("a") == PublishReport(queued=2, dropped=0, evicted=0)
+        assert broadcast.publish_nowait("b") == PublishReport(queued=0, dropped=1, evicted=1)
+        assert dropping.receive_nowait() == "a"
+        with pytest.raises(SlowConsumerError):
+            evicting.receive_nowait()
+
+
+async def test_publish_nowait_refuses_and_delivers_to_nobody_if_it_would_wait() -> None:
+    broadcast = Broadcast[str](max_buffer=1)
+    async with (
+        broadcast.subscribe(policy="drop") as other,
+        broadcast.subscribe(policy="block") as blocking,
+    ):
+        broadcast.publish_nowait("first")
+        with pytest.raises(trio.WouldBlock):
+            broadcast.publish_nowait("second")  # blocking is full: publish() would wait
+        assert broadcast.statistics().published == 1
+        assert other.receive_nowait() == "first"
+        with pytest.raises(trio.WouldBlock):
+            other.receive_nowait()  # "second" reached nobody
+        assert blocking.receive_nowait() == "first"
+
+
+async def test_publish_nowait_refuses_while_a_publish_holds_the_turn(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broadcast = Broadcast[str](max_buffer=1, policy="block")
+    async with broadcast.subscribe() as subscription, trio.open_nursery() as nursery:
+        await broadcast.publish("fills it")
+        nursery.start_soon(broadcast.publish, "waits for room")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.WouldBlock):
+            broadcast.publish_nowait("not now")
+        assert await subscription.receive() == "fills it"
+        assert await subscription.receive() == "waits for room"

@@ -14,9 +14,10 @@ import ssl
 import pytest
 import trio
 import trio.testing
-from helpers import RawClient
+from helpers import RawClient, masked_frame
 from wsproto.events import Ping, Pong, TextMessage
 
+from trio_relay import RelayConfig
 from trio_relay._connection import nowait_sender
 from trio_relay.testing import open_memory_relay, socket_like_stream_pair
 
@@ -110,3 +111,46 @@ async def test_many_partial_writes_keep_the_stream_in_order(
             nursery.start_soon(publish_all)
             got = [await anext(messages) for _ in sent]
         assert got == sent
+
+
+async def test_frames_of_one_read_are_published_as_one_batch_and_arrive_intact(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = RelayConfig(receive_buffer_size=256 * 1024)
+    async with (
+        open_memory_relay(config, capacity=256 * 1024) as relay,
+        relay.consume() as messages,
+    ):
+        raw = await RawClient.connect(relay)
+        await relay.server.wait_until(lambda s: s.broadcast.subscribers == 2)
+        big = bytes(range(256)) * 400  # 100 KiB, a 64-bit length header
+        burst = (
+            masked_frame(0x1, "ünïcode".encode())
+            + masked_frame(0x2, b"\x00\x01")
+            + masked_frame(0x1, b"frag", fin=False)
+            + masked_frame(0x9, b"ping in the middle")
+            + masked_frame(0x0, b"mented")
+            + masked_frame(0x2, big)
+        )
+        before = relay.server.statistics().broadcast.published
+        await raw.send_raw(burst)  # one write: the relay reads it in one go
+        expected = ["ünïcode", b"\x00\x01", "fragmented", big]
+        assert [await anext(messages) for _ in expected] == expected
+        assert relay.server.statistics().broadcast.published == before + 1
+
+
+async def test_a_consumer_closing_mid_batch_harms_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_relay(capacity=2048) as relay, relay.consume() as steady:
+        leaving = await RawClient.connect(relay)
+        await relay.server.wait_until(lambda s: s.broadcast.subscribers == 2)
+        for i in range(50):
+            await relay.publish(f"{i:02d}" + "b" * 3000)  # backs up behind leaving's socket
+        await leaving.stream.receive_some(100)  # read a little of a frame, then vanish
+        await leaving.stream.aclose()
+        got = [await anext(steady) for _ in range(50)]
+        assert got == [f"{i:02d}" + "b" * 3000 for i in range(50)]
+        await relay.server.wait_until(lambda s: s.connections == 1)
+        await relay.publish("after")
+        assert await anext(steady) == "after"

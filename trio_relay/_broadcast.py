@@ -267,6 +267,8 @@ class MessageBus(Protocol[T]):
 
     async def publish(self, message: T) -> PublishReport: ...  # pragma: no cover
 
+    def publish_nowait(self, message: T) -> PublishReport: ...  # pragma: no cover
+
     def statistics(self) -> BroadcastStatistics: ...  # pragma: no cover
 
 
@@ -381,50 +383,84 @@ class Broadcast(Generic[T]):
         broadcast stays consistent and the next publish proceeds normally.
         """
         async with self._lock:
-            # Checked after taking the lock: aclose() may have run while we waited for it.
-            if self._closed:
-                raise trio.ClosedResourceError("the broadcast is closed")
-            self._published += 1
-            size_of = self._size_of
-            size = 0 if size_of is None else size_of(message)
-            queued = dropped = evicted = 0
-            full: list[tuple[Subscription[T], T, int]] = []
-            for subscription in self._subscriptions:
-                item, item_size = message, size
-                if subscription._parked and subscription._write_through is not None:
-                    rest = subscription._write_through(item)
-                    if rest is None:
-                        queued += 1
-                        continue
-                    item = rest
-                    item_size = 0 if size_of is None else size_of(rest)
-                if subscription._full(item_size):
-                    if subscription.policy == "drop":
-                        subscription.dropped += 1
-                        dropped += 1
-                    elif subscription.policy == "evict" and subscription.timeout == 0:
-                        self._evict(subscription)
-                        evicted += 1
-                    else:
-                        full.append((subscription, item, item_size))
+            full, report = self._deliver(message)
+            if not full:
+                return report
+            outcomes: list[bool] = []
+            if len(full) == 1:
+                await self._wait_for_room(*full[0], outcomes)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for waiting in full:
+                        nursery.start_soon(self._wait_for_room, *waiting, outcomes)
+            return PublishReport(
+                queued=report.queued + sum(outcomes),
+                dropped=report.dropped,
+                evicted=report.evicted + outcomes.count(False),
+            )
+
+    def publish_nowait(self, message: T) -> PublishReport:
+        """Publish without waiting and without yielding, or raise :class:`trio.WouldBlock`.
+
+        Raises ``WouldBlock``, having delivered to nobody, if another publish is in progress
+        or a full subscriber's policy would make the publisher wait (``block``, or ``evict``
+        with a timeout). The relay's connections use it so that publishing what one read
+        brought in costs no trip through trio's scheduler; a loop of ``publish_nowait``
+        calls never yields, so it must checkpoint by other means.
+        """
+        if self._lock.locked():
+            raise trio.WouldBlock
+        size = 0 if self._size_of is None else self._size_of(message)
+        for subscription in self._subscriptions:
+            if (
+                subscription.policy == "drop"
+                or (subscription.policy == "evict" and subscription.timeout == 0)
+                or (subscription._parked and subscription._write_through is not None)
+            ):
+                continue
+            if subscription._full(size):
+                raise trio.WouldBlock
+        full, report = self._deliver(message)
+        assert not full
+        return report
+
+    def _deliver(self, message: T) -> tuple[list[tuple[Subscription[T], T, int]], PublishReport]:
+        """Hand ``message`` to every subscriber that can take it now; return the full ones
+        that must be waited for, and a report of what was done."""
+        # Checked under the lock: aclose() may have run while a publisher waited for it.
+        if self._closed:
+            raise trio.ClosedResourceError("the broadcast is closed")
+        self._published += 1
+        size_of = self._size_of
+        size = 0 if size_of is None else size_of(message)
+        queued = dropped = evicted = 0
+        full: list[tuple[Subscription[T], T, int]] = []
+        for subscription in self._subscriptions:
+            item, item_size = message, size
+            if subscription._parked and subscription._write_through is not None:
+                rest = subscription._write_through(item)
+                if rest is None:
+                    queued += 1
                     continue
-                try:
-                    subscription._put(item, item_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    continue  # it left (or was evicted) while we were iterating
-                queued += 1
-            self._dropped += dropped
-            if full:
-                outcomes: list[bool] = []
-                if len(full) == 1:
-                    await self._wait_for_room(*full[0], outcomes)
+                item = rest
+                item_size = 0 if size_of is None else size_of(rest)
+            if subscription._full(item_size):
+                if subscription.policy == "drop":
+                    subscription.dropped += 1
+                    dropped += 1
+                elif subscription.policy == "evict" and subscription.timeout == 0:
+                    self._evict(subscription)
+                    evicted += 1
                 else:
-                    async with trio.open_nursery() as nursery:
-                        for waiting in full:
-                            nursery.start_soon(self._wait_for_room, *waiting, outcomes)
-                queued += sum(outcomes)
-                evicted += outcomes.count(False)
-            return PublishReport(queued=queued, dropped=dropped, evicted=evicted)
+                    full.append((subscription, item, item_size))
+                continue
+            try:
+                subscription._put(item, item_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue  # it left (or was evicted) while we were iterating
+            queued += 1
+        self._dropped += dropped
+        return full, PublishReport(queued=queued, dropped=dropped, evicted=evicted)
 
     async def _wait_for_room(
         self, subscription: Subscription[T], item: T, size: int, outcomes: list[bool]

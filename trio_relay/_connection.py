@@ -430,7 +430,11 @@ class RelayConnection:
                         close = Close.parse(payload)
                     # PONG: nothing to do.
                 if frames:
-                    await self._broadcast.publish(b"".join(frames))
+                    batch = b"".join(frames)
+                    try:
+                        self._broadcast.publish_nowait(batch)
+                    except trio.WouldBlock:
+                        await self._broadcast.publish(batch)
                 try:
                     if replies:
                         await self._send(b"".join(replies))
