@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import ssl
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
-from helpers import RawClient, masked_frame
+from helpers import RawClient, masked_frame, upgrade_request
 from wsproto.events import Ping, Pong, TextMessage
 
-from trio_relay import RelayConfig
+from trio_relay import RelayConfig, consume, serve_relay
 from trio_relay._connection import nowait_sender
 from trio_relay.testing import open_memory_relay, socket_like_stream_pair
 
@@ -154,3 +155,27 @@ async def test_a_consumer_closing_mid_batch_harms_nobody(
         await relay.server.wait_until(lambda s: s.connections == 1)
         await relay.publish("after")
         assert await anext(steady) == "after"
+
+
+async def test_the_socket_fast_paths_relay_bytes_split_anywhere(nursery: trio.Nursery) -> None:
+    # Over a real socket the relay reads with wait_readable + os.read and writes through
+    # with os.write. Feed it frames cut at awkward places, from a raw TCP client.
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0))
+    url = f"ws://127.0.0.1:{server.port}/"
+    async with consume(url) as messages:
+        raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with raw:
+            stream = upgrade_request() + b"".join(
+                masked_frame(0x1 if i % 2 else 0x2, f"{i}:".encode() * (i * 50))
+                for i in range(1, 40)
+            )
+            await raw.send_all(stream[:150])  # the head and the start of the first frame
+            with trio.fail_after(5):
+                for cut in range(150, len(stream), 997):
+                    await raw.send_all(stream[cut : cut + 997])
+                expected = [
+                    f"{i}:" * (i * 50) if i % 2 else (f"{i}:" * (i * 50)).encode()
+                    for i in range(1, 40)
+                ]
+                assert [await anext(messages) for _ in expected] == expected
+    nursery.cancel_scope.cancel()
