@@ -123,7 +123,10 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         self.dropped = 0
         # The channel itself is unbounded: the bounds (max_buffer, max_bytes) are enforced
         # by publish(), which needs to know "full" before it sends, in messages and bytes.
-        self._send, self._receive = trio.open_memory_channel[T](math.inf)
+        # (Unsubscripted: a subscript would build a typing alias per subscription.)
+        channel: tuple[trio.MemorySendChannel[T], trio.MemoryReceiveChannel[T]]
+        channel = trio.open_memory_channel(math.inf)
+        self._send, self._receive = channel
         self._queued = 0
         self._queued_bytes = 0
         self._size_of = size_of
@@ -132,19 +135,25 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         # publish() hand a message to write_through instead of queueing it.
         self._parked = False
         self._gone = False
-        self._room = trio.Event()
+        self._room: trio.Event | None = None  # made when a publisher first waits for room
         self._room_waiters = 0
-        self._evicted = trio.Event()
+        self._evicted = False
+        self._evicted_event: trio.Event | None = None  # made by the first wait_evicted()
         self._broadcast: Broadcast[T] | None = None  # set while registered
 
     @property
     def evicted(self) -> bool:
         """True once the broadcast has removed this subscription for being too slow."""
-        return self._evicted.is_set()
+        return self._evicted
 
     async def wait_evicted(self) -> None:
         """Wait until this subscription is evicted (forever, if it never is)."""
-        await self._evicted.wait()
+        if self._evicted:
+            await trio.sleep(0)
+            return
+        if self._evicted_event is None:
+            self._evicted_event = trio.Event()
+        await self._evicted_event.wait()
 
     def _too_slow(self) -> SlowConsumerError:
         bound = f"{self.max_buffer} messages"
@@ -185,12 +194,15 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         self._queued = self._queued_bytes = 0
 
     def _wake_room_waiters(self) -> None:
-        self._room.set()
-        self._room = trio.Event()
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     async def _wait_for_room(self) -> None:
         self._room_waiters += 1
         try:
+            if self._room is None:
+                self._room = trio.Event()
             await self._room.wait()
         finally:
             self._room_waiters -= 1
@@ -338,7 +350,7 @@ class Broadcast(Generic[T]):
         """
         if self._closed:
             raise trio.ClosedResourceError("the broadcast is closed")
-        subscription = Subscription[T](
+        subscription: Subscription[T] = Subscription(
             self._max_buffer if max_buffer is None else max_buffer,
             self._policy if policy is None else policy,
             self._timeout if timeout is None else timeout,
@@ -365,7 +377,9 @@ class Broadcast(Generic[T]):
 
     def _evict(self, subscription: Subscription[T]) -> None:
         self._remove(subscription)
-        subscription._evicted.set()
+        subscription._evicted = True
+        if subscription._evicted_event is not None:
+            subscription._evicted_event.set()
         subscription._discard()
         self._evicted += 1
 

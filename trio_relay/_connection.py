@@ -159,8 +159,7 @@ class RelayConnection:
         self._handoff = False
         self._send_nowait = nowait_sender(stream)
         self._read_fd = stream.socket.fileno() if type(stream) is trio.SocketStream else None
-        self._tasks = trio.CancelScope()
-        self._writer_done = trio.Event()
+        self._tasks: trio.CancelScope | None = None  # the reader's and writer's scope
         # How the connection ended; exactly one of these paths decides the close.
         self._close_request: tuple[int, str] | None = None
         self._protocol_error = False
@@ -222,7 +221,6 @@ class RelayConnection:
             self._tasks = nursery.cancel_scope
             self._on_subscribed()
             nursery.start_soon(self._write_loop, subscription)
-            nursery.start_soon(self._watch_eviction, subscription)
             await self._read_loop()
             nursery.cancel_scope.cancel()
 
@@ -367,7 +365,16 @@ class RelayConnection:
                 else:
                     await self._send(data)
         except SlowConsumerError:
-            pass  # _watch_eviction decides what happens next
+            # Evicted. A write in progress finished first (each of its chunks is bounded by
+            # slow_consumer_timeout), so the close frame can follow whole frames.
+            logger.warning(
+                "connection #%d from %s evicted: slow consumer (over %d batches or %d bytes)",
+                self.id,
+                self.peer,
+                self._config.queue_size,
+                self._config.max_queue_bytes,
+            )
+            self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
         except trio.EndOfChannel:
             self._request_close(CloseCode.GOING_AWAY, "relay shutting down")
         except _Stalled:
@@ -381,30 +388,17 @@ class RelayConnection:
             self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
         except _PeerGone:
             self._peer_gone = True
-            self._tasks.cancel()
-        finally:
-            self._writer_done.set()
-
-    async def _watch_eviction(self, subscription: Subscription[bytes]) -> None:
-        await subscription.wait_evicted()
-        logger.warning(
-            "connection #%d from %s evicted: slow consumer (%d messages or %s bytes queued)",
-            self.id,
-            self.peer,
-            self._config.queue_size,
-            self._config.max_queue_bytes,
-        )
-        self._close_request = (CloseCode.SLOW_CONSUMER, "slow consumer")
-        # Let a write in progress finish (it is bounded by slow_consumer_timeout per chunk),
-        # so that the close frame can follow a whole frame.
-        await self._writer_done.wait()
-        self._tasks.cancel()
+            self._cancel_tasks()
 
     def _request_close(self, code: int, reason: str, *, protocol_error: bool = False) -> None:
         if self._close_request is None:
             self._close_request = (code, reason)
             self._protocol_error = protocol_error
-        self._tasks.cancel()
+        self._cancel_tasks()
+
+    def _cancel_tasks(self) -> None:
+        if self._tasks is not None:
+            self._tasks.cancel()
 
     # ---------------------------------------------------------------- bytes in
 
