@@ -430,11 +430,12 @@ async def test_wait_evicted_returns_at_the_moment_of_eviction(
             evicted_at.append(trio.current_time())
 
         nursery.start_soon(watch)
-        await broadcast.publish("m0")
+        await broadcast.publish("m0")  # it is behind from t=0 on: m0 waits, untaken
         await trio.sleep(1.0)
         await broadcast.publish("m1")
         await trio.testing.wait_all_tasks_blocked()
-        assert evicted_at == [6.0]
+        # The timeout counts from its last progress (t=0), not from m1's publish (t=1).
+        assert evicted_at == [5.0]
 
 
 async def test_other_subscribers_get_every_message_when_one_is_evicted(
@@ -1381,3 +1382,27 @@ async def test_publish_nowait_refuses_while_a_publish_holds_the_turn(
             broadcast.publish_nowait("not now")
         assert await subscription.receive() == "fills it"
         assert await subscription.receive() == "waits for room"
+
+
+async def test_the_evict_timeout_counts_from_the_subscribers_last_progress(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A subscriber that drains slowly but steadily is never evicted, even though the
+    # publisher waits longer than the timeout in total; one that stops is evicted exactly
+    # the timeout after its last take.
+    broadcast = Broadcast[int](max_buffer=1, policy="evict", timeout=2.0)
+    async with broadcast.subscribe() as steady, trio.open_nursery() as nursery:
+
+        async def drain_slowly() -> None:
+            for _ in range(5):
+                await trio.sleep(1.5)
+                await steady.receive()
+
+        nursery.start_soon(drain_slowly)
+        for i in range(6):
+            await broadcast.publish(i)
+        assert trio.current_time() == 7.5  # waited 1.5 s for each of 5 takes
+        assert not steady.evicted
+        await broadcast.publish(6)  # it has stopped taking: its last take was at 7.5
+        assert trio.current_time() == 9.5
+        assert steady.evicted

@@ -156,7 +156,7 @@ async def test_consume_raises_relay_connection_closed_1001_when_the_relay_shuts_
 async def test_consume_raises_1008_when_this_consumer_was_evicted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    config = RelayConfig(queue_size=2, slow_consumer_timeout=1.0)
+    config = RelayConfig(queue_size=2, overflow_timeout=1.0, slow_consumer_timeout=5.0)
     async with (
         open_memory_relay(config, capacity=512) as relay,
         relay.consume() as messages,

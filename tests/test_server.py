@@ -134,7 +134,7 @@ async def test_the_relay_answers_a_client_close_and_forgets_the_connection(
 async def test_a_consumer_past_its_byte_budget_is_evicted_and_nobody_waits(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    config = RelayConfig(max_queue_bytes=8 * 1024, slow_consumer_timeout=2.0)
+    config = RelayConfig(max_queue_bytes=8 * 1024, overflow_timeout=0, slow_consumer_timeout=2.0)
     total = 200
     message = "m" * 1000
     async with (

@@ -128,6 +128,9 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         channel = trio.open_memory_channel(math.inf)
         self._send, self._receive = channel
         self._queued = 0
+        # When it last made progress: took a message, or got one with nothing queued.
+        # The evict policy's timeout counts from here.
+        self._progress = trio.current_time()
         self._queued_bytes = 0
         self._size_of = size_of
         self._write_through = write_through
@@ -176,11 +179,14 @@ class Subscription(trio.abc.ReceiveChannel[T]):
 
     def _put(self, item: T, size: int) -> None:
         self._send.send_nowait(item)  # never WouldBlock: the channel is unbounded
+        if not self._queued:
+            self._progress = trio.current_time()  # it has been behind since now
         self._queued += 1
         self._queued_bytes += size
         self._parked = False  # a parked receiver was just handed this item
 
     def _took(self, item: T) -> T:
+        self._progress = trio.current_time()
         self._queued -= 1
         if self._size_of is not None:
             self._queued_bytes -= self._size_of(item)
@@ -479,12 +485,20 @@ class Broadcast(Generic[T]):
     async def _wait_for_room(
         self, subscription: Subscription[T], item: T, size: int, outcomes: list[bool]
     ) -> None:
-        timeout = math.inf if subscription.policy == "block" else subscription.timeout
-        with trio.move_on_after(timeout):
+        # The timeout counts from the subscriber's last progress, not from now: one that has
+        # been stuck for a while is not waited for again in full, while one that is
+        # draining (merely behind) keeps pushing the deadline back and gets every message.
+        if subscription.policy == "block":
+            deadline = math.inf
+        else:
+            deadline = subscription._progress + subscription.timeout
+        with trio.CancelScope(deadline=deadline) as scope:
             while subscription._full(size):
                 if subscription._gone:
                     return  # it left while we waited: neither queued nor evicted
                 await subscription._wait_for_room()
+                if subscription.policy != "block":
+                    scope.deadline = subscription._progress + subscription.timeout
             try:
                 subscription._put(item, size)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

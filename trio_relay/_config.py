@@ -13,25 +13,28 @@ __all__ = ["RelayConfig"]
 class RelayConfig:
     """Settings of :func:`serve_relay`. Every wait on the network has a bound here.
 
-    The slow-consumer rule, and why: each consumer may have up to ``max_queue_bytes``
-    (and ``queue_size`` batches) queued in the relay beyond what its socket buffers hold.
-    Under the default ``evict`` policy with ``overflow_timeout`` 0, a consumer that goes
-    past that is disconnected at once (close 1008), so publishers and the other consumers
-    never wait for it and the relay's memory stays bounded; a consumer whose socket accepts
-    nothing for ``slow_consumer_timeout`` seconds while the relay has data for it is
-    disconnected too (a dead reader on a quiet relay). A consumer that is merely behind by
-    less than that keeps every message. ``block`` would let one dead reader freeze every
-    producer (the tutorial's flaw) and ``drop`` loses messages silently.
+    The slow-consumer rule, and why. Each consumer may have up to ``max_queue_bytes``
+    (256 KiB; and ``queue_size`` batches) queued in the relay beyond what its socket's
+    kernel buffers hold. When a consumer is past that, publishers wait for it to make room
+    (backpressure: no message is lost and memory stays bounded), but only until
+    ``overflow_timeout`` (1 s) after that consumer last made progress; then the ``evict``
+    policy disconnects it (close 1008). A consumer that is merely behind keeps draining, so
+    it keeps making progress and gets every message; a dead reader makes none, and costs
+    the others at most that one bounded pause. A consumer whose socket accepts nothing for
+    ``slow_consumer_timeout`` (5 s) while the relay has data for it is disconnected too: a
+    dead reader on a quiet relay. ``block`` would let one dead reader freeze every producer
+    (the tutorial's flaw) and ``drop`` loses messages silently.
     """
 
     queue_size: int = 4096
     """Most batches queued per consumer (a batch: the messages of one read from a client)."""
-    max_queue_bytes: int = 4 * 1024 * 1024
+    max_queue_bytes: int = 256 * 1024
     """Most bytes queued per consumer in the relay, beyond its socket's buffers."""
     overflow_policy: OverflowPolicy = "evict"
     """``block``, ``drop`` or ``evict``: see :data:`trio_relay.OverflowPolicy`."""
-    overflow_timeout: float = 0.0
-    """Seconds a publisher waits for a full consumer before ``evict`` applies (0: never)."""
+    overflow_timeout: float = 1.0
+    """How long after a full consumer's last progress publishers stop waiting and ``evict``
+    applies (0: evict at once, never wait)."""
     slow_consumer_timeout: float = 5.0
     """Seconds a consumer's socket may accept nothing while the relay writes to it."""
     max_message_size: int = 1024 * 1024

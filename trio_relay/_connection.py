@@ -57,7 +57,7 @@ logger = logging.getLogger("trio_relay")
 
 MAX_REQUEST_HEAD = 16 * 1024
 """Bytes of HTTP request head accepted before answering 431."""
-MAX_BATCH_BYTES = 1024 * 1024
+MAX_BATCH_BYTES = 256 * 1024
 """Most bytes of queued frames the writer joins into one write."""
 WRITE_CHUNK = 256 * 1024
 """The writer's unit of progress: each chunk must be accepted within slow_consumer_timeout."""
