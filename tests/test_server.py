@@ -132,7 +132,7 @@ async def test_the_relay_answers_a_client_close_and_forgets_the_connection(
 
 
 async def test_a_consumer_past_its_byte_budget_is_evicted_and_nobody_waits(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = RelayConfig(max_queue_bytes=8 * 1024, overflow_timeout=0, slow_consumer_timeout=2.0)
     total = 200
@@ -151,6 +151,7 @@ async def test_a_consumer_past_its_byte_budget_is_evicted_and_nobody_waits(
         assert trio.current_time() == start
         assert received == [f"{i:04d}{message}" for i in range(total)]
         assert relay.server.statistics().broadcast.evicted == 1
+        assert "evicted: slow consumer" in caplog.text  # logged when it happens
         # Its writer was stuck mid-write when it was evicted: no close frame can follow half
         # a frame, so the connection is aborted when that write times out.
         await _at(start + 2.0, lambda: relay.server.statistics().connections == 1)

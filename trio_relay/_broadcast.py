@@ -110,6 +110,7 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         max_bytes: int | None = None,
         size_of: Callable[[T], int] | None = None,
         write_through: Callable[[T], T | None] | None = None,
+        on_evict: Callable[[], None] | None = None,
     ) -> None:
         _validate(max_buffer, policy, timeout)
         if max_bytes is not None and (max_bytes < 1 or size_of is None):
@@ -134,6 +135,7 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         self._queued_bytes = 0
         self._size_of = size_of
         self._write_through = write_through
+        self._on_evict = on_evict
         # True while the receiver waits in receive() with nothing queued: only then may
         # publish() hand a message to write_through instead of queueing it.
         self._parked = False
@@ -281,6 +283,7 @@ class MessageBus(Protocol[T]):
         name: str = "",
         max_bytes: int | None = None,
         write_through: Callable[[T], T | None] | None = None,
+        on_evict: Callable[[], None] | None = None,
     ) -> AbstractAsyncContextManager[Subscription[T]]: ...  # pragma: no cover
 
     async def publish(self, message: T) -> PublishReport: ...  # pragma: no cover
@@ -340,6 +343,7 @@ class Broadcast(Generic[T]):
         name: str = "",
         max_bytes: int | None = None,
         write_through: Callable[[T], T | None] | None = None,
+        on_evict: Callable[[], None] | None = None,
     ) -> AsyncIterator[Subscription[T]]:
         """Subscribe for the duration of the ``async with`` block.
 
@@ -353,6 +357,8 @@ class Broadcast(Generic[T]):
         queued. It returns ``None`` when it took the whole message, or the part it could not
         take, which is then queued as usual. (The relay server writes to the client's
         socket this way, without waking its writer task.)
+
+        ``on_evict`` is called, synchronously, at the moment the subscription is evicted.
         """
         if self._closed:
             raise trio.ClosedResourceError("the broadcast is closed")
@@ -364,6 +370,7 @@ class Broadcast(Generic[T]):
             max_bytes=self._max_bytes if max_bytes is None else max_bytes,
             size_of=self._size_of,
             write_through=write_through,
+            on_evict=on_evict,
         )
         self._subscriptions = (*self._subscriptions, subscription)
         subscription._broadcast = self
@@ -386,6 +393,8 @@ class Broadcast(Generic[T]):
         subscription._evicted = True
         if subscription._evicted_event is not None:
             subscription._evicted_event.set()
+        if subscription._on_evict is not None:
+            subscription._on_evict()
         subscription._discard()
         self._evicted += 1
 

@@ -215,6 +215,7 @@ class RelayConnection:
                 timeout=config.overflow_timeout,
                 name=f"#{self.id} {self.peer}",
                 write_through=self._write_through if self._send_nowait is not None else None,
+                on_evict=self._evicted,
             ) as subscription,
             trio.open_nursery() as nursery,
         ):
@@ -367,13 +368,6 @@ class RelayConnection:
         except SlowConsumerError:
             # Evicted. A write in progress finished first (each of its chunks is bounded by
             # slow_consumer_timeout), so the close frame can follow whole frames.
-            logger.warning(
-                "connection #%d from %s evicted: slow consumer (over %d batches or %d bytes)",
-                self.id,
-                self.peer,
-                self._config.queue_size,
-                self._config.max_queue_bytes,
-            )
             self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
         except trio.EndOfChannel:
             self._request_close(CloseCode.GOING_AWAY, "relay shutting down")
@@ -389,6 +383,17 @@ class RelayConnection:
         except _PeerGone:
             self._peer_gone = True
             self._cancel_tasks()
+
+    def _evicted(self) -> None:
+        logger.warning(
+            "connection #%d from %s evicted: slow consumer (over %d batches or %d bytes "
+            "queued, no progress for %s s)",
+            self.id,
+            self.peer,
+            self._config.queue_size,
+            self._config.max_queue_bytes,
+            self._config.overflow_timeout,
+        )
 
     def _request_close(self, code: int, reason: str, *, protocol_error: bool = False) -> None:
         if self._close_request is None:
