@@ -28,6 +28,9 @@ def test_serve_defaults() -> None:
         "handshake_timeout": 10.0,
         "close_timeout": 5.0,
         "receive_buffer_size": 64 * 1024,
+        "history_size": 1000,
+        "history_bytes": 1024 * 1024,
+        "history_age": 600.0,
     }
 
 
@@ -48,8 +51,20 @@ def test_client_defaults() -> None:
         "port": 4000,
         "log_level": "INFO",
         "timeout": 10.0,
+        "topic": "",
+        "since": None,
+        "resume": False,
     }
-    assert vars(produce) == {**vars(consume), "command": "produce", "message": "hi"}
+    assert vars(produce) == {
+        "command": "produce",
+        "host": "localhost",
+        "port": 4000,
+        "log_level": "INFO",
+        "timeout": 10.0,
+        "topic": "",
+        "message": "hi",
+        "report": False,
+    }
     assert DEFAULT_TIMEOUT == 10.0
 
 

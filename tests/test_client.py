@@ -27,11 +27,13 @@ from trio_relay import (
     RelayTimeout,
     RelayUnavailable,
     Subscription,
+    Topics,
     consume,
     encode_frame,
     produce,
     serve_relay,
 )
+from trio_relay._topics import Batch
 from trio_relay.testing import MemoryListener, MemoryRelay, open_memory_relay
 
 
@@ -39,7 +41,7 @@ class _Bus:
     """A broadcast wrapper whose publish() a test can bend."""
 
     def __init__(self, *, swallow: bool = False, noise: bytes | None = None) -> None:
-        self.inner = Broadcast[bytes](size_of=len)
+        self.inner = Broadcast[Batch | bytes](size_of=len)
         self.swallow = swallow
         self.noise = noise
 
@@ -62,7 +64,8 @@ class _Bus:
 
 async def _relay_with(nursery: trio.Nursery, bus: _Bus) -> MemoryRelay:
     listener = MemoryListener()
-    server = await nursery.start(partial(serve_relay, listeners=[listener], broadcast=bus))
+    topics = Topics(broadcast_factory=lambda _name: bus)
+    server = await nursery.start(partial(serve_relay, listeners=[listener], topics=topics))
     return MemoryRelay(server, listener, nursery.cancel_scope, trio.Event())
 
 
@@ -105,13 +108,13 @@ async def test_a_refused_handshake_raises_handshake_rejected_with_the_status(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with open_memory_relay() as relay:
-        url = "ws://relay.test/wrong"
+        url = "ws://relay.test/not//a/topic"
         with pytest.raises(HandshakeRejected) as raised:
             await produce(url, "x", stream=await relay.open_stream())
-        assert raised.value.status_code == 404
+        assert raised.value.status_code == 400
         assert raised.value.url == url
-        assert "HTTP 404" in str(raised.value)
-        assert "'/wrong'" in str(raised.value)
+        assert "HTTP 400" in str(raised.value)
+        assert "single '/'" in str(raised.value)
 
 
 async def test_a_relay_that_never_answers_the_handshake_times_out(

@@ -433,6 +433,9 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--max-message-size MAX_MESSAGE_SIZE": "1048576",
         "--handshake-timeout HANDSHAKE_TIMEOUT": "10.0",
         "--close-timeout CLOSE_TIMEOUT": "5.0",
+        "--history-size HISTORY_SIZE": "1000",
+        "--history-bytes HISTORY_BYTES": "1048576",
+        "--history-age HISTORY_AGE": "600.0",
         "--receive-buffer-size RECEIVE_BUFFER_SIZE": "65536",
     }
     for option, default in expected.items():

@@ -28,8 +28,10 @@ from trio_relay import (
     PublishReport,
     RelayConfig,
     Subscription,
+    Topics,
     serve_relay,
 )
+from trio_relay._topics import Batch
 from trio_relay.testing import MemoryListener, MemoryRelay, open_memory_relay
 
 # Every test takes pytest-trio's autojump_clock fixture as an argument: pytest-trio only
@@ -244,13 +246,13 @@ class _FailingBus:
     """A broadcast that breaks on one particular message, to see failures contained."""
 
     def __init__(self) -> None:
-        self.inner = Broadcast[bytes](size_of=len)
+        self.inner = Broadcast[Batch | bytes](size_of=len)
 
     def subscribe(self, **kwargs: Any) -> AbstractAsyncContextManager[Subscription[bytes]]:
         return self.inner.subscribe(**kwargs)
 
     async def publish(self, message: bytes) -> PublishReport:
-        if b"boom" in message:
+        if b"boom" in (message.raw if isinstance(message, Batch) else message):
             raise RuntimeError("simulated failure")
         return await self.inner.publish(message)
 
@@ -268,7 +270,11 @@ async def test_an_error_in_one_connection_closes_it_with_1011_and_spares_the_res
     listener = MemoryListener()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            partial(serve_relay, listeners=[listener], broadcast=_FailingBus())
+            partial(
+                serve_relay,
+                listeners=[listener],
+                topics=Topics(broadcast_factory=lambda _name: _FailingBus()),
+            )
         )
         relay = MemoryRelay(server, listener, nursery.cancel_scope, trio.Event())
         async with relay.consume() as bystander:
@@ -360,13 +366,23 @@ async def test_shutdown_waits_at_most_close_timeout_for_a_client_that_never_answ
         assert await raw.read_to_eof() == b""
 
 
-async def test_a_request_for_another_path_is_refused_with_404(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/two//slashes", b"segments separated by single '/'"),
+        ("/sp%20ace", b"letters, digits"),
+        ("/" + "t" * 201, b"at most 200 characters"),
+        ("/ok?since=-1", b"'since' must be one sequence number"),
+        ("/ok?since=1&since=2", b"'since' must be one sequence number"),
+    ],
+)
+async def test_a_bad_topic_or_since_is_refused_with_400_saying_why(
+    autojump_clock: trio.testing.MockClock, path: str, reason: bytes
 ) -> None:
     async with open_memory_relay() as relay:
-        status, body = await rejected(relay, upgrade_request("/elsewhere"))
-        assert status == 404
-        assert b"'/elsewhere'" in body
+        status, body = await rejected(relay, upgrade_request(path))
+        assert status == 400
+        assert reason in body
 
 
 async def test_a_plain_http_get_is_refused_with_400(autojump_clock: trio.testing.MockClock) -> None:

@@ -38,11 +38,15 @@ from ._client import (
     produce as produce,
 )
 from ._config import RelayConfig as RelayConfig
+from ._envelope import SUBPROTOCOL as SUBPROTOCOL
 from ._exceptions import (
     ClientError as ClientError,
 )
 from ._exceptions import (
     HandshakeRejected as HandshakeRejected,
+)
+from ._exceptions import (
+    PublishRejected as PublishRejected,
 )
 from ._exceptions import (
     RelayConnectionClosed as RelayConnectionClosed,
@@ -70,19 +74,42 @@ from ._server import (
 from ._server import (
     serve_relay as serve_relay,
 )
+from ._topics import (
+    DeliveryReport as DeliveryReport,
+)
+from ._topics import (
+    Gap as Gap,
+)
+from ._topics import (
+    Message as Message,
+)
+from ._topics import (
+    Topics as Topics,
+)
+from ._topics import (
+    TopicStatistics as TopicStatistics,
+)
+from ._topics import (
+    TopicSubscription as TopicSubscription,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "SUBPROTOCOL",
     "Broadcast",
     "BroadcastStatistics",
     "ClientError",
     "CloseCode",
+    "DeliveryReport",
+    "Gap",
     "HandshakeRejected",
+    "Message",
     "MessageBus",
     "MessageStream",
     "OverflowPolicy",
+    "PublishRejected",
     "PublishReport",
     "RelayConfig",
     "RelayConnectionClosed",
@@ -94,6 +121,9 @@ __all__ = [
     "SlowConsumerError",
     "Subscription",
     "SubscriptionStatistics",
+    "TopicStatistics",
+    "TopicSubscription",
+    "Topics",
     "consume",
     "encode_frame",
     "produce",

@@ -18,6 +18,7 @@ from ._client import DEFAULT_TIMEOUT, consume, produce
 from ._config import RelayConfig
 from ._exceptions import ClientError
 from ._server import DEFAULT_HOST, DEFAULT_PORT, serve_relay
+from ._topics import Gap, Message
 
 __all__ = ["main"]
 
@@ -28,6 +29,13 @@ _DEFAULTS = RelayConfig()
 
 def _positive_float(text: str) -> float:
     value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
@@ -122,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds allowed for closing handshakes and shutdown (default: %(default)s)",
     )
     serve.add_argument(
+        "--history-size",
+        type=_non_negative_int,
+        default=_DEFAULTS.history_size,
+        help="messages each topic retains for clients resuming with since= (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--history-bytes",
+        type=_non_negative_int,
+        default=_DEFAULTS.history_bytes,
+        help="payload bytes each topic retains at most (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--history-age",
+        type=_positive_float,
+        default=_DEFAULTS.history_age,
+        help="seconds a message stays retained at most (default: %(default)s)",
+    )
+    serve.add_argument(
         "--receive-buffer-size",
         type=_positive_int,
         default=_DEFAULTS.receive_buffer_size,
@@ -133,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="print every message the relay sends",
         description="Connect and print every message, one per line, until interrupted.",
+    )
+    consume_cmd.add_argument(
+        "--topic", default="", help="the topic to consume (default: the root topic, path /)"
+    )
+    consume_cmd.add_argument(
+        "--since",
+        type=_non_negative_int,
+        default=None,
+        help="first replay the retained messages after this sequence number",
+    )
+    consume_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="reconnect after a dropped connection and resume where it left off "
+        "(uses the trio-relay.v1 envelope protocol)",
     )
     consume_cmd.add_argument(
         "--timeout",
@@ -149,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce_cmd.add_argument("message", help="the text message to send")
     produce_cmd.add_argument(
+        "--topic", default="", help="the topic to publish to (default: the root topic, path /)"
+    )
+    produce_cmd.add_argument(
+        "--report",
+        action="store_true",
+        help="use the trio-relay.v1 envelope protocol and print the delivery report",
+    )
+    produce_cmd.add_argument(
         "--timeout",
         type=_positive_float,
         default=DEFAULT_TIMEOUT,
@@ -157,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, topic: str = "") -> str:
     host = f"[{host}]" if ":" in host else host
-    return f"ws://{host}:{port}/"
+    return f"ws://{host}:{port}/{topic}"
 
 
 def _show(message: str | bytes) -> str:
@@ -183,17 +232,33 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 async def _consume(args: argparse.Namespace) -> None:
-    url = _url(args.host, args.port)
-    async with consume(url, connect_timeout=args.timeout) as messages:
+    url = _url(args.host, args.port, args.topic)
+    async with consume(
+        url, connect_timeout=args.timeout, since=args.since, resume=args.resume
+    ) as messages:
         logger.info("connected to %s", url)
-        async for message in messages:
-            print(_show(message), flush=True)
+        async for item in messages:
+            if isinstance(item, Gap):
+                logger.warning(
+                    "gap: messages %d to %d are no longer retained", item.since + 1, item.first - 1
+                )
+            elif isinstance(item, Message):
+                print(_show(item.data), flush=True)
+            else:
+                print(_show(item), flush=True)
 
 
 async def _produce(args: argparse.Namespace) -> None:
-    url = _url(args.host, args.port)
-    await produce(url, args.message, timeout=args.timeout)
-    print(f"acknowledged: {args.message}", flush=True)
+    url = _url(args.host, args.port, args.topic)
+    report = await produce(url, args.message, timeout=args.timeout, envelope=args.report)
+    if report is None:
+        print(f"acknowledged: {args.message}", flush=True)
+    else:
+        print(
+            f"acknowledged: seq={report.seq} queued={report.queued} "
+            f"dropped={report.dropped} evicted={report.evicted}",
+            flush=True,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,10 +6,14 @@ exceptions are wrapped at this boundary (the original is the ``__cause__``).
 
 from __future__ import annotations
 
+import base64
+import json
 import ssl
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 import trio_websocket
@@ -20,13 +24,16 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from ._envelope import SUBPROTOCOL
 from ._exceptions import (
     ClientError,
     HandshakeRejected,
+    PublishRejected,
     RelayConnectionClosed,
     RelayTimeout,
     RelayUnavailable,
 )
+from ._topics import DeliveryReport, Gap, Message
 
 __all__ = ["DEFAULT_TIMEOUT", "MessageStream", "consume", "produce"]
 
@@ -87,6 +94,7 @@ async def _open_connection(
     timeout: float,  # noqa: ASYNC109 - bounds connecting, the handshake and the close
     stream: trio.abc.Stream | None,
     message_queue_size: int = 1,
+    envelope: bool = False,
 ) -> AsyncIterator[WebSocketConnection]:
     """A trio-websocket client connection to ``url``, over ``stream`` if one is given.
 
@@ -111,10 +119,13 @@ async def _open_connection(
                         stream,  # type: ignore[arg-type]
                         parts.hostname or "localhost",
                         resource,
+                        subprotocols=[SUBPROTOCOL] if envelope else None,
                         message_queue_size=message_queue_size,
                         max_message_size=_MAX_MESSAGE_SIZE,
                     )
                 connected = True
+                if envelope and ws.subprotocol != SUBPROTOCOL:
+                    raise ClientError(url, f"the relay does not speak {SUBPROTOCOL}")
                 try:
                     yield ws
                 finally:
@@ -155,26 +166,78 @@ async def produce(
     *,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - turned into RelayTimeout with the URL
     stream: trio.abc.Stream | None = None,
-) -> None:
-    """Send ``message`` to the relay at ``url`` and return once the relay echoes it back.
+    envelope: bool = False,
+    echo: bool = True,
+) -> DeliveryReport | None:
+    """Send ``message`` to the relay at ``url`` and return once the relay acknowledges it.
 
-    The echo is the seed's acknowledgement: the relay delivers every message to every
-    client, the sender included, so receiving it proves the relay accepted and fanned it out.
-    Messages from other producers that arrive first are skipped.
+    Raw (the seed's protocol): the acknowledgement is the relay echoing the message back,
+    since it delivers every message to every client, the sender included; messages from
+    other producers that arrive first are skipped; returns None. With ``envelope=True``
+    (the ``trio-relay.v1`` protocol): returns the relay's :class:`DeliveryReport` (the
+    sequence number, and how many subscribers got, missed, or were evicted for the
+    message); ``echo=False`` asks the relay not to send the message back.
 
     Raises :class:`RelayTimeout` if connecting, the handshake, or the acknowledgement takes
-    longer than ``timeout`` seconds in total, and another :class:`ClientError` if the relay
-    is unreachable, refuses the handshake, or closes the connection. ``stream`` runs the
-    connection over an already-open stream (see :mod:`trio_relay.testing`).
+    longer than ``timeout`` seconds in total, :class:`PublishRejected` if the relay refuses
+    the message, and another :class:`ClientError` if the relay is unreachable, refuses the
+    handshake, or closes the connection. ``stream`` runs the connection over an already-open
+    stream (see :mod:`trio_relay.testing`).
     """
     with trio.move_on_after(timeout) as scope:
-        async with _open_connection(url, timeout=timeout, stream=stream) as ws:
-            await ws.send_message(message)
-            while await ws.get_message() != message:
-                pass
-            return
+        async with _open_connection(url, timeout=timeout, stream=stream, envelope=envelope) as ws:
+            if not envelope:
+                await ws.send_message(message)
+                while await ws.get_message() != message:
+                    pass
+                return None
+            request_id = uuid.uuid4().hex
+            frame: dict[str, object] = {"type": "publish", "id": request_id, "echo": echo}
+            if isinstance(message, str):
+                frame["text"] = message
+            else:
+                frame["binary"] = base64.b64encode(message).decode("ascii")
+            await ws.send_message(json.dumps(frame))
+            while True:
+                reply = _decode(url, await ws.get_message())
+                if reply.get("id") != request_id:
+                    continue
+                if reply.get("type") == "ack":
+                    return DeliveryReport(
+                        str(reply["topic"]),
+                        int(reply["seq"]),
+                        1,
+                        int(reply["queued"]),
+                        int(reply["dropped"]),
+                        int(reply["evicted"]),
+                    )
+                raise PublishRejected(url, str(reply.get("code")), str(reply.get("detail")))
     assert scope.cancelled_caught
     raise RelayTimeout(url, f"message not acknowledged within {timeout} s")
+
+
+def _decode(url: str, frame: str | bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(frame)
+    except ValueError:
+        raise ClientError(url, f"the relay sent a frame that is not JSON: {frame!r:.80}") from None
+    if not isinstance(value, dict):
+        raise ClientError(url, f"the relay sent a frame that is not an object: {frame!r:.80}")
+    return value
+
+
+def _item(url: str, frame: dict[str, Any]) -> Message | Gap | None:
+    """The Message or Gap an envelope frame carries; None for other frames (acks)."""
+    kind = frame.get("type")
+    if kind == "message":
+        if "text" in frame:
+            data: str | bytes = frame["text"]
+        else:
+            data = base64.b64decode(frame["binary"])
+        return Message(frame["topic"], int(frame["seq"]), data)
+    if kind == "gap":
+        return Gap(frame["topic"], int(frame["since"]), int(frame["first"]))
+    return None
 
 
 class MessageStream:
@@ -185,16 +248,26 @@ class MessageStream:
     1008 when this consumer was evicted as too slow).
     """
 
-    def __init__(self, url: str, connection: WebSocketConnection) -> None:
+    def __init__(
+        self, url: str, connection: WebSocketConnection, *, envelope: bool = False
+    ) -> None:
         self.url = url
         self.connection = connection
+        self.envelope = envelope
 
     def __aiter__(self) -> MessageStream:
         return self
 
-    async def __anext__(self) -> str | bytes:
+    async def __anext__(self) -> Any:
+        """The next message: ``str``/``bytes`` (raw), or a Message or Gap (envelope)."""
         try:
-            return await self.connection.get_message()
+            while True:
+                frame = await self.connection.get_message()
+                if not self.envelope:
+                    return frame
+                item = _item(self.url, _decode(self.url, frame))
+                if item is not None:
+                    return item
         except ConnectionClosed as exc:
             reason = exc.reason
             if reason is not None and reason.code == 1000:
@@ -205,6 +278,13 @@ class MessageStream:
 
     async def send(self, message: str | bytes) -> None:
         """Publish ``message`` on this same connection (it comes back like any other)."""
+        if self.envelope:
+            frame: dict[str, object] = {"type": "publish"}
+            if isinstance(message, str):
+                frame["text"] = message
+            else:
+                frame["binary"] = base64.b64encode(message).decode("ascii")
+            message = json.dumps(frame)
         try:
             await self.connection.send_message(message)
         except ConnectionClosed as exc:
@@ -219,20 +299,123 @@ async def consume(
     *,
     connect_timeout: float = DEFAULT_TIMEOUT,
     stream: trio.abc.Stream | None = None,
-) -> AsyncIterator[MessageStream]:
+    envelope: bool = False,
+    since: int | None = None,
+    resume: bool = False,
+    backoff: tuple[float, float] = (0.1, 5.0),
+    connector: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+) -> AsyncIterator[AsyncIterator[Any]]:
     """Connect to the relay at ``url`` and yield an async iterator of the messages it sends.
 
     ::
 
-        async with trio_relay.consume("ws://localhost:4000/") as messages:
+        async with trio_relay.consume("ws://localhost:4000/news") as messages:
             async for message in messages:
                 print(message)
+
+    Raw (the default), the iterator yields ``str`` and ``bytes``. With ``envelope=True``
+    (the ``trio-relay.v1`` protocol) it yields :class:`Message` values (topic, sequence
+    number, data) and, when messages asked for with ``since`` are no longer retained, a
+    :class:`Gap`. ``since=seq`` first replays the retained messages after ``seq``.
+
+    ``resume=True`` (envelope implied) keeps going across dropped connections: it
+    reconnects with exponential ``backoff`` (first delay, cap) and resumes after the last
+    sequence number it yielded, so every message arrives exactly once, in order, or a Gap
+    says which are lost. It stops only on a handshake refusal (4xx), which would not heal.
+    ``connector`` (an async function returning a connected stream) replaces opening a TCP
+    connection for each attempt (see :mod:`trio_relay.testing`).
 
     The connection lives exactly as long as the ``async with`` block (structured
     concurrency: no background task outlives it), which is why this is a context manager
     rather than a bare async generator. Connecting raises a :class:`ClientError` subclass.
     """
+    if resume:
+        if stream is not None:
+            raise ValueError("resume=True opens its own connections: pass a connector")
+        async with _resuming(url, connect_timeout, since, backoff, connector) as items:
+            yield items
+        return
     async with _open_connection(
-        url, timeout=connect_timeout, stream=stream, message_queue_size=64
+        _with_since(url, since),
+        timeout=connect_timeout,
+        stream=stream,
+        message_queue_size=64,
+        envelope=envelope,
     ) as ws:
-        yield MessageStream(url, ws)
+        yield MessageStream(url, ws, envelope=envelope)
+
+
+def _with_since(url: str, since: int | None) -> str:
+    if since is None:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "since"] + [("since", str(since))]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@asynccontextmanager
+async def _resuming(
+    url: str,
+    connect_timeout: float,
+    since: int | None,
+    backoff: tuple[float, float],
+    connector: Callable[[], Awaitable[trio.abc.Stream]] | None,
+) -> AsyncIterator[AsyncIterator[Any]]:
+    """A background task keeps an envelope connection open and feeds a bounded channel."""
+    send, receive = trio.open_memory_channel[Any](64)
+
+    async def keep_consuming() -> None:
+        last = since
+        delay = backoff[0]
+        async with send:
+            while True:
+                try:
+                    stream = None if connector is None else await connector()
+                    async with consume(
+                        url,
+                        connect_timeout=connect_timeout,
+                        stream=stream,
+                        envelope=True,
+                        since=last,
+                    ) as items:
+                        delay = backoff[0]
+                        async for item in items:
+                            if isinstance(item, Message):
+                                if last is not None and item.seq <= last:
+                                    continue
+                                last = item.seq
+                            elif isinstance(item, Gap):
+                                last = item.first - 1
+                            await send.send(item)
+                except HandshakeRejected as exc:
+                    if 400 <= exc.status_code < 500:
+                        await send.send(exc)
+                        return
+                except ClientError:
+                    pass
+                await trio.sleep(delay)
+                delay = min(delay * 2, backoff[1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_consuming)
+        try:
+            yield _Resumed(receive)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class _Resumed:
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> _Resumed:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if isinstance(item, BaseException):
+            raise item
+        return item

@@ -45,12 +45,21 @@ class RelayConfig:
     """Seconds allowed for a closing handshake (and for graceful shutdown) before aborting."""
     receive_buffer_size: int = 64 * 1024
     """Bytes asked of the socket per read."""
+    history_size: int = 1000
+    """Messages each topic retains for clients that resume with ``since`` (0: none)."""
+    history_bytes: int = 1024 * 1024
+    """Payload bytes each topic retains at most."""
+    history_age: float = 600.0
+    """Seconds a message stays retained at most."""
 
     def __post_init__(self) -> None:
         if self.overflow_policy not in _POLICIES:
             raise ValueError(
                 f"overflow_policy must be one of {sorted(_POLICIES)}, not {self.overflow_policy!r}"
             )
+        for name in ("history_size", "history_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
         for name in ("queue_size", "max_queue_bytes", "max_message_size", "receive_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -59,6 +68,7 @@ class RelayConfig:
             "slow_consumer_timeout",
             "handshake_timeout",
             "close_timeout",
+            "history_age",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0")

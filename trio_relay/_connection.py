@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 import trio.lowlevel
@@ -38,8 +39,17 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
-from ._broadcast import MessageBus, Subscription
+from ._broadcast import Subscription
 from ._config import RelayConfig
+from ._envelope import (
+    SUBPROTOCOL,
+    EnvelopeError,
+    PublishRequest,
+    encode_ack,
+    encode_error,
+    encode_gap,
+    parse_client_frame,
+)
 from ._exceptions import SlowConsumerError
 from ._frames import (
     PONG_OPCODE,
@@ -50,6 +60,7 @@ from ._frames import (
     split_request_head,
 )
 from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
+from ._topics import Batch, DeliveryReport, Topics, topic_from_path
 
 __all__ = ["RelayConnection"]
 
@@ -98,6 +109,15 @@ def nowait_sender(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
     return send_nowait if callable(send_nowait) else None
 
 
+def _since(values: list[str] | None) -> int | None:
+    """The ``since`` query parameter: a sequence number >= 0, or absent."""
+    if not values:
+        return None
+    if len(values) > 1 or not values[0].isdigit() or len(values[0]) > 19:
+        raise ValueError("'since' must be one sequence number (a whole number >= 0)")
+    return int(values[0])
+
+
 def peer_name(stream: trio.abc.Stream) -> str:
     """``host:port`` of the remote end for socket streams, a short tag for anything else."""
     inner: object = stream
@@ -141,7 +161,7 @@ class RelayConnection:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        broadcast: MessageBus[bytes],
+        topics: Topics,
         config: RelayConfig,
         on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -149,8 +169,16 @@ class RelayConnection:
         self._on_subscribed = on_subscribed
         self.peer = peer_name(stream)
         self._stream = stream
-        self._broadcast = broadcast
+        self._topics = topics
         self._config = config
+        # Set by the handshake: the topic the path names, whether the client speaks the
+        # envelope protocol, and the sequence number it resumes after (query "since").
+        self.topic = ""
+        self._envelope = False
+        self._since: int | None = None
+        # The highest sequence number of this topic already sent to this client: replays
+        # and live batches meet here without duplicates.
+        self._cursor = 0
         self._parser = FrameParser(config.max_message_size)
         # The right to write to the stream. A Semaphore, not a Lock: write_through takes it
         # synchronously in the publisher's task and, after a partial write, hands it to the
@@ -208,19 +236,36 @@ class RelayConnection:
     async def _run_open(self) -> None:
         config = self._config
         async with (
-            self._broadcast.subscribe(
+            self._topics.open_subscription(
+                self.topic,
+                since=self._since,
                 max_buffer=config.queue_size,
                 max_bytes=config.max_queue_bytes,
                 policy=config.overflow_policy,
                 timeout=config.overflow_timeout,
-                name=f"#{self.id} {self.peer}",
+                subscription_name=f"#{self.id} {self.peer}",
                 write_through=self._write_through if self._send_nowait is not None else None,
                 on_evict=self._evicted,
-            ) as subscription,
+            ) as (subscription, gap, replay, cursor),
             trio.open_nursery() as nursery,
         ):
             self._tasks = nursery.cancel_scope
+            self._cursor = cursor
+            if gap is not None and not self._envelope:
+                self._request_close(
+                    CloseCode.GAP,
+                    f"messages {gap.since + 1} to {gap.first - 1} are no longer retained",
+                )
+                return
             self._on_subscribed()
+            first: list[bytes] = []
+            if gap is not None:
+                body = encode_gap(gap.topic, gap.since, gap.first)
+                first += (frame_header(len(body), text=True), body)
+            if replay is not None:
+                first.append(replay.envelope() if self._envelope else replay.raw)
+            if first:
+                await self._send(b"".join(first))
             nursery.start_soon(self._write_loop, subscription)
             await self._read_loop()
             nursery.cancel_scope.cancel()
@@ -256,12 +301,17 @@ class RelayConnection:
             if not isinstance(request, Request):
                 await self._reject(400, "bad WebSocket upgrade request")
                 return False
-            path = request.target.split("?", 1)[0]
-            if path != "/":
-                await self._reject(404, f"no such path {path!r}: this relay serves '/'")
-                return False
+            target = urlsplit(request.target)
             try:
-                await self._send(ws.send(AcceptConnection()))
+                self.topic = topic_from_path(unquote(target.path))
+                self._since = _since(parse_qs(target.query).get("since"))
+            except ValueError as exc:
+                await self._reject(400, f"bad request {request.target!r}: {exc}")
+                return False
+            self._envelope = SUBPROTOCOL in request.subprotocols
+            try:
+                subprotocol = SUBPROTOCOL if self._envelope else None
+                await self._send(ws.send(AcceptConnection(subprotocol=subprotocol)))
             except (_PeerGone, _Stalled):
                 return False
             if rest:
@@ -315,15 +365,33 @@ class RelayConnection:
         self._handoff = False
         self._write_broken = False
 
-    def _write_through(self, data: bytes) -> bytes | None:
+    def _render(self, item: Batch | bytes) -> bytes | None:
+        """The bytes this client gets for a queued item, or None if it gets nothing."""
+        if isinstance(item, bytes):
+            return item  # the rest of a partial write-through, already rendered
+        if item.source is self and not item.echo:
+            self._cursor = item.last_seq
+            return None
+        if item.first_seq <= self._cursor:
+            fresh = item.after(self._cursor)  # already sent by the replay
+            if fresh is None:
+                return None
+            item = fresh
+        self._cursor = item.last_seq
+        return item.envelope() if self._envelope else item.raw
+
+    def _write_through(self, item: Batch | bytes) -> Batch | bytes | None:
         """The broadcast's synchronous delivery for an idle consumer: write what the socket
         takes now; return the rest (queued by the broadcast for the writer task) or None."""
         send_nowait = self._send_nowait
         assert send_nowait is not None
+        data = self._render(item)
+        if data is None:
+            return None
         try:
             self._write_slot.acquire_nowait()
         except trio.WouldBlock:
-            return data  # a pong or close frame is being written: queue behind it
+            return data  # a pong, ack or close frame is being written: queue behind it
         if self._write_broken:
             self._write_slot.release()
             return data
@@ -343,20 +411,26 @@ class RelayConnection:
         self._write_broken = True
         return data[sent:]
 
-    async def _write_loop(self, subscription: Subscription[bytes]) -> None:
+    async def _write_loop(self, subscription: Subscription[Batch | bytes]) -> None:
         try:
             while True:
-                first = await subscription.receive()
-                batch = [first]
-                size = len(first)
+                item = await subscription.receive()
+                batch: list[bytes] = []
+                size = 0
                 try:
-                    while size < MAX_BATCH_BYTES:
+                    while True:
+                        rendered = self._render(item)
+                        if rendered is not None:
+                            batch.append(rendered)
+                            size += len(rendered)
+                        if size >= MAX_BATCH_BYTES:
+                            break
                         item = subscription.receive_nowait()
-                        batch.append(item)
-                        size += len(item)
                 except (trio.WouldBlock, trio.EndOfChannel):
                     pass
-                data = first if len(batch) == 1 else b"".join(batch)
+                if not batch:
+                    continue
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
                 if self._handoff:
                     # We own the write slot already: the publisher wrote part of `first`.
                     try:
@@ -440,24 +514,24 @@ class RelayConnection:
                     events = parser.feed(data)
                 except ProtocolError as exc:
                     events, error = exc.events, exc
-                frames: list[bytes] = []
+                payloads: list[bytes] = []
+                texts: list[bool] = []
                 replies: list[bytes] = []
                 close: Close | None = None
                 for kind, payload, text in events:
                     if kind == MESSAGE:
-                        frames.append(frame_header(len(payload), text=text))
-                        frames.append(payload)
+                        payloads.append(payload)
+                        texts.append(text)
                     elif kind == PING:
                         replies.append(control_frame(PONG_OPCODE, payload))
                     elif kind == CLOSE:
                         close = Close.parse(payload)
                     # PONG: nothing to do.
-                if frames:
-                    batch = b"".join(frames)
-                    try:
-                        self._broadcast.publish_nowait(batch)
-                    except trio.WouldBlock:
-                        await self._broadcast.publish(batch)
+                if payloads:
+                    if self._envelope:
+                        replies += await self._publish_envelopes(payloads, texts)
+                    else:
+                        await self._publish(payloads, texts, echo=True)
                 try:
                     if replies:
                         await self._send(b"".join(replies))
@@ -480,6 +554,58 @@ class RelayConnection:
             if not data:
                 self._peer_gone = True
                 return
+
+    async def _publish(
+        self, payloads: list[bytes], texts: list[bool], *, echo: bool
+    ) -> DeliveryReport:
+        """Publish what one read brought in as one batch: synchronously when nobody has to
+        be waited for, which is nearly always."""
+        try:
+            return self._topics.publish_nowait(self.topic, payloads, texts, source=self, echo=echo)
+        except trio.WouldBlock:
+            return await self._topics.publish_batch(
+                self.topic, payloads, texts, source=self, echo=echo
+            )
+
+    async def _publish_envelopes(self, payloads: list[bytes], texts: list[bool]) -> list[bytes]:
+        """Publish the ``publish`` frames of an envelope client; return its acks and errors.
+
+        Consecutive frames with the same ``echo`` go out as one batch.
+        """
+        replies: list[bytes] = []
+        requests: list[PublishRequest] = []
+
+        async def flush() -> None:
+            if not requests:
+                return
+            report = await self._publish(
+                [r.payload for r in requests], [r.text for r in requests], echo=requests[0].echo
+            )
+            for offset, request in enumerate(requests):
+                body = encode_ack(
+                    self.topic,
+                    report.seq + offset,
+                    request.id,
+                    report.queued,
+                    report.dropped,
+                    report.evicted,
+                )
+                replies.extend((frame_header(len(body), text=True), body))
+            requests.clear()
+
+        for payload, text in zip(payloads, texts, strict=True):
+            try:
+                request = parse_client_frame(payload, text=text, topic=self.topic)
+            except EnvelopeError as exc:
+                await flush()
+                body = encode_error(exc.code, exc.detail, exc.request_id)
+                replies.extend((frame_header(len(body), text=True), body))
+                continue
+            if requests and requests[0].echo != request.echo:
+                await flush()
+            requests.append(request)
+        await flush()
+        return replies
 
     # ---------------------------------------------------------------- closing
 

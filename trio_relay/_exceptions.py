@@ -8,7 +8,8 @@ The tree::
         ├── RelayUnavailable     no TCP connection could be made (refused, unreachable, DNS)
         ├── HandshakeRejected    the relay answered the upgrade with an HTTP error (.status_code)
         ├── RelayTimeout         a bounded wait ran out (connect, handshake, acknowledgement)
-        └── RelayConnectionClosed the relay closed an open connection (.code, .reason)
+        ├── RelayConnectionClosed the relay closed an open connection (.code, .reason)
+        └── PublishRejected      the relay answered a publish with an error frame (.code)
 
 trio-websocket's own exceptions never escape the client functions: they are
 wrapped at the boundary, with the original attached as ``__cause__``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "ClientError",
     "HandshakeRejected",
+    "PublishRejected",
     "RelayConnectionClosed",
     "RelayError",
     "RelayTimeout",
@@ -74,3 +76,12 @@ class RelayConnectionClosed(ClientError):
         super().__init__(url, f"connection closed with code {code}{detail}")
         self.code = code
         self.reason = reason
+
+
+class PublishRejected(ClientError):
+    """The relay refused a ``trio-relay.v1`` publish with an ``error`` frame (:attr:`code`)."""
+
+    def __init__(self, url: str, code: str, detail: str) -> None:
+        super().__init__(url, f"publish rejected ({code}): {detail}")
+        self.code = code
+        self.detail = detail

@@ -36,6 +36,9 @@ class CloseCode(enum.IntEnum):
     """A message exceeded ``max_message_size`` bytes."""
     INTERNAL_ERROR = 1011
     """The relay hit an unexpected error on this connection; other connections are unaffected."""
+    GAP = 4410
+    """A raw client asked for messages (``since``) that are no longer retained. Envelope
+    clients get a ``gap`` frame instead and stay connected."""
 
 
 _TEXT = 0x81  # FIN + opcode 1

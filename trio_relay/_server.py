@@ -1,4 +1,4 @@
-"""The relay server: listeners, one task per connection, one broadcast shared by all."""
+"""The relay server: listeners, one task per connection, and the topics they share."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any, NoReturn
 
 import trio
 
-from ._broadcast import Broadcast, BroadcastStatistics, MessageBus, PublishReport
+from ._broadcast import BroadcastStatistics
 from ._config import RelayConfig
 from ._connection import RelayConnection
-from ._frames import encode_frame
+from ._topics import DeliveryReport, Topics, TopicStatistics
 
 __all__ = ["RelayServer", "RelayStatistics", "serve_relay"]
 
@@ -24,10 +24,13 @@ DEFAULT_PORT = 4000
 
 @dataclass(frozen=True)
 class RelayStatistics:
-    """A snapshot of a running relay: open connections and its broadcast's statistics."""
+    """A snapshot of a running relay: open connections, each topic, and ``broadcast``, the
+    sum over all topics (subscribers, published batches, drops, evictions; queue depths of
+    every subscription)."""
 
     connections: int
     broadcast: BroadcastStatistics
+    topics: dict[str, TopicStatistics]
 
 
 class RelayServer:
@@ -42,11 +45,11 @@ class RelayServer:
     def __init__(
         self,
         listeners: Sequence[trio.abc.Listener[Any]],
-        broadcast: MessageBus[bytes],
+        topics: Topics,
         config: RelayConfig,
     ) -> None:
         self.listeners = tuple(listeners)
-        self.broadcast = broadcast
+        self.topics = topics
         self.config = config
         self._connections: set[RelayConnection] = set()
         self._changed = trio.Event()
@@ -74,10 +77,22 @@ class RelayServer:
         return ports[0]
 
     def statistics(self) -> RelayStatistics:
-        """How many connections are open, and the broadcast's statistics."""
-        return RelayStatistics(
-            connections=len(self._connections), broadcast=self.broadcast.statistics()
+        """How many connections are open, and the statistics of every topic."""
+        topics = self.topics.statistics()
+        subscriptions = tuple(
+            subscription
+            for topic in topics.values()
+            for subscription in topic.broadcast.subscriptions
         )
+        total = BroadcastStatistics(
+            subscribers=sum(t.broadcast.subscribers for t in topics.values()),
+            queued=tuple(s.queued for s in subscriptions),
+            published=sum(t.broadcast.published for t in topics.values()),
+            dropped=sum(t.broadcast.dropped for t in topics.values()),
+            evicted=sum(t.broadcast.evicted for t in topics.values()),
+            subscriptions=subscriptions,
+        )
+        return RelayStatistics(len(self._connections), total, topics)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -95,9 +110,10 @@ class RelayServer:
             await self._changed.wait()
         return statistics
 
-    async def publish(self, message: str | bytes) -> PublishReport:
-        """Send ``message`` to every connected client, as if a client had sent it."""
-        return await self.broadcast.publish(encode_frame(message))
+    async def publish(self, message: str | bytes, topic: str = "") -> DeliveryReport:
+        """Publish ``message`` on ``topic`` (the root topic, path ``/``, by default), as if a
+        client had sent it there."""
+        return await self.topics.publish(topic, message)
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one already-connected stream until it closes.
@@ -105,7 +121,7 @@ class RelayServer:
         The listeners call this for each accepted stream; tests and custom transports call it
         directly (with an in-memory stream, say). Never raises except ``Cancelled``.
         """
-        connection = RelayConnection(stream, self.broadcast, self.config, self._notify)
+        connection = RelayConnection(stream, self.topics, self.config, self._notify)
         self._connections.add(connection)
         self._notify()
         try:
@@ -122,7 +138,11 @@ class RelayServer:
             for listener in self.listeners:
                 logger.info("relay listening on %s", _describe(listener))
             task_status.started(self)
-            await trio.sleep_forever()
+            # Histories expire by age even on topics nobody touches: sweep now and then.
+            interval = min(max(self.config.history_age, 1.0), 60.0)
+            while True:
+                await trio.sleep(interval)
+                self.topics.sweep()
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -143,7 +163,7 @@ async def serve_relay(
     port: int = DEFAULT_PORT,
     *,
     config: RelayConfig | None = None,
-    broadcast: MessageBus[bytes] | None = None,
+    topics: Topics | None = None,
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
     task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -151,21 +171,23 @@ async def serve_relay(
 
     Binds ``host``:``port`` (port 0 picks a free one; see :attr:`RelayServer.ports`) unless
     ``listeners`` are given, in which case those are served instead (in-memory listeners in
-    tests, say). ``broadcast`` defaults to a new in-process :class:`Broadcast` of encoded frames.
+    tests, say). ``topics`` defaults to a new :class:`Topics` built from ``config``.
 
     On cancellation the listeners close, every client gets close 1001 ("going away") within
     ``config.close_timeout`` seconds, and the cancellation propagates.
     """
     config = config or RelayConfig()
-    if broadcast is None:
-        broadcast = Broadcast[bytes](
+    if topics is None:
+        topics = Topics(
+            history_size=config.history_size,
+            history_bytes=config.history_bytes,
+            history_age=config.history_age,
             max_buffer=config.queue_size,
             max_bytes=config.max_queue_bytes,
-            size_of=len,
             policy=config.overflow_policy,
             timeout=config.overflow_timeout,
         )
     if listeners is None:
         listeners = await trio.open_tcp_listeners(port, host=host)
-    server = RelayServer(listeners, broadcast, config)
+    server = RelayServer(listeners, topics, config)
     await server._run(task_status=task_status)

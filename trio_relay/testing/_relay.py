@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 import trio_websocket
 
-from .._broadcast import PublishReport
-from .._client import DEFAULT_TIMEOUT, MessageStream, consume, produce
+from .._client import DEFAULT_TIMEOUT, consume, produce
 from .._config import RelayConfig
 from .._server import RelayServer, serve_relay
+from .._topics import DeliveryReport
 from ._streams import DEFAULT_CAPACITY, MemoryListener
 
 __all__ = ["MemoryRelay", "open_memory_relay"]
@@ -82,25 +83,57 @@ class MemoryRelay:
 
     @asynccontextmanager
     async def consume(
-        self, *, connect_timeout: float = DEFAULT_TIMEOUT
-    ) -> AsyncIterator[MessageStream]:
-        """:func:`trio_relay.consume` against this relay."""
-        stream = await self.open_stream()
-        async with consume(self.url, connect_timeout=connect_timeout, stream=stream) as messages:
+        self,
+        topic: str = "",
+        *,
+        envelope: bool = False,
+        since: int | None = None,
+        resume: bool = False,
+        connect_timeout: float = DEFAULT_TIMEOUT,
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """:func:`trio_relay.consume` against this relay (in-memory connections)."""
+        url = self.url + topic
+        if resume:
+            cm = consume(
+                url,
+                connect_timeout=connect_timeout,
+                since=since,
+                resume=True,
+                connector=self.open_stream,
+            )
+        else:
+            cm = consume(
+                url,
+                connect_timeout=connect_timeout,
+                stream=await self.open_stream(),
+                envelope=envelope,
+                since=since,
+            )
+        async with cm as messages:
             yield messages
 
     async def produce(
         self,
         message: str | bytes,
+        topic: str = "",
         *,
+        envelope: bool = False,
+        echo: bool = True,
         timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - passed on to produce()
-    ) -> None:
-        """:func:`trio_relay.produce` against this relay."""
-        await produce(self.url, message, timeout=timeout, stream=await self.open_stream())
+    ) -> DeliveryReport | None:
+        """:func:`trio_relay.produce` against this relay (in-memory connections)."""
+        return await produce(
+            self.url + topic,
+            message,
+            timeout=timeout,
+            stream=await self.open_stream(),
+            envelope=envelope,
+            echo=echo,
+        )
 
-    async def publish(self, message: str | bytes) -> PublishReport:
-        """Publish from the server side, as if a client had sent ``message``."""
-        return await self.server.publish(message)
+    async def publish(self, message: str | bytes, topic: str = "") -> DeliveryReport:
+        """Publish from the server side, as if a client had sent ``message`` to ``topic``."""
+        return await self.server.publish(message, topic)
 
 
 @asynccontextmanager

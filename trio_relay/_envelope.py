@@ -1,0 +1,141 @@
+"""Sans-IO codec of the ``trio-relay.v1`` envelope protocol (see PROTOCOL.md).
+
+Clients that negotiate the subprotocol exchange JSON text frames with the relay. This module
+turns client frames into :class:`PublishRequest` values (or :class:`EnvelopeError`) and
+builds the relay's frames; it never touches a stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+__all__ = [
+    "SUBPROTOCOL",
+    "EnvelopeError",
+    "PublishRequest",
+    "encode_ack",
+    "encode_error",
+    "encode_gap",
+    "encode_message",
+    "parse_client_frame",
+]
+
+SUBPROTOCOL = "trio-relay.v1"
+"""The WebSocket subprotocol a client asks for to speak the envelope protocol."""
+
+MAX_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """A client's ``publish`` frame: the payload, whether it is text, its id, and echo."""
+
+    payload: bytes
+    text: bool
+    id: str | int | None = None
+    echo: bool = True
+
+
+class EnvelopeError(Exception):
+    """A client frame that is not valid ``trio-relay.v1``; :attr:`code` names the error."""
+
+    def __init__(self, code: str, detail: str, request_id: str | int | None = None) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.request_id = request_id
+
+
+def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest:
+    """Parse one message a client sent over ``trio-relay.v1``.
+
+    Raises :class:`EnvelopeError` with code ``not-json``, ``binary-frame``, ``bad-frame``,
+    ``unknown-type``, ``bad-payload`` or ``wrong-topic``.
+    """
+    if not text:
+        raise EnvelopeError(
+            "binary-frame", 'trio-relay.v1 uses JSON text frames: send {"binary": "<base64>"}'
+        )
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        raise EnvelopeError("not-json", "the frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise EnvelopeError("bad-frame", "the frame must be a JSON object")
+    request_id = frame.get("id")
+    if request_id is not None and not (
+        (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
+        or (isinstance(request_id, int) and not isinstance(request_id, bool))
+    ):
+        raise EnvelopeError(
+            "bad-frame",
+            f'"id" must be a string of at most {MAX_ID_LENGTH} characters or an integer',
+        )
+    kind = frame.get("type")
+    if kind != "publish":
+        raise EnvelopeError("unknown-type", f'unknown "type": {kind!r}', request_id)
+    if "topic" in frame and frame["topic"] != topic:
+        raise EnvelopeError(
+            "wrong-topic",
+            f"this connection publishes to topic {topic!r}, not {frame['topic']!r}",
+            request_id,
+        )
+    echo = frame.get("echo", True)
+    if not isinstance(echo, bool):
+        raise EnvelopeError("bad-frame", '"echo" must be true or false', request_id)
+    has_text, has_binary = "text" in frame, "binary" in frame
+    if has_text == has_binary:
+        raise EnvelopeError(
+            "bad-payload", 'a publish frame has exactly one of "text" and "binary"', request_id
+        )
+    if has_text:
+        if not isinstance(frame["text"], str):
+            raise EnvelopeError("bad-payload", '"text" must be a string', request_id)
+        return PublishRequest(frame["text"].encode("utf-8"), True, request_id, echo)
+    value = frame["binary"]
+    try:
+        if not isinstance(value, str):
+            raise TypeError
+        payload = base64.b64decode(value, validate=True)
+    except (TypeError, binascii.Error):
+        raise EnvelopeError("bad-payload", '"binary" must be base64', request_id) from None
+    return PublishRequest(payload, False, request_id, echo)
+
+
+def _dump(frame: dict[str, object]) -> bytes:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_message(topic: str, seq: int, payload: bytes, *, text: bool) -> bytes:
+    """The JSON of a ``message`` frame (UTF-8 bytes, to be sent as a text frame)."""
+    if text:
+        return _dump({"type": "message", "topic": topic, "seq": seq, "text": payload.decode()})
+    encoded = base64.b64encode(payload).decode("ascii")
+    return _dump({"type": "message", "topic": topic, "seq": seq, "binary": encoded})
+
+
+def encode_ack(
+    topic: str, seq: int, request_id: str | int | None, queued: int, dropped: int, evicted: int
+) -> bytes:
+    """The JSON of an ``ack`` frame: the delivery report of one publish."""
+    frame: dict[str, object] = {"type": "ack", "topic": topic, "seq": seq}
+    if request_id is not None:
+        frame["id"] = request_id
+    frame.update(queued=queued, dropped=dropped, evicted=evicted)
+    return _dump(frame)
+
+
+def encode_gap(topic: str, since: int, first: int) -> bytes:
+    """The JSON of a ``gap`` frame: messages ``since + 1`` to ``first - 1`` are gone."""
+    return _dump({"type": "gap", "topic": topic, "since": since, "first": first})
+
+
+def encode_error(code: str, detail: str, request_id: str | int | None = None) -> bytes:
+    """The JSON of an ``error`` frame."""
+    frame: dict[str, object] = {"type": "error", "code": code, "detail": detail}
+    if request_id is not None:
+        frame["id"] = request_id
+    return _dump(frame)

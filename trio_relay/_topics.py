@@ -1,0 +1,501 @@
+"""Topics: one broadcast per topic, per-topic sequence numbers, bounded history, resume.
+
+A :class:`Topics` registry creates a topic when it is first used and forgets it once it has
+neither subscribers nor history. Every message published on a topic gets the next sequence
+number of that topic (from 1) and a place in the topic's :class:`History`, bounded by count,
+bytes and age. ``subscribe(topic, since=seq)`` first replays what is retained after ``seq``,
+then goes on live, with no duplicate and no gap at the seam; if some of those messages are
+no longer retained, the subscriber gets a :class:`Gap` first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import trio
+
+from ._broadcast import Broadcast, BroadcastStatistics, MessageBus, OverflowPolicy, Subscription
+from ._envelope import encode_message
+from ._frames import frame_header
+
+__all__ = [
+    "Batch",
+    "DeliveryReport",
+    "Gap",
+    "History",
+    "Message",
+    "TopicStatistics",
+    "TopicSubscription",
+    "Topics",
+    "topic_from_path",
+]
+
+MAX_TOPIC_LENGTH = 200
+_TOPIC = re.compile(r"[A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*")
+
+
+def topic_from_path(path: str) -> str:
+    """The topic a WebSocket path names: ``/`` is the root topic ``""``, ``/a/b`` is ``a/b``.
+
+    Raises ``ValueError`` with a reason a client can read: names are at most 200 characters
+    of letters, digits and ``_ . ~ -``, in segments separated by single slashes.
+    """
+    if not path.startswith("/"):
+        raise ValueError("the path must start with '/'")
+    name = path[1:]
+    if not name:
+        return ""
+    if len(name) > MAX_TOPIC_LENGTH:
+        raise ValueError(f"topic names are at most {MAX_TOPIC_LENGTH} characters")
+    if not _TOPIC.fullmatch(name):
+        raise ValueError(
+            "topic names are letters, digits and '_.~-', in segments separated by single '/'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a topic, as subscribers of :meth:`Topics.subscribe` receive it."""
+
+    topic: str
+    seq: int
+    data: str | bytes
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Messages ``since + 1`` to ``first - 1`` of ``topic`` are no longer retained."""
+
+    topic: str
+    since: int
+    first: int
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What publishing did: the sequence numbers ``seq`` to ``seq + count - 1`` were
+    assigned, and the messages were queued for, dropped for, or evicted ``queued``,
+    ``dropped`` and ``evicted`` subscribers."""
+
+    topic: str
+    seq: int
+    count: int
+    queued: int
+    dropped: int
+    evicted: int
+
+
+class _Entry(NamedTuple):
+    seq: int
+    time: float
+    payload: bytes
+    text: bool
+
+
+class Batch:
+    """Consecutive messages of one topic from one publish, framed once per representation.
+
+    The relay's connections send :attr:`raw` (plain WebSocket frames) to raw clients and
+    :meth:`envelope` (``trio-relay.v1`` frames, built on first use) to envelope clients.
+    ``len(batch)`` is the size of its raw frames, which is what queues are bounded by.
+    """
+
+    __slots__ = ("_envelope", "echo", "first_seq", "payloads", "raw", "source", "texts", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        first_seq: int,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+        raw: bytes | None = None,
+    ) -> None:
+        self.topic = topic
+        self.first_seq = first_seq
+        self.payloads = payloads
+        self.texts = texts
+        self.source = source
+        self.echo = echo
+        if raw is None:
+            parts: list[bytes] = []
+            for payload, text in zip(payloads, texts, strict=True):
+                parts.append(frame_header(len(payload), text=text))
+                parts.append(payload)
+            raw = b"".join(parts)
+        self.raw = raw
+        self._envelope: bytes | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.payloads) - 1
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def envelope(self) -> bytes:
+        """The ``message`` frames of the envelope protocol, one per message."""
+        if self._envelope is None:
+            parts: list[bytes] = []
+            for offset, (payload, text) in enumerate(zip(self.payloads, self.texts, strict=True)):
+                body = encode_message(self.topic, self.first_seq + offset, payload, text=text)
+                parts.append(frame_header(len(body), text=True))
+                parts.append(body)
+            self._envelope = b"".join(parts)
+        return self._envelope
+
+    def after(self, seq: int) -> Batch | None:
+        """The messages of this batch with a sequence number above ``seq``, or None."""
+        if seq < self.first_seq:
+            return self
+        skip = seq - self.first_seq + 1
+        if skip >= len(self.payloads):
+            return None
+        return Batch(
+            self.topic,
+            seq + 1,
+            self.payloads[skip:],
+            self.texts[skip:],
+            source=self.source,
+            echo=self.echo,
+        )
+
+    def messages(self) -> Iterator[Message]:
+        for offset, (payload, text) in enumerate(zip(self.payloads, self.texts, strict=True)):
+            yield Message(
+                self.topic, self.first_seq + offset, payload.decode() if text else payload
+            )
+
+
+class History:
+    """The retained messages of one topic: at most ``max_messages`` messages and
+    ``max_bytes`` bytes of payload, none older than ``max_age`` seconds."""
+
+    def __init__(self, max_messages: int, max_bytes: int, max_age: float) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self._entries: deque[_Entry] = deque()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def first_seq(self) -> int | None:
+        return self._entries[0].seq if self._entries else None
+
+    def add(self, batch: Batch, now: float) -> None:
+        if self.max_messages <= 0 or self.max_bytes <= 0:
+            return
+        for offset, (payload, text) in enumerate(zip(batch.payloads, batch.texts, strict=True)):
+            self._entries.append(_Entry(batch.first_seq + offset, now, payload, text))
+            self.bytes += len(payload)
+        self.trim(now)
+
+    def trim(self, now: float) -> None:
+        entries = self._entries
+        oldest = now - self.max_age
+        while entries and (
+            len(entries) > self.max_messages
+            or self.bytes > self.max_bytes
+            or entries[0].time < oldest
+        ):
+            self.bytes -= len(entries.popleft().payload)
+
+    def after(self, seq: int, topic: str) -> Batch | None:
+        """A batch of the retained messages with sequence numbers above ``seq``."""
+        entries = [entry for entry in self._entries if entry.seq > seq]
+        if not entries:
+            return None
+        return Batch(topic, entries[0].seq, [e.payload for e in entries], [e.text for e in entries])
+
+
+@dataclass(frozen=True)
+class TopicStatistics:
+    """A snapshot of one topic."""
+
+    name: str
+    last_seq: int
+    history_messages: int
+    history_bytes: int
+    broadcast: BroadcastStatistics
+
+
+class _Topic:
+    __slots__ = ("broadcast", "history", "last_seq", "lock", "name")
+
+    def __init__(self, name: str, broadcast: MessageBus[Batch | bytes], history: History) -> None:
+        self.name = name
+        self.broadcast = broadcast
+        self.history = history
+        self.last_seq = 0
+        self.lock = trio.Lock()
+
+
+class Topics:
+    """The relay's topics, each a :class:`~trio_relay.Broadcast` plus a sequence and a history.
+
+    ``history_size`` (messages), ``history_bytes`` and ``history_age`` (seconds) bound each
+    topic's history; the other arguments are the defaults of each topic's subscriptions, as
+    for :class:`~trio_relay.Broadcast` (queues are bounded by the size of raw frames).
+    ``broadcast_factory(topic_name)`` replaces the in-process broadcast of a topic (tests,
+    or a backplane).
+    """
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        history_bytes: int = 1024 * 1024,
+        history_age: float = 600.0,
+        max_buffer: int = 4096,
+        max_bytes: int | None = 256 * 1024,
+        policy: OverflowPolicy = "evict",
+        timeout: float = 1.0,
+        broadcast_factory: Callable[[str], MessageBus[Batch | bytes]] | None = None,
+    ) -> None:
+        if history_size < 0 or history_bytes < 0 or not history_age >= 0:
+            raise ValueError("history bounds must not be negative")
+        self.history_size = history_size
+        self.history_bytes = history_bytes
+        self.history_age = history_age
+        self._factory = broadcast_factory or (
+            lambda _name: Broadcast[Batch | bytes](
+                max_buffer=max_buffer,
+                max_bytes=max_bytes,
+                size_of=len,
+                policy=policy,
+                timeout=timeout,
+            )
+        )
+        self._topics: dict[str, _Topic] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._topics
+
+    def __len__(self) -> int:
+        return len(self._topics)
+
+    def _get(self, name: str) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None:
+            history = History(self.history_size, self.history_bytes, self.history_age)
+            topic = self._topics[name] = _Topic(name, self._factory(name), history)
+        return topic
+
+    def _collect(self, topic: _Topic) -> None:
+        """Forget ``topic`` if it has neither subscribers nor history (it costs nothing)."""
+        topic.history.trim(trio.current_time())
+        if (
+            not len(topic.history)
+            and not topic.lock.locked()
+            and topic.broadcast.statistics().subscribers == 0
+            and self._topics.get(topic.name) is topic
+        ):
+            del self._topics[topic.name]
+
+    def sweep(self) -> None:
+        """Trim every history by age and forget the topics left with nothing."""
+        for topic in list(self._topics.values()):
+            self._collect(topic)
+
+    # ------------------------------------------------------------------ publishing
+
+    def _batch(
+        self, topic: _Topic, payloads: list[bytes], texts: list[bool], source: object, echo: bool
+    ) -> Batch:
+        return Batch(topic.name, topic.last_seq + 1, payloads, texts, source=source, echo=echo)
+
+    def _commit(self, topic: _Topic, batch: Batch) -> None:
+        topic.last_seq = batch.last_seq
+        topic.history.add(batch, trio.current_time())
+
+    def publish_nowait(
+        self,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+    ) -> DeliveryReport:
+        """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
+        having published nothing (see :meth:`Broadcast.publish_nowait`)."""
+        topic = self._get(name)
+        if topic.lock.locked():
+            raise trio.WouldBlock
+        batch = self._batch(topic, payloads, texts, source, echo)
+        report = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was published
+        self._commit(topic, batch)
+        return DeliveryReport(
+            name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
+        )
+
+    async def publish_batch(
+        self,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+    ) -> DeliveryReport:
+        """Publish encoded messages (UTF-8 bytes where ``texts`` says text), as one batch."""
+        topic = self._get(name)
+        async with topic.lock:
+            batch = self._batch(topic, payloads, texts, source, echo)
+            # Numbered and retained before delivery: a subscriber that joins while this
+            # publish waits for room finds the batch in the history (and drops the copy
+            # it may also get live, by sequence number).
+            self._commit(topic, batch)
+            report = await topic.broadcast.publish(batch)
+        return DeliveryReport(
+            name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
+        )
+
+    async def publish(self, name: str, message: str | bytes) -> DeliveryReport:
+        """Publish one message on topic ``name`` and report its sequence number and delivery."""
+        if isinstance(message, str):
+            return await self.publish_batch(name, [message.encode("utf-8")], [True])
+        return await self.publish_batch(name, [bytes(message)], [False])
+
+    # ------------------------------------------------------------------ subscribing
+
+    @asynccontextmanager
+    async def open_subscription(
+        self,
+        name: str,
+        *,
+        since: int | None = None,
+        max_buffer: int | None = None,
+        max_bytes: int | None = None,
+        policy: OverflowPolicy | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the evict policy's wait
+        subscription_name: str = "",
+        write_through: Callable[[Batch | bytes], Batch | bytes | None] | None = None,
+        on_evict: Callable[[], None] | None = None,
+    ) -> AsyncIterator[tuple[Subscription[Batch | bytes], Gap | None, Batch | None, int]]:
+        """Subscribe to the batches of topic ``name``, for the server's connections.
+
+        Yields the subscription, the gap (if ``since`` asks for messages no longer
+        retained), the replay batch (retained messages after ``since``), and the sequence
+        number the subscriber is up to once it has the replay: live batches at or below it
+        are duplicates of the replay, to be skipped.
+        """
+        topic = self._get(name)
+        try:
+            async with topic.broadcast.subscribe(
+                max_buffer=max_buffer,
+                max_bytes=max_bytes,
+                policy=policy,
+                timeout=timeout,
+                name=subscription_name,
+                write_through=write_through,
+                on_evict=on_evict,
+            ) as subscription:
+                # No checkpoint since the subscription was registered: what the history
+                # holds now and what arrives live from now on meet without a gap.
+                gap, replay, cursor = self._replay(topic, since)
+                yield subscription, gap, replay, cursor
+        finally:
+            self._collect(topic)
+
+    def _replay(self, topic: _Topic, since: int | None) -> tuple[Gap | None, Batch | None, int]:
+        if since is None or since >= topic.last_seq:
+            return None, None, topic.last_seq if since is None else since
+        history = topic.history
+        history.trim(trio.current_time())
+        first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
+        gap = Gap(topic.name, since, first) if since + 1 < first else None
+        return gap, history.after(since, topic.name), topic.last_seq
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        name: str,
+        *,
+        since: int | None = None,
+        max_buffer: int | None = None,
+        max_bytes: int | None = None,
+        policy: OverflowPolicy | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the evict policy's wait
+    ) -> AsyncIterator[TopicSubscription]:
+        """Receive the messages of topic ``name`` for the ``async with`` block.
+
+        With ``since=seq``, the retained messages after ``seq`` come first, then live
+        ones, each exactly once and in order; a :class:`Gap` comes first if some of them
+        are no longer retained. Iterate the yielded :class:`TopicSubscription`.
+        """
+        async with self.open_subscription(
+            name,
+            since=since,
+            max_buffer=max_buffer,
+            max_bytes=max_bytes,
+            policy=policy,
+            timeout=timeout,
+        ) as (subscription, gap, replay, cursor):
+            yield TopicSubscription(subscription, gap, replay, cursor)
+
+    def statistics(self) -> dict[str, TopicStatistics]:
+        """A snapshot of every topic, by name."""
+        return {
+            name: TopicStatistics(
+                name,
+                topic.last_seq,
+                len(topic.history),
+                topic.history.bytes,
+                topic.broadcast.statistics(),
+            )
+            for name, topic in self._topics.items()
+        }
+
+
+class TopicSubscription:
+    """The messages of one topic subscription: ``async for item in subscription``, where
+    each item is a :class:`Message` or, first and at most once, a :class:`Gap`."""
+
+    def __init__(
+        self,
+        subscription: Subscription[Batch | bytes],
+        gap: Gap | None,
+        replay: Batch | None,
+        cursor: int,
+    ) -> None:
+        self.subscription = subscription
+        self._pending: deque[Message | Gap] = deque()
+        if gap is not None:
+            self._pending.append(gap)
+        if replay is not None:
+            self._pending.extend(replay.messages())
+        self._cursor = cursor
+
+    def __aiter__(self) -> TopicSubscription:
+        return self
+
+    async def __anext__(self) -> Message | Gap:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Message | Gap:
+        """The next message (or gap notice); see :meth:`Subscription.receive` for errors."""
+        if self._pending:
+            await trio.sleep(0)  # a checkpoint, like every receive()
+        while not self._pending:
+            item = await self.subscription.receive()
+            if isinstance(item, Batch):
+                fresh = item.after(self._cursor)
+                if fresh is not None:
+                    self._cursor = fresh.last_seq
+                    self._pending.extend(fresh.messages())
+        return self._pending.popleft()
