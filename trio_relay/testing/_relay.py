@@ -51,6 +51,14 @@ class MemoryRelay:
         self._cancel_scope.cancel()
         await self._stopped.wait()
 
+    async def drop_connections(self) -> int:
+        """Cut every client's connection abruptly, as a network failure would (no close
+        frame); return how many were cut. For testing reconnection and resume."""
+        connections = list(self.server._connections)
+        for connection in connections:
+            await trio.aclose_forcefully(connection._stream)
+        return len(connections)
+
     async def open_stream(self) -> trio.abc.Stream:
         """A raw in-memory connection to the relay, for speaking bytes at it directly."""
         return await self.listener.connect()
