@@ -411,9 +411,21 @@ class Broadcast(Generic[T]):
         already had the message queued keep it and the ones still waited for miss it; the
         broadcast stays consistent and the next publish proceeds normally.
         """
-        async with self._lock:
+        # When it is our turn at once, deliver before any checkpoint: a publish cancelled
+        # there could not be told from one that never started (Topics relies on this).
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+            waited = True
+        else:
+            waited = False
+        try:
             full, report = self._deliver(message)
             if not full:
+                if not waited:
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(0)  # a schedule point that cannot be cancelled
                 return report
             outcomes: list[bool] = []
             if len(full) == 1:
@@ -427,6 +439,8 @@ class Broadcast(Generic[T]):
                 dropped=report.dropped,
                 evicted=report.evicted + outcomes.count(False),
             )
+        finally:
+            self._lock.release()
 
     def publish_nowait(self, message: T) -> PublishReport:
         """Publish without waiting and without yielding, or raise :class:`trio.WouldBlock`.
@@ -527,6 +541,11 @@ class Broadcast(Generic[T]):
             subscription._wake_room_waiters()
         self._subscriptions = ()
         await trio.sleep(0)  # a checkpoint, as trio's aclose() methods have
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many subscriptions there are now (cheaper than :meth:`statistics`)."""
+        return len(self._subscriptions)
 
     def statistics(self) -> BroadcastStatistics:
         """A frozen snapshot: subscribers, queue depths, and the lifetime counters."""

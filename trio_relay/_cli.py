@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import get_args
 
@@ -48,6 +48,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_SERVE_HELP = {
+    "queue_size": "batches of messages queued per consumer before its policy applies",
+    "max_queue_bytes": "bytes queued per consumer beyond its socket buffers before its "
+    "policy applies",
+    "overflow_policy": "what happens to a consumer over its queue budget",
+    "overflow_timeout": "seconds after a full consumer's last progress before the policy "
+    "evicts it; publishers wait until then",
+    "slow_consumer_timeout": "seconds a consumer's socket may accept nothing before it is "
+    "disconnected",
+    "max_message_size": "largest accepted message in bytes; larger closes with 1009",
+    "handshake_timeout": "seconds to complete the HTTP upgrade",
+    "close_timeout": "seconds allowed for closing handshakes and shutdown",
+    "receive_buffer_size": "bytes asked of a client's socket per read",
+    "ping_interval": "seconds between keepalive pings; 0 for none",
+    "ping_timeout": "seconds a client has to answer a ping before close 1011",
+    "max_connections": "open connections in all; more get HTTP 503",
+    "max_connections_per_ip": "open connections per client address; more get HTTP 503",
+    "max_subscribers_per_topic": "clients per topic; more get HTTP 503",
+    "publish_rate": "messages per second one connection may publish, 0 for no limit; a "
+    "faster client is read from more slowly",
+    "publish_burst": "messages one connection may publish at once above the rate",
+    "history_size": "messages each topic retains for clients resuming with since=",
+    "history_bytes": "payload bytes each topic retains at most",
+    "history_age": "seconds a message stays retained at most",
+}
+"""Help of each ``serve`` option; one per :class:`RelayConfig` field (a test checks)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``trio-relay`` (and ``python -m trio_relay``)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -77,82 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the relay",
         description="Run the relay on ws://HOST:PORT/ until SIGINT or SIGTERM.",
     )
-    serve.add_argument(
-        "--queue-size",
-        type=_positive_int,
-        default=_DEFAULTS.queue_size,
-        help="batches of messages queued per consumer before its policy applies "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-queue-bytes",
-        type=_positive_int,
-        default=_DEFAULTS.max_queue_bytes,
-        help="bytes queued per consumer beyond its socket buffers before its policy applies "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--overflow-policy",
-        choices=get_args(OverflowPolicy),
-        default=_DEFAULTS.overflow_policy,
-        help="what happens when a consumer's queue is full (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--overflow-timeout",
-        type=_positive_float,
-        default=_DEFAULTS.overflow_timeout,
-        help="seconds a publisher waits for a full consumer before the policy evicts it "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--slow-consumer-timeout",
-        type=_positive_float,
-        default=_DEFAULTS.slow_consumer_timeout,
-        help="seconds a consumer's socket may accept nothing before it is disconnected "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-message-size",
-        type=_positive_int,
-        default=_DEFAULTS.max_message_size,
-        help="largest accepted message in bytes; larger closes with 1009 (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--handshake-timeout",
-        type=_positive_float,
-        default=_DEFAULTS.handshake_timeout,
-        help="seconds to complete the HTTP upgrade (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--close-timeout",
-        type=_positive_float,
-        default=_DEFAULTS.close_timeout,
-        help="seconds allowed for closing handshakes and shutdown (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--history-size",
-        type=_non_negative_int,
-        default=_DEFAULTS.history_size,
-        help="messages each topic retains for clients resuming with since= (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--history-bytes",
-        type=_non_negative_int,
-        default=_DEFAULTS.history_bytes,
-        help="payload bytes each topic retains at most (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--history-age",
-        type=_positive_float,
-        default=_DEFAULTS.history_age,
-        help="seconds a message stays retained at most (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--receive-buffer-size",
-        type=_positive_int,
-        default=_DEFAULTS.receive_buffer_size,
-        help="bytes asked of a client's socket per read (default: %(default)s)",
-    )
+    for field in dataclasses.fields(RelayConfig):
+        default = getattr(_DEFAULTS, field.name)
+        option = "--" + field.name.replace("_", "-")
+        if field.name == "overflow_policy":
+            serve.add_argument(
+                option,
+                choices=get_args(OverflowPolicy),
+                default=default,
+                help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
+            )
+            continue
+        if isinstance(default, float):
+            kind: Callable[[str], object] = _positive_float
+        elif field.name in ("history_size", "history_bytes"):
+            kind = _non_negative_int
+        else:
+            kind = _positive_int
+        serve.add_argument(
+            option,
+            type=kind,
+            default=default,
+            help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
+        )
 
     consume_cmd = commands.add_parser(
         "consume",

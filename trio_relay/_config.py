@@ -45,6 +45,21 @@ class RelayConfig:
     """Seconds allowed for a closing handshake (and for graceful shutdown) before aborting."""
     receive_buffer_size: int = 64 * 1024
     """Bytes asked of the socket per read."""
+    ping_interval: float = 20.0
+    """Seconds between keepalive pings to a client (0: no pings)."""
+    ping_timeout: float = 20.0
+    """Seconds a client has to answer a ping; then it is closed with 1011."""
+    max_connections: int = 10_000
+    """Open connections the relay accepts in all; more get HTTP 503 at the handshake."""
+    max_connections_per_ip: int = 1_000
+    """Open connections the relay accepts from one client address; more get HTTP 503."""
+    max_subscribers_per_topic: int = 10_000
+    """Clients one topic accepts; more get HTTP 503 at the handshake."""
+    publish_rate: float = 0.0
+    """Messages per second one connection may publish, on average (0: no limit). A client
+    above it is not read from until it is back under: TCP slows it down, nothing is lost."""
+    publish_burst: int = 1000
+    """Messages one connection may publish at once above ``publish_rate`` (the bucket size)."""
     history_size: int = 1000
     """Messages each topic retains for clients that resume with ``since`` (0: none)."""
     history_bytes: int = 1024 * 1024
@@ -60,7 +75,16 @@ class RelayConfig:
         for name in ("history_size", "history_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("queue_size", "max_queue_bytes", "max_message_size", "receive_buffer_size"):
+        for name in (
+            "queue_size",
+            "max_queue_bytes",
+            "max_message_size",
+            "receive_buffer_size",
+            "max_connections",
+            "max_connections_per_ip",
+            "max_subscribers_per_topic",
+            "publish_burst",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in (
@@ -69,6 +93,9 @@ class RelayConfig:
             "handshake_timeout",
             "close_timeout",
             "history_age",
+            "ping_interval",
+            "ping_timeout",
+            "publish_rate",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0")

@@ -29,6 +29,7 @@ import contextlib
 import http
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -52,6 +53,7 @@ from ._envelope import (
 )
 from ._exceptions import SlowConsumerError
 from ._frames import (
+    PING_OPCODE,
     PONG_OPCODE,
     CloseCode,
     close_frame,
@@ -74,6 +76,7 @@ WRITE_CHUNK = 256 * 1024
 """The writer's unit of progress: each chunk must be accepted within slow_consumer_timeout."""
 
 _ids = itertools.count(1)
+_ping_payloads = (f"keepalive {n}".encode() for n in itertools.count(1))
 
 
 class _PeerGone(Exception):
@@ -164,10 +167,13 @@ class RelayConnection:
         topics: Topics,
         config: RelayConfig,
         on_subscribed: Callable[[], None] = lambda: None,
+        admit: Callable[[RelayConnection], str | None] = lambda _connection: None,
     ) -> None:
         self.id = next(_ids)
         self._on_subscribed = on_subscribed
+        self._admit = admit
         self.peer = peer_name(stream)
+        self.host = self.peer.rpartition(":")[0].strip("[]") or self.peer
         self._stream = stream
         self._topics = topics
         self._config = config
@@ -179,6 +185,7 @@ class RelayConnection:
         # The highest sequence number of this topic already sent to this client: replays
         # and live batches meet here without duplicates.
         self._cursor = 0
+        self._ping_payload: bytes | None = None  # of the keepalive ping awaiting its pong
         self._parser = FrameParser(config.max_message_size)
         # The right to write to the stream. A Semaphore, not a Lock: write_through takes it
         # synchronously in the publisher's task and, after a partial write, hands it to the
@@ -309,6 +316,10 @@ class RelayConnection:
                 await self._reject(400, f"bad request {request.target!r}: {exc}")
                 return False
             self._envelope = SUBPROTOCOL in request.subprotocols
+            refusal = self._admit(self)
+            if refusal is not None:
+                await self._reject(503, refusal)
+                return False
             try:
                 subprotocol = SUBPROTOCOL if self._envelope else None
                 await self._send(ws.send(AcceptConnection(subprotocol=subprotocol)))
@@ -505,8 +516,18 @@ class RelayConnection:
 
     async def _read_loop(self) -> None:
         parser = self._parser
+        config = self._config
         data: bytes | bytearray = self._early
         self._early = b""
+        # Keepalive: after ping_interval seconds without a ping in flight, send one; if its
+        # pong is not back within ping_timeout, the client is gone or not reading.
+        ping_deadline = (
+            trio.current_time() + config.ping_interval if config.ping_interval > 0 else math.inf
+        )
+        # Publish rate limit: a token bucket refilled at publish_rate messages per second.
+        rate = config.publish_rate
+        tokens = float(config.publish_burst)
+        refilled = trio.current_time()
         while True:
             if data:
                 error: ProtocolError | None = None
@@ -526,7 +547,9 @@ class RelayConnection:
                         replies.append(control_frame(PONG_OPCODE, payload))
                     elif kind == CLOSE:
                         close = Close.parse(payload)
-                    # PONG: nothing to do.
+                    elif payload == self._ping_payload:  # the pong to our keepalive ping
+                        self._ping_payload = None
+                        ping_deadline = trio.current_time() + config.ping_interval
                 if payloads:
                     if self._envelope:
                         replies += await self._publish_envelopes(payloads, texts)
@@ -547,13 +570,41 @@ class RelayConnection:
                 if error is not None:
                     self._request_close(error.code, error.reason, protocol_error=True)
                     return
-            try:
-                data = await self._receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if rate > 0 and payloads:
+                    now = trio.current_time()
+                    tokens = min(config.publish_burst, tokens + (now - refilled) * rate)
+                    refilled = now
+                    tokens -= len(payloads)
+                    if tokens < 0:
+                        # Over the rate: read nothing more from this client until the debt is
+                        # paid. TCP backpressure slows the client down; nothing is lost.
+                        await trio.sleep(-tokens / rate)
+            with trio.move_on_at(ping_deadline) as waiting:
+                try:
+                    data = await self._receive()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    self._peer_gone = True
+                    return
+            if waiting.cancelled_caught:
                 data = b""
-            if not data:
-                self._peer_gone = True
-                return
+                if self._ping_payload is not None:
+                    logger.info(
+                        "connection #%d from %s: no pong within %s s",
+                        self.id,
+                        self.peer,
+                        config.ping_timeout,
+                    )
+                    self._request_close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                    return
+                self._ping_payload = next(_ping_payloads)
+                try:
+                    await self._send(control_frame(PING_OPCODE, self._ping_payload))
+                except (_PeerGone, _Stalled):
+                    self._peer_gone = True
+                    return
+                ping_deadline = trio.current_time() + config.ping_timeout
 
     async def _publish(
         self, payloads: list[bytes], texts: list[bool], *, echo: bool

@@ -63,12 +63,18 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
         frame = json.loads(data)
     except ValueError:
         raise EnvelopeError("not-json", "the frame is not valid JSON") from None
+    except RecursionError:
+        raise EnvelopeError("not-json", "the frame's JSON is nested too deeply") from None
     if not isinstance(frame, dict):
         raise EnvelopeError("bad-frame", "the frame must be a JSON object")
     request_id = frame.get("id")
     if request_id is not None and not (
         (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
-        or (isinstance(request_id, int) and not isinstance(request_id, bool))
+        or (
+            isinstance(request_id, int)
+            and not isinstance(request_id, bool)
+            and -(2**63) <= request_id < 2**63
+        )
     ):
         raise EnvelopeError(
             "bad-frame",
@@ -94,7 +100,11 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
     if has_text:
         if not isinstance(frame["text"], str):
             raise EnvelopeError("bad-payload", '"text" must be a string', request_id)
-        return PublishRequest(frame["text"].encode("utf-8"), True, request_id, echo)
+        try:
+            encoded = frame["text"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise EnvelopeError("bad-payload", '"text" is not valid Unicode', request_id) from None
+        return PublishRequest(encoded, True, request_id, echo)
     value = frame["binary"]
     try:
         if not isinstance(value, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class RelayServer:
         self.topics = topics
         self.config = config
         self._connections: set[RelayConnection] = set()
+        self._admitted: set[RelayConnection] = set()
+        self._per_host: collections.Counter[str] = collections.Counter()
         self._changed = trio.Event()
 
     @property
@@ -121,14 +124,40 @@ class RelayServer:
         The listeners call this for each accepted stream; tests and custom transports call it
         directly (with an in-memory stream, say). Never raises except ``Cancelled``.
         """
-        connection = RelayConnection(stream, self.topics, self.config, self._notify)
+        connection = RelayConnection(
+            stream, self.topics, self.config, self._notify, admit=self._admit
+        )
         self._connections.add(connection)
         self._notify()
         try:
             await connection.serve()
         finally:
             self._connections.discard(connection)
+            if connection in self._admitted:
+                self._admitted.discard(connection)
+                self._per_host[connection.host] -= 1
+                if not self._per_host[connection.host]:
+                    del self._per_host[connection.host]
             self._notify()
+
+    def _admit(self, connection: RelayConnection) -> str | None:
+        """Count a connection that finished its handshake in, or say why it is refused."""
+        config = self.config
+        if len(self._admitted) >= config.max_connections:
+            return f"the relay is at its limit of {config.max_connections} connections"
+        if self._per_host[connection.host] >= config.max_connections_per_ip:
+            return (
+                f"{connection.host} is at the limit of {config.max_connections_per_ip} "
+                "connections per client address"
+            )
+        if self.topics.subscribers(connection.topic) >= config.max_subscribers_per_topic:
+            return (
+                f"topic {connection.topic!r} is at its limit of "
+                f"{config.max_subscribers_per_topic} subscribers"
+            )
+        self._admitted.add(connection)
+        self._per_host[connection.host] += 1
+        return None
 
     async def _run(
         self, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED

@@ -11,7 +11,7 @@ no longer retained, the subscriber gets a :class:`Gap` first.
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 MAX_TOPIC_LENGTH = 200
+MAX_RETIRED_TOPICS = 100_000
+"""Forgotten topics whose last sequence number is remembered (about 100 bytes each)."""
 _TOPIC = re.compile(r"[A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*")
 
 
@@ -278,6 +280,10 @@ class Topics:
             )
         )
         self._topics: dict[str, _Topic] = {}
+        # The last sequence number of topics forgotten for being idle, so that a topic used
+        # again goes on numbering where it stopped: a client resuming with an old `since`
+        # must not mistake new messages for ones it has seen. Bounded: the oldest go first.
+        self._retired: OrderedDict[str, int] = OrderedDict()
 
     def __contains__(self, name: str) -> bool:
         return name in self._topics
@@ -285,11 +291,21 @@ class Topics:
     def __len__(self) -> int:
         return len(self._topics)
 
+    def subscribers(self, name: str) -> int:
+        """How many subscriptions topic ``name`` has now (0 for a topic not in use)."""
+        topic = self._topics.get(name)
+        if topic is None:
+            return 0
+        if isinstance(topic.broadcast, Broadcast):
+            return topic.broadcast.subscriber_count
+        return topic.broadcast.statistics().subscribers
+
     def _get(self, name: str) -> _Topic:
         topic = self._topics.get(name)
         if topic is None:
             history = History(self.history_size, self.history_bytes, self.history_age)
             topic = self._topics[name] = _Topic(name, self._factory(name), history)
+            topic.last_seq = self._retired.pop(name, 0)
         return topic
 
     def _collect(self, topic: _Topic) -> None:
@@ -302,6 +318,10 @@ class Topics:
             and self._topics.get(topic.name) is topic
         ):
             del self._topics[topic.name]
+            if topic.last_seq:
+                self._retired[topic.name] = topic.last_seq
+                while len(self._retired) > MAX_RETIRED_TOPICS:
+                    self._retired.popitem(last=False)
 
     def sweep(self) -> None:
         """Trim every history by age and forget the topics left with nothing."""
@@ -410,8 +430,16 @@ class Topics:
             self._collect(topic)
 
     def _replay(self, topic: _Topic, since: int | None) -> tuple[Gap | None, Batch | None, int]:
-        if since is None or since >= topic.last_seq:
-            return None, None, topic.last_seq if since is None else since
+        if since is None or since == topic.last_seq:
+            return None, None, topic.last_seq
+        if since < 0:
+            raise ValueError("since must be a sequence number >= 0")
+        if since > topic.last_seq:
+            # Beyond anything this topic numbered: the relay restarted (or forgot the topic
+            # longer ago than it remembers). Say so, and give everything retained.
+            history = topic.history
+            first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
+            return Gap(topic.name, since, first), history.after(0, topic.name), topic.last_seq
         history = topic.history
         history.trim(trio.current_time())
         first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
