@@ -254,6 +254,8 @@ class MessageStream:
         self.url = url
         self.connection = connection
         self.envelope = envelope
+        self.welcome_seq: int | None = None
+        """Envelope only: the topic's last sequence number when this connection subscribed."""
 
     def __aiter__(self) -> MessageStream:
         return self
@@ -265,7 +267,11 @@ class MessageStream:
                 frame = await self.connection.get_message()
                 if not self.envelope:
                     return frame
-                item = _item(self.url, _decode(self.url, frame))
+                decoded = _decode(self.url, frame)
+                if decoded.get("type") == "welcome":
+                    self.welcome_seq = int(decoded["seq"])
+                    continue
+                item = _item(self.url, decoded)
                 if item is not None:
                     return item
         except ConnectionClosed as exc:
@@ -369,6 +375,7 @@ async def _resuming(
         delay = backoff[0]
         async with send:
             while True:
+                connection: MessageStream | None = None
                 try:
                     stream = None if connector is None else await connector()
                     async with consume(
@@ -378,6 +385,8 @@ async def _resuming(
                         envelope=True,
                         since=last,
                     ) as items:
+                        assert isinstance(items, MessageStream)
+                        connection = items
                         delay = backoff[0]
                         async for item in items:
                             if isinstance(item, Message):
@@ -391,8 +400,12 @@ async def _resuming(
                     if 400 <= exc.status_code < 500:
                         await send.send(exc)
                         return
-                except ClientError:
-                    pass
+                except (ClientError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the relay is unreachable or the connection dropped: retry
+                if last is None and connection is not None:
+                    # Dropped before any message: go on from where that connection started,
+                    # as its welcome frame said, so nothing published meanwhile is lost.
+                    last = connection.welcome_seq
                 await trio.sleep(delay)
                 delay = min(delay * 2, backoff[1])
 

@@ -49,6 +49,7 @@ from ._envelope import (
     encode_ack,
     encode_error,
     encode_gap,
+    encode_welcome,
     parse_client_frame,
 )
 from ._exceptions import SlowConsumerError
@@ -259,20 +260,28 @@ class RelayConnection:
             self._tasks = nursery.cancel_scope
             self._cursor = cursor
             if gap is not None and not self._envelope:
-                self._request_close(
-                    CloseCode.GAP,
-                    f"messages {gap.since + 1} to {gap.first - 1} are no longer retained",
-                )
+                if gap.first > gap.since:
+                    reason = f"messages {gap.since + 1} to {gap.first - 1} are no longer retained"
+                else:
+                    reason = f"since={gap.since} is beyond this topic's last sequence number"
+                self._request_close(CloseCode.GAP, reason)
                 return
-            self._on_subscribed()
             first: list[bytes] = []
+            if self._envelope:
+                body = encode_welcome(self.topic, cursor)
+                first += (frame_header(len(body), text=True), body)
             if gap is not None:
                 body = encode_gap(gap.topic, gap.since, gap.first)
                 first += (frame_header(len(body), text=True), body)
             if replay is not None:
                 first.append(replay.envelope() if self._envelope else replay.raw)
             if first:
-                await self._send(b"".join(first))
+                try:
+                    await self._send(b"".join(first))
+                except (_PeerGone, _Stalled):
+                    self._peer_gone = True
+                    return
+            self._on_subscribed()  # after the welcome: a test that waits for it may cut us
             nursery.start_soon(self._write_loop, subscription)
             await self._read_loop()
             nursery.cancel_scope.cancel()
@@ -287,7 +296,10 @@ class RelayConnection:
                 if len(buffer) > MAX_REQUEST_HEAD:
                     await self._reject(431, "request head too large")
                     return False
-                data = await self._stream.receive_some(self._config.receive_buffer_size)
+                try:
+                    data = await self._stream.receive_some(self._config.receive_buffer_size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
                 if not data:
                     logger.info("connection from %s closed during the handshake", self.peer)
                     return False

@@ -20,6 +20,7 @@ __all__ = [
     "encode_error",
     "encode_gap",
     "encode_message",
+    "encode_welcome",
     "parse_client_frame",
 ]
 
@@ -136,6 +137,11 @@ def encode_ack(
         frame["id"] = request_id
     frame.update(queued=queued, dropped=dropped, evicted=evicted)
     return _dump(frame)
+
+
+def encode_welcome(topic: str, seq: int) -> bytes:
+    """The JSON of a ``welcome`` frame: the topic's last sequence number at subscription."""
+    return _dump({"type": "welcome", "topic": topic, "seq": seq})
 
 
 def encode_gap(topic: str, since: int, first: int) -> bytes:

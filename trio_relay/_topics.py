@@ -438,6 +438,7 @@ class Topics:
             # Beyond anything this topic numbered: the relay restarted (or forgot the topic
             # longer ago than it remembers). Say so, and give everything retained.
             history = topic.history
+            history.trim(trio.current_time())
             first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
             return Gap(topic.name, since, first), history.after(0, topic.name), topic.last_seq
         history = topic.history
