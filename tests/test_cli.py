@@ -31,7 +31,7 @@ def test_serve_defaults() -> None:
         "ping_interval": 20.0,
         "ping_timeout": 20.0,
         "max_connections": 10_000,
-        "max_connections_per_ip": 1_000,
+        "max_connections_per_ip": 10_000,
         "max_subscribers_per_topic": 10_000,
         "publish_rate": 0.0,
         "publish_burst": 1000,

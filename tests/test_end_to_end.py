@@ -436,7 +436,7 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--ping-interval PING_INTERVAL": "20.0",
         "--ping-timeout PING_TIMEOUT": "20.0",
         "--max-connections MAX_CONNECTIONS": "10000",
-        "--max-connections-per-ip MAX_CONNECTIONS_PER_IP": "1000",
+        "--max-connections-per-ip MAX_CONNECTIONS_PER_IP": "10000",
         "--max-subscribers-per-topic MAX_SUBSCRIBERS_PER_TOPIC": "10000",
         "--publish-rate PUBLISH_RATE": "0.0",
         "--publish-burst PUBLISH_BURST": "1000",

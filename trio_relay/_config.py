@@ -51,7 +51,7 @@ class RelayConfig:
     """Seconds a client has to answer a ping; then it is closed with 1011."""
     max_connections: int = 10_000
     """Open connections the relay accepts in all; more get HTTP 503 at the handshake."""
-    max_connections_per_ip: int = 1_000
+    max_connections_per_ip: int = 10_000
     """Open connections the relay accepts from one client address; more get HTTP 503."""
     max_subscribers_per_topic: int = 10_000
     """Clients one topic accepts; more get HTTP 503 at the handshake."""

@@ -186,7 +186,11 @@ class RelayConnection:
         # The highest sequence number of this topic already sent to this client: replays
         # and live batches meet here without duplicates.
         self._cursor = 0
+        # Keepalive, driven by the server's ticker (see keepalive()): no timer per connection.
+        self._subscription: Subscription[Batch | bytes] | None = None
         self._ping_payload: bytes | None = None  # of the keepalive ping awaiting its pong
+        self._ping_sent = 0.0
+        self._next_ping = math.inf
         self._parser = FrameParser(config.max_message_size)
         # The right to write to the stream. A Semaphore, not a Lock: write_through takes it
         # synchronously in the publisher's task and, after a partial write, hands it to the
@@ -282,6 +286,9 @@ class RelayConnection:
                     self._peer_gone = True
                     return
             self._on_subscribed()  # after the welcome: a test that waits for it may cut us
+            if self._config.ping_interval > 0:
+                self._next_ping = trio.current_time() + self._config.ping_interval
+            self._subscription = subscription
             nursery.start_soon(self._write_loop, subscription)
             await self._read_loop()
             nursery.cancel_scope.cancel()
@@ -481,6 +488,35 @@ class RelayConnection:
             self._peer_gone = True
             self._cancel_tasks()
 
+    def keepalive(self, now: float) -> None:
+        """Called every second or so by the server: ping the client every ``ping_interval``
+        seconds, and close it with 1011 if a ping is unanswered after ``ping_timeout``.
+
+        The ping is queued like any message, so a client that stopped reading never sees
+        it, never answers, and is closed: the case a ping written past a full buffer (as
+        in other servers) would miss.
+        """
+        subscription = self._subscription
+        if subscription is None or self._close_request is not None:
+            return
+        config = self._config
+        if self._ping_payload is not None:
+            if now - self._ping_sent >= config.ping_timeout:
+                logger.info(
+                    "connection #%d from %s: no pong within %s s",
+                    self.id,
+                    self.peer,
+                    config.ping_timeout,
+                )
+                self._request_close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            return
+        if now >= self._next_ping:
+            self._ping_payload = next(_ping_payloads)
+            self._ping_sent = now
+            ping = control_frame(PING_OPCODE, self._ping_payload)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                subscription._put(ping, len(ping))
+
     def _evicted(self) -> None:
         logger.warning(
             "connection #%d from %s evicted: slow consumer (over %d batches or %d bytes "
@@ -531,11 +567,6 @@ class RelayConnection:
         config = self._config
         data: bytes | bytearray = self._early
         self._early = b""
-        # Keepalive: after ping_interval seconds without a ping in flight, send one; if its
-        # pong is not back within ping_timeout, the client is gone or not reading.
-        ping_deadline = (
-            trio.current_time() + config.ping_interval if config.ping_interval > 0 else math.inf
-        )
         # Publish rate limit: a token bucket refilled at publish_rate messages per second.
         rate = config.publish_rate
         tokens = float(config.publish_burst)
@@ -561,7 +592,7 @@ class RelayConnection:
                         close = Close.parse(payload)
                     elif payload == self._ping_payload:  # the pong to our keepalive ping
                         self._ping_payload = None
-                        ping_deadline = trio.current_time() + config.ping_interval
+                        self._next_ping = trio.current_time() + config.ping_interval
                 if payloads:
                     if self._envelope:
                         replies += await self._publish_envelopes(payloads, texts)
@@ -591,32 +622,13 @@ class RelayConnection:
                         # Over the rate: read nothing more from this client until the debt is
                         # paid. TCP backpressure slows the client down; nothing is lost.
                         await trio.sleep(-tokens / rate)
-            with trio.move_on_at(ping_deadline) as waiting:
-                try:
-                    data = await self._receive()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if not data:
-                    self._peer_gone = True
-                    return
-            if waiting.cancelled_caught:
+            try:
+                data = await self._receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-                if self._ping_payload is not None:
-                    logger.info(
-                        "connection #%d from %s: no pong within %s s",
-                        self.id,
-                        self.peer,
-                        config.ping_timeout,
-                    )
-                    self._request_close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                    return
-                self._ping_payload = next(_ping_payloads)
-                try:
-                    await self._send(control_frame(PING_OPCODE, self._ping_payload))
-                except (_PeerGone, _Stalled):
-                    self._peer_gone = True
-                    return
-                ping_deadline = trio.current_time() + config.ping_timeout
+            if not data:
+                self._peer_gone = True
+                return
 
     async def _publish(
         self, payloads: list[bytes], texts: list[bool], *, echo: bool

@@ -167,11 +167,25 @@ class RelayServer:
             for listener in self.listeners:
                 logger.info("relay listening on %s", _describe(listener))
             task_status.started(self)
-            # Histories expire by age even on topics nobody touches: sweep now and then.
-            interval = min(max(self.config.history_age, 1.0), 60.0)
-            while True:
-                await trio.sleep(interval)
+            await self._tick()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _tick(self) -> NoReturn:
+        """One timer for all connections: keepalive pings every second (when enabled), and
+        the sweep of expired histories, which expire even on topics nobody touches."""
+        config = self.config
+        sweep_every = min(max(config.history_age, 1.0), 60.0)
+        tick = 1.0 if config.ping_interval > 0 else sweep_every
+        next_sweep = trio.current_time() + sweep_every
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if config.ping_interval > 0:
+                for connection in list(self._connections):
+                    connection.keepalive(now)
+            if now >= next_sweep:
                 self.topics.sweep()
+                next_sweep = now + sweep_every
         raise AssertionError("unreachable")  # pragma: no cover
 
 
