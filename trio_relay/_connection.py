@@ -597,7 +597,10 @@ class RelayConnection:
                     if self._envelope:
                         replies += await self._publish_envelopes(payloads, texts)
                     else:
-                        await self._publish(payloads, texts, echo=True)
+                        try:  # the hot path, without building a DeliveryReport
+                            self._topics._publish_nowait(self.topic, payloads, texts, self, True)
+                        except trio.WouldBlock:
+                            await self._publish(payloads, texts, echo=True)
                 try:
                     if replies:
                         await self._send(b"".join(replies))

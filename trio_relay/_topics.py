@@ -15,11 +15,17 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import trio
 
-from ._broadcast import Broadcast, BroadcastStatistics, MessageBus, OverflowPolicy, Subscription
+from ._broadcast import (
+    Broadcast,
+    BroadcastStatistics,
+    MessageBus,
+    OverflowPolicy,
+    PublishReport,
+    Subscription,
+)
 from ._envelope import encode_message
 from ._frames import frame_header
 
@@ -93,11 +99,8 @@ class DeliveryReport:
     evicted: int
 
 
-class _Entry(NamedTuple):
-    seq: int
-    time: float
-    payload: bytes
-    text: bool
+# A retained message: (seq, time, payload, text). A plain tuple: one is made per message.
+_Entry = tuple[int, float, bytes, bool]
 
 
 class Batch:
@@ -128,11 +131,14 @@ class Batch:
         self.source = source
         self.echo = echo
         if raw is None:
-            parts: list[bytes] = []
-            for payload, text in zip(payloads, texts, strict=True):
-                parts.append(frame_header(len(payload), text=text))
-                parts.append(payload)
-            raw = b"".join(parts)
+            if len(payloads) == 1:
+                raw = frame_header(len(payloads[0]), text=texts[0]) + payloads[0]
+            else:
+                parts: list[bytes] = []
+                for payload, text in zip(payloads, texts, strict=True):
+                    parts.append(frame_header(len(payload), text=text))
+                    parts.append(payload)
+                raw = b"".join(parts)
         self.raw = raw
         self._envelope: bytes | None = None
 
@@ -193,15 +199,23 @@ class History:
 
     @property
     def first_seq(self) -> int | None:
-        return self._entries[0].seq if self._entries else None
+        return self._entries[0][0] if self._entries else None
 
     def add(self, batch: Batch, now: float) -> None:
         if self.max_messages <= 0 or self.max_bytes <= 0:
             return
-        for offset, (payload, text) in enumerate(zip(batch.payloads, batch.texts, strict=True)):
-            self._entries.append(_Entry(batch.first_seq + offset, now, payload, text))
+        entries = self._entries
+        seq = batch.first_seq
+        for payload, text in zip(batch.payloads, batch.texts, strict=True):
+            entries.append((seq, now, payload, text))
             self.bytes += len(payload)
-        self.trim(now)
+            seq += 1
+        if (
+            len(entries) > self.max_messages
+            or self.bytes > self.max_bytes
+            or entries[0][1] < now - self.max_age
+        ):
+            self.trim(now)
 
     def trim(self, now: float) -> None:
         entries = self._entries
@@ -209,16 +223,16 @@ class History:
         while entries and (
             len(entries) > self.max_messages
             or self.bytes > self.max_bytes
-            or entries[0].time < oldest
+            or entries[0][1] < oldest
         ):
-            self.bytes -= len(entries.popleft().payload)
+            self.bytes -= len(entries.popleft()[2])
 
     def after(self, seq: int, topic: str) -> Batch | None:
         """A batch of the retained messages with sequence numbers above ``seq``."""
-        entries = [entry for entry in self._entries if entry.seq > seq]
+        entries = [entry for entry in self._entries if entry[0] > seq]
         if not entries:
             return None
-        return Batch(topic, entries[0].seq, [e.payload for e in entries], [e.text for e in entries])
+        return Batch(topic, entries[0][0], [e[2] for e in entries], [e[3] for e in entries])
 
 
 @dataclass(frozen=True)
@@ -350,15 +364,23 @@ class Topics:
     ) -> DeliveryReport:
         """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
         having published nothing (see :meth:`Broadcast.publish_nowait`)."""
-        topic = self._get(name)
-        if topic.lock.locked():
-            raise trio.WouldBlock
-        batch = self._batch(topic, payloads, texts, source, echo)
-        report = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was published
-        self._commit(topic, batch)
+        batch, report = self._publish_nowait(name, payloads, texts, source, echo)
         return DeliveryReport(
             name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
         )
+
+    def _publish_nowait(
+        self, name: str, payloads: list[bytes], texts: list[bool], source: object, echo: bool
+    ) -> tuple[Batch, PublishReport]:
+        # The relay's hot path: no DeliveryReport unless someone reads it.
+        topic = self._topics.get(name) or self._get(name)
+        if topic.lock.locked():
+            raise trio.WouldBlock
+        batch = Batch(name, topic.last_seq + 1, payloads, texts, source=source, echo=echo)
+        report = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was published
+        topic.last_seq = batch.first_seq + len(payloads) - 1
+        topic.history.add(batch, trio.current_time())
+        return batch, report
 
     async def publish_batch(
         self,
