@@ -421,7 +421,8 @@ class Broadcast(Generic[T]):
         else:
             waited = False
         try:
-            full, report = self._deliver(message)
+            full, queued, dropped, evicted = self._deliver(message)
+            report = PublishReport(queued=queued, dropped=dropped, evicted=evicted)
             if not full:
                 if not waited:
                     with trio.CancelScope(shield=True):
@@ -451,6 +452,11 @@ class Broadcast(Generic[T]):
         brought in costs no trip through trio's scheduler; a loop of ``publish_nowait``
         calls never yields, so it must checkpoint by other means.
         """
+        queued, dropped, evicted = self._publish_now(message)
+        return PublishReport(queued=queued, dropped=dropped, evicted=evicted)
+
+    def _publish_now(self, message: T) -> tuple[int, int, int]:
+        """:meth:`publish_nowait` without building its report: (queued, dropped, evicted)."""
         if self._lock.locked():
             raise trio.WouldBlock
         size = 0 if self._size_of is None else self._size_of(message)
@@ -463,11 +469,11 @@ class Broadcast(Generic[T]):
                 continue
             if subscription._full(size):
                 raise trio.WouldBlock
-        full, report = self._deliver(message)
+        full, queued, dropped, evicted = self._deliver(message)
         assert not full
-        return report
+        return queued, dropped, evicted
 
-    def _deliver(self, message: T) -> tuple[list[tuple[Subscription[T], T, int]], PublishReport]:
+    def _deliver(self, message: T) -> tuple[list[tuple[Subscription[T], T, int]], int, int, int]:
         """Hand ``message`` to every subscriber that can take it now; return the full ones
         that must be waited for, and a report of what was done."""
         # Checked under the lock: aclose() may have run while a publisher waited for it.
@@ -503,7 +509,7 @@ class Broadcast(Generic[T]):
                 continue  # it left (or was evicted) while we were iterating
             queued += 1
         self._dropped += dropped
-        return full, PublishReport(queued=queued, dropped=dropped, evicted=evicted)
+        return full, queued, dropped, evicted
 
     async def _wait_for_room(
         self, subscription: Subscription[T], item: T, size: int, outcomes: list[bool]

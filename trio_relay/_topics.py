@@ -23,7 +23,6 @@ from ._broadcast import (
     BroadcastStatistics,
     MessageBus,
     OverflowPolicy,
-    PublishReport,
     Subscription,
 )
 from ._envelope import encode_message
@@ -119,7 +118,6 @@ class Batch:
         first_seq: int,
         payloads: list[bytes],
         texts: list[bool],
-        *,
         source: object = None,
         echo: bool = True,
         raw: bytes | None = None,
@@ -364,20 +362,26 @@ class Topics:
     ) -> DeliveryReport:
         """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
         having published nothing (see :meth:`Broadcast.publish_nowait`)."""
-        batch, report = self._publish_nowait(name, payloads, texts, source, echo)
-        return DeliveryReport(
-            name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
+        batch, (queued, dropped, evicted) = self._publish_nowait(
+            name, payloads, texts, source, echo
         )
+        return DeliveryReport(name, batch.first_seq, len(payloads), queued, dropped, evicted)
 
     def _publish_nowait(
         self, name: str, payloads: list[bytes], texts: list[bool], source: object, echo: bool
-    ) -> tuple[Batch, PublishReport]:
-        # The relay's hot path: no DeliveryReport unless someone reads it.
+    ) -> tuple[Batch, tuple[int, int, int]]:
+        # The relay's hot path: no report objects unless someone reads them.
         topic = self._topics.get(name) or self._get(name)
         if topic.lock.locked():
             raise trio.WouldBlock
-        batch = Batch(name, topic.last_seq + 1, payloads, texts, source=source, echo=echo)
-        report = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was published
+        batch = Batch(name, topic.last_seq + 1, payloads, texts, source, echo)
+        broadcast = topic.broadcast
+        # WouldBlock from either: nothing was published.
+        if isinstance(broadcast, Broadcast):
+            report = broadcast._publish_now(batch)
+        else:
+            published = broadcast.publish_nowait(batch)
+            report = (published.queued, published.dropped, published.evicted)
         topic.last_seq = batch.first_seq + len(payloads) - 1
         topic.history.add(batch, trio.current_time())
         return batch, report
