@@ -418,25 +418,21 @@ class RelayConnection:
         data = self._render(item)
         if data is None:
             return None
-        try:
-            self._write_slot.acquire_nowait()
-        except trio.WouldBlock:
+        if not self._write_slot.value or self._write_broken:
             return data  # a pong, ack or close frame is being written: queue behind it
-        if self._write_broken:
-            self._write_slot.release()
-            return data
+        # No task can run until this function returns, so a write that completes needs no
+        # slot; only a partial one must hold it, for the writer task to finish the frame.
         try:
             sent = send_nowait(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             sent = 0  # the writer task will meet the error through trio
         if sent == len(data):
-            self._write_slot.release()
             return None
         if sent == 0:
-            self._write_slot.release()
             return data
-        # Half a frame may be out: the rest must follow before anything else. The writer
-        # task inherits the write slot with the rest, which is the next thing it receives.
+        # Half a frame is out: the rest must follow before anything else. The writer task
+        # inherits the write slot with the rest, which is the next thing it receives.
+        self._write_slot.acquire_nowait()
         self._handoff = True
         self._write_broken = True
         return data[sent:]

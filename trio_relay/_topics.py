@@ -110,7 +110,17 @@ class Batch:
     ``len(batch)`` is the size of its raw frames, which is what queues are bounded by.
     """
 
-    __slots__ = ("_envelope", "echo", "first_seq", "payloads", "raw", "source", "texts", "topic")
+    __slots__ = (
+        "_envelope",
+        "echo",
+        "first_seq",
+        "last_seq",
+        "payloads",
+        "raw",
+        "source",
+        "texts",
+        "topic",
+    )
 
     def __init__(
         self,
@@ -124,6 +134,7 @@ class Batch:
     ) -> None:
         self.topic = topic
         self.first_seq = first_seq
+        self.last_seq = first_seq + len(payloads) - 1
         self.payloads = payloads
         self.texts = texts
         self.source = source
@@ -139,10 +150,6 @@ class Batch:
                 raw = b"".join(parts)
         self.raw = raw
         self._envelope: bytes | None = None
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + len(self.payloads) - 1
 
     def __len__(self) -> int:
         return len(self.raw)
