@@ -38,6 +38,8 @@ def test_serve_defaults() -> None:
         "history_size": 1000,
         "history_bytes": 1024 * 1024,
         "history_age": 600.0,
+        "certfile": None,
+        "keyfile": None,
     }
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -17,7 +18,7 @@ from ._broadcast import OverflowPolicy
 from ._client import DEFAULT_TIMEOUT, consume, produce
 from ._config import RelayConfig
 from ._exceptions import ClientError
-from ._server import DEFAULT_HOST, DEFAULT_PORT, serve_relay
+from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._topics import Gap, Message
 
 __all__ = ["main"]
@@ -104,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the relay",
         description="Run the relay on ws://HOST:PORT/ until SIGINT or SIGTERM.",
+    )
+    serve.add_argument(
+        "--certfile",
+        help="PEM certificate chain: serve wss:// instead of ws://; default: none",
+    )
+    serve.add_argument(
+        "--keyfile",
+        help="PEM private key of --certfile; default: read from the certfile",
     )
     for field in dataclasses.fields(RelayConfig):
         default = getattr(_DEFAULTS, field.name)
@@ -195,7 +204,13 @@ async def _serve(args: argparse.Namespace) -> None:
         **{field.name: getattr(args, field.name) for field in dataclasses.fields(RelayConfig)}
     )
     # Bind before starting the nursery, so that a port in use is a plain OSError for main().
-    listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+    context = None
+    if args.certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+    elif args.keyfile:
+        raise OSError("--keyfile needs --certfile")
+    listeners = await open_listeners(args.host, args.port, context)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve_relay, config=config, listeners=listeners))

@@ -72,8 +72,12 @@ def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError 
     return None
 
 
-async def _open_stream(url: str) -> trio.abc.Stream:
-    """A TCP (or TLS, for ``wss://``) stream to the host and port of ``url``."""
+async def _open_stream(url: str, ssl_context: ssl.SSLContext | None = None) -> trio.abc.Stream:
+    """A TCP (or TLS, for ``wss://``) stream to the host and port of ``url``.
+
+    ``wss://`` verifies the relay's certificate with ``ssl_context``, or the system's
+    trusted CAs by default; a failed TLS handshake raises :class:`RelayUnavailable`.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss"):
         raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
@@ -81,8 +85,13 @@ async def _open_stream(url: str) -> trio.abc.Stream:
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     if parts.scheme == "wss":
-        tls = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
-        await tls.do_handshake()
+        context = ssl_context or ssl.create_default_context()
+        tls = trio.SSLStream(stream, context, server_hostname=host)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(stream)
+            raise RelayUnavailable(url, f"TLS handshake failed: {exc.__cause__ or exc}") from exc
         stream = tls
     return stream
 
@@ -95,6 +104,7 @@ async def _open_connection(
     stream: trio.abc.Stream | None,
     message_queue_size: int = 1,
     envelope: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     """A trio-websocket client connection to ``url``, over ``stream`` if one is given.
 
@@ -109,7 +119,7 @@ async def _open_connection(
     try:
         with trio.fail_after(timeout):
             if stream is None:
-                stream = await _open_stream(url)
+                stream = await _open_stream(url, ssl_context)
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(timeout):
@@ -168,6 +178,7 @@ async def produce(
     stream: trio.abc.Stream | None = None,
     envelope: bool = False,
     echo: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> DeliveryReport | None:
     """Send ``message`` to the relay at ``url`` and return once the relay acknowledges it.
 
@@ -182,10 +193,12 @@ async def produce(
     longer than ``timeout`` seconds in total, :class:`PublishRejected` if the relay refuses
     the message, and another :class:`ClientError` if the relay is unreachable, refuses the
     handshake, or closes the connection. ``stream`` runs the connection over an already-open
-    stream (see :mod:`trio_relay.testing`).
+    stream (see :mod:`trio_relay.testing`); ``ssl_context`` verifies a ``wss://`` relay.
     """
     with trio.move_on_after(timeout) as scope:
-        async with _open_connection(url, timeout=timeout, stream=stream, envelope=envelope) as ws:
+        async with _open_connection(
+            url, timeout=timeout, stream=stream, envelope=envelope, ssl_context=ssl_context
+        ) as ws:
             if not envelope:
                 await ws.send_message(message)
                 while await ws.get_message() != message:
@@ -310,6 +323,7 @@ async def consume(
     resume: bool = False,
     backoff: tuple[float, float] = (0.1, 5.0),
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[AsyncIterator[Any]]:
     """Connect to the relay at ``url`` and yield an async iterator of the messages it sends.
 
@@ -329,7 +343,8 @@ async def consume(
     sequence number it yielded, so every message arrives exactly once, in order, or a Gap
     says which are lost. It stops only on a handshake refusal (4xx), which would not heal.
     ``connector`` (an async function returning a connected stream) replaces opening a TCP
-    connection for each attempt (see :mod:`trio_relay.testing`).
+    connection for each attempt (see :mod:`trio_relay.testing`). ``ssl_context`` verifies a
+    ``wss://`` relay (default: the system's trusted CAs).
 
     The connection lives exactly as long as the ``async with`` block (structured
     concurrency: no background task outlives it), which is why this is a context manager
@@ -338,6 +353,12 @@ async def consume(
     if resume:
         if stream is not None:
             raise ValueError("resume=True opens its own connections: pass a connector")
+        if connector is None and ssl_context is not None:
+            context = ssl_context
+
+            async def connector() -> trio.abc.Stream:
+                return await _open_stream(url, context)
+
         async with _resuming(url, connect_timeout, since, backoff, connector) as items:
             yield items
         return
@@ -347,6 +368,7 @@ async def consume(
         stream=stream,
         message_queue_size=64,
         envelope=envelope,
+        ssl_context=ssl_context,
     ) as ws:
         yield MessageStream(url, ws, envelope=envelope)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -201,6 +202,20 @@ def _describe(listener: trio.abc.Listener[Any]) -> str:
     return repr(listener)
 
 
+async def open_listeners(
+    host: str | None, port: int, ssl_context: ssl.SSLContext | None = None
+) -> list[trio.abc.Listener[Any]]:
+    """TCP listeners on ``host``:``port``, speaking TLS (``wss://``) with ``ssl_context``.
+
+    The TLS handshake runs in each connection's own task, bounded by the relay's
+    handshake timeout, so a client that stalls it holds up nobody else.
+    """
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    if ssl_context is None:
+        return list(tcp)
+    return [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in tcp]
+
+
 async def serve_relay(
     host: str | None = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
@@ -208,13 +223,15 @@ async def serve_relay(
     config: RelayConfig | None = None,
     topics: Topics | None = None,
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay until cancelled; supports ``server = await nursery.start(serve_relay, ...)``.
 
     Binds ``host``:``port`` (port 0 picks a free one; see :attr:`RelayServer.ports`) unless
     ``listeners`` are given, in which case those are served instead (in-memory listeners in
-    tests, say). ``topics`` defaults to a new :class:`Topics` built from ``config``.
+    tests, say). ``ssl_context`` (a server context with its certificate loaded) makes the
+    relay serve ``wss://``. ``topics`` defaults to a new :class:`Topics` built from ``config``.
 
     On cancellation the listeners close, every client gets close 1001 ("going away") within
     ``config.close_timeout`` seconds, and the cancellation propagates.
@@ -231,6 +248,6 @@ async def serve_relay(
             timeout=config.overflow_timeout,
         )
     if listeners is None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(host, port, ssl_context)
     server = RelayServer(listeners, topics, config)
     await server._run(task_status=task_status)

@@ -1,0 +1,66 @@
+"""wss://: the relay over TLS, with certificates from trustme, over real sockets."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from functools import partial
+
+import pytest
+import trio
+import trustme
+
+from trio_relay import RelayTimeout, RelayUnavailable, consume, produce, serve_relay
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+@pytest.fixture(scope="module")
+def client_context(ca: trustme.CA) -> Iterator[ssl.SSLContext]:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    yield context
+
+
+async def test_messages_flow_over_wss(
+    nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0, ssl_context=server_context))
+    url = f"wss://127.0.0.1:{server.port}/news"
+    with trio.fail_after(10):
+        async with consume(url, ssl_context=client_context, envelope=True) as messages:
+            await server.wait_until(lambda s: s.broadcast.subscribers == 1)
+            report = await produce(url, "secret", ssl_context=client_context, envelope=True)
+            assert report is not None
+            assert (report.seq, report.queued) == (1, 2)
+            message = await anext(messages)
+            assert (message.seq, message.data) == (1, "secret")
+            await produce(url, b"\x00bytes", ssl_context=client_context)
+            assert (await anext(messages)).data == b"\x00bytes"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_does_not_trust_the_certificate_is_refused_and_harms_nobody(
+    nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0, ssl_context=server_context))
+    url = f"wss://127.0.0.1:{server.port}/"
+    with trio.fail_after(10):
+        with pytest.raises(RelayUnavailable, match="TLS handshake failed"):
+            await produce(url, "x")  # the system CAs do not know our test CA
+        # Plain ws:// to the TLS port: the relay drops it; trio-websocket's handshake does
+        # not notice the end of the stream, so the client gives up at its timeout.
+        with pytest.raises(RelayTimeout):
+            await produce(f"ws://127.0.0.1:{server.port}/", "plain text", timeout=1)
+        await produce(url, "still serving", ssl_context=client_context)
+    nursery.cancel_scope.cancel()
