@@ -40,6 +40,7 @@ def test_serve_defaults() -> None:
         "history_age": 600.0,
         "certfile": None,
         "keyfile": None,
+        "metrics_port": None,
     }
 
 

@@ -18,6 +18,7 @@ from ._broadcast import OverflowPolicy
 from ._client import DEFAULT_TIMEOUT, consume, produce
 from ._config import RelayConfig
 from ._exceptions import ClientError
+from ._metrics import serve_metrics
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._topics import Gap, Message
 
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the relay",
         description="Run the relay on ws://HOST:PORT/ until SIGINT or SIGTERM.",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /healthz and Prometheus /metrics on this HTTP port of --host; default: off",
     )
     serve.add_argument(
         "--certfile",
@@ -213,7 +219,12 @@ async def _serve(args: argparse.Namespace) -> None:
     listeners = await open_listeners(args.host, args.port, context)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve_relay, config=config, listeners=listeners))
+            server = await nursery.start(partial(serve_relay, config=config, listeners=listeners))
+            if args.metrics_port is not None:
+                metrics = await nursery.start(serve_metrics, server, args.host, args.metrics_port)
+                for listener in metrics:
+                    host, port = listener.socket.getsockname()[:2]
+                    logger.info("metrics on http://%s:%d/metrics and /healthz", host, port)
             async for signum in signals:
                 logger.info("%s received: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

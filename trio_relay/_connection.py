@@ -62,6 +62,7 @@ from ._frames import (
     frame_header,
     split_request_head,
 )
+from ._metrics import RelayCounters
 from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
 from ._topics import Batch, DeliveryReport, Topics, topic_from_path
 
@@ -169,10 +170,12 @@ class RelayConnection:
         config: RelayConfig,
         on_subscribed: Callable[[], None] = lambda: None,
         admit: Callable[[RelayConnection], str | None] = lambda _connection: None,
+        counters: RelayCounters | None = None,
     ) -> None:
         self.id = next(_ids)
         self._on_subscribed = on_subscribed
         self._admit = admit
+        self._counters = counters or RelayCounters()
         self.peer = peer_name(stream)
         self.host = self.peer.rpartition(":")[0].strip("[]") or self.peer
         self._stream = stream
@@ -350,12 +353,14 @@ class RelayConnection:
                 self._early = rest
             return True
         logger.info("connection from %s: handshake timed out", self.peer)
+        self._counters.rejections["handshake-timeout"] += 1
         return False
 
     _early = b""
 
     async def _reject(self, status: int, reason: str) -> None:
         logger.info("connection from %s rejected: HTTP %d %s", self.peer, status, reason)
+        self._counters.rejections[f"http-{status}"] += 1
         with contextlib.suppress(_PeerGone, _Stalled):
             await self._send(http_response(status, reason))
 
@@ -392,6 +397,7 @@ class RelayConnection:
                         raise _Stalled
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _PeerGone(str(exc)) from exc
+        self._counters.bytes_out += len(data)
         self._handoff = False
         self._write_broken = False
 
@@ -426,6 +432,7 @@ class RelayConnection:
             sent = send_nowait(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             sent = 0  # the writer task will meet the error through trio
+        self._counters.bytes_out += sent
         if sent == len(data):
             return None
         if sent == 0:
@@ -570,6 +577,7 @@ class RelayConnection:
         while True:
             if data:
                 error: ProtocolError | None = None
+                self._counters.bytes_in += len(data)
                 try:
                     events = parser.feed(data)
                 except ProtocolError as exc:
@@ -590,6 +598,7 @@ class RelayConnection:
                         self._ping_payload = None
                         self._next_ping = trio.current_time() + config.ping_interval
                 if payloads:
+                    self._counters.messages_in += len(payloads)
                     if self._envelope:
                         replies += await self._publish_envelopes(payloads, texts)
                     else:

@@ -14,6 +14,7 @@ import trio
 from ._broadcast import BroadcastStatistics
 from ._config import RelayConfig
 from ._connection import RelayConnection
+from ._metrics import RelayCounters
 from ._topics import DeliveryReport, Topics, TopicStatistics
 
 __all__ = ["RelayServer", "RelayStatistics", "serve_relay"]
@@ -54,6 +55,8 @@ class RelayServer:
         self.topics = topics
         self.config = config
         self._connections: set[RelayConnection] = set()
+        self.counters = RelayCounters()
+        """Lifetime counters (messages and bytes in and out, rejections by reason)."""
         self._admitted: set[RelayConnection] = set()
         self._per_host: collections.Counter[str] = collections.Counter()
         self._changed = trio.Event()
@@ -126,7 +129,12 @@ class RelayServer:
         directly (with an in-memory stream, say). Never raises except ``Cancelled``.
         """
         connection = RelayConnection(
-            stream, self.topics, self.config, self._notify, admit=self._admit
+            stream,
+            self.topics,
+            self.config,
+            self._notify,
+            admit=self._admit,
+            counters=self.counters,
         )
         self._connections.add(connection)
         self._notify()
