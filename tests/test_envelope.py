@@ -19,8 +19,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from trio_relay._envelope import (
     MAX_ID_LENGTH,

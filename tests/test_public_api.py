@@ -41,6 +41,7 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "consume",
         "encode_frame",
         "produce",
+        "serve_metrics",
         "serve_relay",
     ]
     for name in trio_relay.__all__:

@@ -24,10 +24,15 @@ import pytest
 import trio
 import trio.testing
 from helpers import HOST, RawClient, masked_frame
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_end_to_end import PYTHON, Launch, at, start_consumer, start_server
-from test_end_to_end import launch as launch  # the fixture: it starts and kills programs
+from hypothesis import given, settings, strategies as st
+from test_end_to_end import (
+    PYTHON,
+    Launch,
+    at,
+    launch as launch,  # the fixture: it starts and kills programs
+    start_consumer,
+    start_server,
+)
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
 from trio_relay import (

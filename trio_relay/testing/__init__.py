@@ -12,15 +12,10 @@ With pytest-trio, the ``memory_relay`` fixture (registered by this package's pyt
 plugin) gives the same :class:`MemoryRelay` with default settings.
 """
 
-from ._relay import MemoryRelay as MemoryRelay
-from ._relay import open_memory_relay as open_memory_relay
+from ._relay import MemoryRelay as MemoryRelay, open_memory_relay as open_memory_relay
 from ._streams import (
     MemoryListener as MemoryListener,
-)
-from ._streams import (
     MemoryStream as MemoryStream,
-)
-from ._streams import (
     socket_like_stream_pair as socket_like_stream_pair,
 )
 
