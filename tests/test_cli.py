@@ -35,6 +35,8 @@ def test_serve_defaults() -> None:
         "max_subscribers_per_topic": 10_000,
         "publish_rate": 0.0,
         "publish_burst": 1000,
+        "auth_secret": None,
+        "allowed_origins": (),
         "history_size": 1000,
         "history_bytes": 1024 * 1024,
         "history_age": 600.0,

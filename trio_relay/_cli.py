@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -14,6 +15,7 @@ from typing import get_args
 
 import trio
 
+from ._auth import mint_token
 from ._broadcast import OverflowPolicy
 from ._client import DEFAULT_TIMEOUT, consume, produce
 from ._config import RelayConfig
@@ -33,6 +35,19 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
 
 
@@ -71,6 +86,8 @@ _SERVE_HELP = {
     "publish_rate": "messages per second one connection may publish, 0 for no limit; a "
     "faster client is read from more slowly",
     "publish_burst": "messages one connection may publish at once above the rate",
+    "auth_secret": "secret of the HS256 tokens clients must present, at least 32 characters",
+    "allowed_origins": "comma-separated Origin patterns browsers must match, e.g. https://*.example.com",
     "history_size": "messages each topic retains for clients resuming with since=",
     "history_bytes": "payload bytes each topic retains at most",
     "history_age": "seconds a message stays retained at most",
@@ -131,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
             )
             continue
+        if field.name == "auth_secret":
+            serve.add_argument(
+                option,
+                default=os.environ.get("TRIO_RELAY_AUTH_SECRET"),
+                help=f"{_SERVE_HELP[field.name]}; default: $TRIO_RELAY_AUTH_SECRET, or none",
+            )
+            continue
+        if field.name == "allowed_origins":
+            serve.add_argument(
+                option,
+                type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()),
+                default=default,
+                help=f"{_SERVE_HELP[field.name]}; default: any origin",
+            )
+            continue
         if isinstance(default, float):
             kind: Callable[[str], object] = _positive_float
         elif field.name in ("history_size", "history_bytes"):
@@ -143,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
             default=default,
             help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
         )
+
+    token = commands.add_parser(
+        "token",
+        help="mint an access token",
+        description="Print a token (HS256 JWT) allowing the given topic patterns.",
+    )
+    token.add_argument(
+        "--secret",
+        default=os.environ.get("TRIO_RELAY_AUTH_SECRET"),
+        help="the relay's --auth-secret (default: $TRIO_RELAY_AUTH_SECRET)",
+    )
+    token.add_argument(
+        "--publish", action="append", default=[], help="topic pattern it may publish to"
+    )
+    token.add_argument(
+        "--subscribe", action="append", default=[], help="topic pattern it may subscribe to"
+    )
+    token.add_argument(
+        "--ttl", type=_duration, default=3600.0, help="lifetime: 3600, 90s, 30m, 1h, 7d"
+    )
 
     consume_cmd = commands.add_parser(
         "consume",
@@ -265,6 +317,15 @@ async def _produce(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-relay``; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        if not args.secret or len(args.secret) < 32:
+            print("trio-relay token: --secret of at least 32 characters needed", file=sys.stderr)
+            return 2
+        if not args.publish and not args.subscribe:
+            print("trio-relay token: give --publish and/or --subscribe", file=sys.stderr)
+            return 2
+        print(mint_token(args.secret, publish=args.publish, subscribe=args.subscribe, ttl=args.ttl))
+        return 0
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -277,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except ValueError as exc:  # e.g. a setting out of range
+        print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is already in use
         print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
         return 1

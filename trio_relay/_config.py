@@ -60,6 +60,14 @@ class RelayConfig:
     above it is not read from until it is back under: TCP slows it down, nothing is lost."""
     publish_burst: int = 1000
     """Messages one connection may publish at once above ``publish_rate`` (the bucket size)."""
+    auth_secret: str | None = None
+    """Secret (at least 32 characters) that client tokens must be signed with (HS256 JWT);
+    None lets every client publish and subscribe to every topic. Prefer setting it through
+    the environment (TRIO_RELAY_AUTH_SECRET) to a command line others can read."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origin patterns (fnmatch) a browser's ``Origin`` header must match, against
+    cross-site WebSocket hijacking; empty allows every origin. Clients that send no Origin
+    (not browsers) are not affected."""
     history_size: int = 1000
     """Messages each topic retains for clients that resume with ``since`` (0: none)."""
     history_bytes: int = 1024 * 1024
@@ -68,6 +76,8 @@ class RelayConfig:
     """Seconds a message stays retained at most."""
 
     def __post_init__(self) -> None:
+        if self.auth_secret is not None and len(self.auth_secret) < 32:
+            raise ValueError("auth_secret must be at least 32 characters (HS256 needs 256 bits)")
         if self.overflow_policy not in _POLICIES:
             raise ValueError(
                 f"overflow_policy must be one of {sorted(_POLICIES)}, not {self.overflow_policy!r}"

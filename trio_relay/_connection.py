@@ -26,6 +26,7 @@ writer task; only what the socket does not take is queued.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import http
 import itertools
 import logging
@@ -40,6 +41,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
+from ._auth import OPEN, TokenError, verify_token
 from ._broadcast import Subscription
 from ._config import RelayConfig
 from ._envelope import (
@@ -189,6 +191,9 @@ class RelayConnection:
         # The highest sequence number of this topic already sent to this client: replays
         # and live batches meet here without duplicates.
         self._cursor = 0
+        self._grant = OPEN  # what the client's token allows (everything without auth)
+        self._may_read = True
+        self._may_write = True
         # Keepalive, driven by the server's ticker (see keepalive()): no timer per connection.
         self._subscription: Subscription[Batch | bytes] | None = None
         self._ping_payload: bytes | None = None  # of the keepalive ping awaiting its pong
@@ -280,7 +285,7 @@ class RelayConnection:
             if gap is not None:
                 body = encode_gap(gap.topic, gap.since, gap.first)
                 first += (frame_header(len(body), text=True), body)
-            if replay is not None:
+            if replay is not None and self._may_read:
                 first.append(replay.envelope() if self._envelope else replay.raw)
             if first:
                 try:
@@ -338,6 +343,31 @@ class RelayConnection:
                 await self._reject(400, f"bad request {request.target!r}: {exc}")
                 return False
             self._envelope = SUBPROTOCOL in request.subprotocols
+            headers = {name.lower(): value for name, value in request.extra_headers}
+            origin = headers.get(b"origin")
+            patterns = self._config.allowed_origins
+            if origin is not None and patterns:
+                text = origin.decode("latin-1")
+                if not any(fnmatch.fnmatchcase(text, pattern) for pattern in patterns):
+                    await self._reject(403, f"origin {text!r} is not allowed")
+                    return False
+            if self._config.auth_secret is not None:
+                authorization = headers.get(b"authorization", b"").decode("latin-1")
+                scheme, _, bearer = authorization.partition(" ")
+                token = bearer.strip() if scheme.lower() == "bearer" else ""
+                token = token or (parse_qs(target.query).get("token") or [""])[0]
+                try:
+                    self._grant = verify_token(self._config.auth_secret, token)
+                except TokenError as exc:
+                    await self._reject(401, str(exc))
+                    return False
+                if not (
+                    self._grant.may_subscribe(self.topic) or self._grant.may_publish(self.topic)
+                ):
+                    await self._reject(403, f"the token does not allow topic {self.topic!r}")
+                    return False
+            self._may_read = self._grant.may_subscribe(self.topic)
+            self._may_write = self._grant.may_publish(self.topic)
             refusal = self._admit(self)
             if refusal is not None:
                 await self._reject(503, refusal)
@@ -405,6 +435,8 @@ class RelayConnection:
         """The bytes this client gets for a queued item, or None if it gets nothing."""
         if isinstance(item, bytes):
             return item  # the rest of a partial write-through, already rendered
+        if not self._may_read:
+            return None  # a publish-only token: the client gets acks, not messages
         if item.source is self and not item.echo:
             self._cursor = item.last_seq
             return None
@@ -597,6 +629,19 @@ class RelayConnection:
                     elif payload == self._ping_payload:  # the pong to our keepalive ping
                         self._ping_payload = None
                         self._next_ping = trio.current_time() + config.ping_interval
+                if payloads and not self._may_write:
+                    if not self._envelope:
+                        self._request_close(
+                            CloseCode.SLOW_CONSUMER,  # 1008: policy violation
+                            f"the token does not allow publishing to topic {self.topic!r}",
+                        )
+                        return
+                    body = encode_error(
+                        "forbidden",
+                        f"the token does not allow publishing to topic {self.topic!r}",
+                    )
+                    replies += [frame_header(len(body), text=True), body] * len(payloads)
+                    payloads = []
                 if payloads:
                     self._counters.messages_in += len(payloads)
                     if self._envelope:

@@ -1,0 +1,177 @@
+"""Who may connect and do what: tokens, topic permissions, the origin allow-list."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+import trio.testing
+from helpers import HOST, RawClient, rejected, upgrade_request
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+from trio_relay import SUBPROTOCOL, RelayConfig
+from trio_relay._auth import Grant, mint_token, verify_token
+from trio_relay.testing import MemoryRelay, open_memory_relay
+
+SECRET = "s" * 40
+CONFIG = RelayConfig(auth_secret=SECRET, allowed_origins=("https://*.example.com",))
+
+
+async def _connect(
+    relay: MemoryRelay,
+    path: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    envelope: bool = False,
+) -> RawClient:
+    client = RawClient(await relay.open_stream())
+    headers = []
+    if token is not None:
+        headers.append((b"Authorization", f"Bearer {token}".encode()))
+    if origin is not None:
+        headers.append((b"Origin", origin.encode()))
+    subprotocols = [SUBPROTOCOL] if envelope else []
+    await client.send(
+        Request(host=HOST, target=path, extra_headers=headers, subprotocols=subprotocols)
+    )
+    assert isinstance(await client.next_event(), AcceptConnection)
+    return client
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        RelayConfig(auth_secret="short")
+
+
+def test_a_minted_token_carries_its_patterns() -> None:
+    token = mint_token(SECRET, publish=["news/*"], subscribe=["*"], ttl=60)
+    assert verify_token(SECRET, token) == Grant(publish=("news/*",), subscribe=("*",))
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (None, b"a token is required"),
+        ("not.a.token", b"invalid token"),
+        (mint_token("x" * 40, subscribe=["*"]), b"Signature verification failed"),
+        (mint_token(SECRET, subscribe=["*"], ttl=10, now=1_000_000), b"expired"),
+    ],
+    ids=["missing", "malformed", "wrong-secret", "expired"],
+)
+async def test_no_valid_token_is_refused_with_401(
+    autojump_clock: trio.testing.MockClock, token: str | None, reason: bytes
+) -> None:
+    async with open_memory_relay(CONFIG) as relay:
+        query = "" if token is None else f"?token={token}"
+        status, body = await rejected(relay, upgrade_request("/news" + query))
+        assert status == 401
+        assert reason in body
+
+
+async def test_a_token_for_other_topics_is_refused_with_403(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    token = mint_token(SECRET, publish=["sport"], subscribe=["sport/*"])
+    async with open_memory_relay(CONFIG) as relay:
+        status, body = await rejected(relay, upgrade_request(f"/news?token={token}"))
+        assert status == 403
+        assert b"does not allow topic 'news'" in body
+
+
+async def test_the_token_works_in_the_header_and_in_the_query(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    token = mint_token(SECRET, publish=["*"], subscribe=["*"])
+    async with open_memory_relay(CONFIG) as relay:
+        by_header = await _connect(relay, "/news", token=token)
+        by_query = await _connect(relay, f"/news?token={token}")
+        await by_header.send_text("both in")
+        assert await by_query.next_message() == "both in"
+
+
+async def test_publishing_without_permission_closes_a_raw_client_with_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reader = mint_token(SECRET, subscribe=["news"])
+    async with open_memory_relay(CONFIG) as relay:
+        client = await _connect(relay, "/news", token=reader)
+        await client.send_text("may I?")
+        close = await client.next_close()
+        assert close.code == 1008
+        assert close.reason == "the token does not allow publishing to topic 'news'"
+        assert relay.server.statistics().broadcast.published == 0
+
+
+async def test_publishing_without_permission_is_an_error_frame_for_an_envelope_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reader = mint_token(SECRET, subscribe=["news"])
+    async with open_memory_relay(CONFIG) as relay:
+        client = await _connect(relay, "/news", token=reader, envelope=True)
+        assert json.loads(await client.next_message())["type"] == "welcome"
+        await client.send(TextMessage(data=json.dumps({"type": "publish", "text": "x"})))
+        error = json.loads(await client.next_message())
+        assert (error["type"], error["code"]) == ("error", "forbidden")
+        await relay.publish("the connection is still open", "news")
+        assert json.loads(await client.next_message())["text"] == "the connection is still open"
+
+
+async def test_a_publish_only_token_gets_acks_but_no_messages(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    writer = mint_token(SECRET, publish=["news"])
+    async with open_memory_relay(CONFIG) as relay:
+        client = await _connect(relay, "/news", token=writer, envelope=True)
+        assert json.loads(await client.next_message())["type"] == "welcome"
+        await relay.publish("not for you", "news")
+        await client.send(TextMessage(data=json.dumps({"type": "publish", "text": "mine"})))
+        ack = json.loads(await client.next_message())
+        assert (ack["type"], ack["seq"]) == ("ack", 2)
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [("https://app.example.com", True), ("https://evil.test", False), (None, True)],
+    ids=["allowed", "other-site", "no-origin"],
+)
+async def test_browsers_from_other_origins_are_refused_with_403(
+    autojump_clock: trio.testing.MockClock, origin: str | None, allowed: bool
+) -> None:
+    token = mint_token(SECRET, subscribe=["*"])
+    async with open_memory_relay(CONFIG) as relay:
+        if allowed:
+            await _connect(relay, "/news", token=token, origin=origin)
+            return
+        request = upgrade_request(f"/news?token={token}", extra=f"Origin: {origin}\r\n")
+        status, body = await rejected(relay, request)
+        assert status == 403
+        assert b"origin 'https://evil.test' is not allowed" in body
+
+
+def test_the_token_command_mints_a_token_the_relay_accepts() -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "trio_relay", "token", "--secret", SECRET),
+            *("--publish", "news/*", "--subscribe", "*", "--ttl", "1h"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    grant = verify_token(SECRET, result.stdout.strip())
+    assert grant == Grant(publish=("news/*",), subscribe=("*",))
+
+
+async def test_without_a_secret_everyone_may_do_everything(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_relay() as relay:
+        client = await RawClient.connect(relay, "/anything")
+        await client.send_text("open relay")
+        assert await client.next_message() == "open relay"
+        await client.send(CloseConnection(code=1000))
