@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from trio_relay import DEFAULT_TIMEOUT, RelayConfig
-from trio_relay._cli import build_parser
+from trio_relay._cli import build_parser, serve_settings
 
 
 def test_serve_defaults() -> None:
@@ -43,6 +44,7 @@ def test_serve_defaults() -> None:
         "certfile": None,
         "keyfile": None,
         "metrics_port": None,
+        "config": None,
     }
 
 
@@ -135,3 +137,42 @@ def test_python_m_trio_relay_help() -> None:
     for command in ("serve", "consume", "produce"):
         assert f"\n    {command} " in result.stdout, result.stdout
     assert result.stderr == ""
+
+
+def test_settings_come_from_flags_then_environment_then_file_then_defaults(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        "[serve]\nmax_queue_bytes = 1000\nport = 5000\nallowed_origins = ['https://a', 'https://b']\n"
+    )
+    environ = {"TRIO_RELAY_PORT": "6000", "TRIO_RELAY_OVERFLOW_POLICY": "drop", "OTHER": "x"}
+    settings = serve_settings(environ, str(config))
+    assert settings == {
+        "max_queue_bytes": 1000,
+        "port": 6000,  # the environment beats the file
+        "allowed_origins": ("https://a", "https://b"),
+        "overflow_policy": "drop",
+    }
+    args = build_parser(settings).parse_args(["serve", "--port", "7000"])
+    assert (args.port, args.max_queue_bytes, args.overflow_policy) == (7000, 1000, "drop")
+    assert args.close_timeout == RelayConfig().close_timeout  # untouched: the default
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TRIO_RELAY_MAX_QUEUE_BYTES": "0"}, "max_queue_bytes: must be at least 1"),
+        ({"TRIO_RELAY_OVERFLOW_POLICY": "hope"}, "unknown policy"),
+    ],
+)
+def test_bad_settings_are_refused_with_their_name(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        serve_settings(environ, None)
+
+
+def test_an_unknown_key_in_the_settings_file_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text("max_queue_byte = 1\n")
+    with pytest.raises(ValueError, match="unknown setting 'max_queue_byte'"):
+        serve_settings({}, str(config))

@@ -451,6 +451,9 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         assert re.search(pattern, help_text), f"{option} (default {default}) not in:\n{help_text}"
     options = set(re.findall(r"\s(--[a-z-]+)", help_text))
     # Plus the options that are off by default: TLS, metrics, tokens, origins.
-    tls = {"--certfile", "--keyfile", "--metrics-port", "--auth-secret", "--allowed-origins"}
+    tls = {
+        *("--certfile", "--keyfile", "--metrics-port", "--auth-secret", "--allowed-origins"),
+        "--config",
+    }
     assert options == {option.split()[0] for option in expected} | {"--help"} | tls
     assert result.stderr == b""

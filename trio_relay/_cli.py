@@ -9,7 +9,8 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import get_args
 
@@ -95,8 +96,12 @@ _SERVE_HELP = {
 """Help of each ``serve`` option; one per :class:`RelayConfig` field (a test checks)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``trio-relay`` (and ``python -m trio_relay``)."""
+def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``trio-relay`` (and ``python -m trio_relay``).
+
+    ``serve_defaults`` replaces built-in defaults of ``serve`` options (from a settings file
+    and the environment: see :func:`serve_settings`).
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--host", default=DEFAULT_HOST, help="relay host name or address (default: %(default)s)"
@@ -151,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         if field.name == "auth_secret":
             serve.add_argument(
                 option,
-                default=os.environ.get("TRIO_RELAY_AUTH_SECRET"),
-                help=f"{_SERVE_HELP[field.name]}; default: $TRIO_RELAY_AUTH_SECRET, or none",
+                default=default,
+                help=f"{_SERVE_HELP[field.name]}; default: none",
             )
             continue
         if field.name == "allowed_origins":
             serve.add_argument(
                 option,
-                type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()),
+                type=_patterns,
                 default=default,
                 help=f"{_SERVE_HELP[field.name]}; default: any origin",
             )
@@ -175,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
             default=default,
             help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
         )
+
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (keys as the options, e.g. max_queue_bytes = 1048576, at top "
+        "level or under [serve]); default: none",
+    )
+    if serve_defaults:
+        serve.set_defaults(**serve_defaults)
 
     token = commands.add_parser(
         "token",
@@ -314,9 +328,79 @@ async def _produce(args: argparse.Namespace) -> None:
         )
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
+
+
+_TEXT_SETTINGS = ("host", "certfile", "keyfile", "auth_secret")
+_SETTINGS = frozenset(
+    {*_TEXT_SETTINGS, "port", "metrics_port", "log_level"}
+    | {field.name for field in dataclasses.fields(RelayConfig)}
+)
+
+
+def _convert(name: str, value: object) -> object:
+    """A setting from a file or the environment, checked as its option checks it."""
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        if name in _TEXT_SETTINGS:
+            return text
+        if name in ("port", "metrics_port"):
+            return int(text)
+        if name == "log_level":
+            if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise ValueError(f"unknown log level {text!r}")
+            return text.upper()
+        if name == "overflow_policy":
+            if text not in get_args(OverflowPolicy):
+                raise ValueError(f"unknown policy {text!r}")
+            return text
+        if name == "allowed_origins":
+            return _patterns(text)
+        default = getattr(_DEFAULTS, name)
+        if isinstance(default, float):
+            return _positive_float(text)
+        if name in ("history_size", "history_bytes"):
+            return _non_negative_int(text)
+        return _positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def serve_settings(environ: Mapping[str, str], config_file: str | None) -> dict[str, object]:
+    """Settings of ``serve`` from a TOML file and ``TRIO_RELAY_*`` environment variables.
+
+    Precedence, highest first: command-line options, then the environment
+    (``TRIO_RELAY_MAX_QUEUE_BYTES=1048576``), then the ``--config`` file, then the built-in
+    defaults. Values are checked as the options check them; unknown keys are errors.
+    """
+    settings: dict[str, object] = {}
+    if config_file is not None:
+        with open(config_file, "rb") as file:
+            document = tomllib.load(file)
+        table = document.get("serve", document)
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in _SETTINGS:
+                raise ValueError(f"unknown setting {key!r} in {config_file}")
+            settings[name] = _convert(name, value)
+    for name in sorted(_SETTINGS):
+        text = environ.get(f"TRIO_RELAY_{name.upper()}")
+        if text is not None:
+            settings[name] = _convert(name, text)
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-relay``; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = serve_settings(os.environ, args.config)
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+            print(f"trio-relay serve: settings: {exc}", file=sys.stderr)
+            return 2
+        args = build_parser(settings).parse_args(argv)
     if args.command == "token":
         if not args.secret or len(args.secret) < 32:
             print("trio-relay token: --secret of at least 32 characters needed", file=sys.stderr)
