@@ -316,7 +316,9 @@ class RelayConnection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
-                    logger.info("connection from %s closed during the handshake", self.peer)
+                    logger.info(
+                        "connection #%d from %s closed during the handshake", self.id, self.peer
+                    )
                     return False
                 buffer += data
             head, rest = parts
@@ -382,14 +384,16 @@ class RelayConnection:
                 # after the handshake. They are parsed with the first read of the reader.
                 self._early = rest
             return True
-        logger.info("connection from %s: handshake timed out", self.peer)
+        logger.info("connection #%d from %s: handshake timed out", self.id, self.peer)
         self._counters.rejections["handshake-timeout"] += 1
         return False
 
     _early = b""
 
     async def _reject(self, status: int, reason: str) -> None:
-        logger.info("connection from %s rejected: HTTP %d %s", self.peer, status, reason)
+        logger.info(
+            "connection #%d from %s rejected: HTTP %d %s", self.id, self.peer, status, reason
+        )
         self._counters.rejections[f"http-{status}"] += 1
         with contextlib.suppress(_PeerGone, _Stalled):
             await self._send(http_response(status, reason))

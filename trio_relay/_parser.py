@@ -105,7 +105,8 @@ class FrameParser:
         self._buffer = bytearray()
         self._closed = False
         # The fragmented message in progress, if any.
-        self._fragments: list[bytes] = []
+        # One growing buffer, not a list: a flood of tiny fragments costs its bytes only.
+        self._fragments = bytearray()
         self._fragmented_text = False
         self._fragmenting = False
         self._fragment_size = 0
@@ -228,12 +229,12 @@ class FrameParser:
                 self._decoder.decode(payload, fin)
             except UnicodeDecodeError:
                 raise ProtocolError(1007, "text message is not valid UTF-8") from None
-        self._fragments.append(payload)
+        self._fragments += payload
         self._fragment_size += len(payload)
         if fin:
-            message = b"".join(self._fragments)
+            message = bytes(self._fragments)
             events.append((MESSAGE, message, self._fragmented_text))
-            self._fragments = []
+            self._fragments = bytearray()
             self._fragment_size = 0
             self._fragmenting = False
             self._decoder = None
