@@ -10,8 +10,10 @@ way to see that no task leaked).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,6 +45,8 @@ async def bystanding(config: RelayConfig = CONFIG) -> AsyncIterator[tuple[Memory
         await relay.server.wait_until(lambda s: s.connections == 1)
         await trio.testing.wait_all_tasks_blocked()
         baseline = trio.lowlevel.current_statistics().tasks_living
+        gc.collect()
+        memory = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
         yield relay, bystander
         await relay.publish("still here")
         with trio.fail_after(60):  # skipping whatever valid messages the bad client sent
@@ -54,11 +58,25 @@ async def bystanding(config: RelayConfig = CONFIG) -> AsyncIterator[tuple[Memory
         assert stats.broadcast.subscribers == 1
         assert list(stats.topics) == [""]
         assert trio.lowlevel.current_statistics().tasks_living == baseline
+        if memory is not None:
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - memory
+            assert grown < 256 * 1024, f"{grown} bytes more than before"
 
 
 async def _send_until_cut(client: RawClient, data: bytes) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await client.send_raw(data)
+
+
+@pytest.fixture(autouse=True)
+def traced_memory() -> Iterator[None]:
+    """Trace allocations, so that ``bystanding`` can check memory returns to baseline."""
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.mark.parametrize(
@@ -116,6 +134,7 @@ async def test_a_fragment_flood_is_cut_at_the_message_size_with_1009(
             close = await client.next_close()
             nursery.cancel_scope.cancel()  # the relay stopped reading: the rest stays unsent
         assert close.code == 1009
+        del flood  # ours, not the relay's: out of the memory comparison
 
 
 async def test_a_ping_flood_from_a_client_that_reads_no_pongs_is_cut_off(
@@ -168,6 +187,8 @@ async def test_a_thousand_unfinished_handshakes_are_dropped_at_the_timeout(
         assert relay.server.counters.rejections["handshake-timeout"] == 1000
         for stream in streams:
             assert await stream.receive_some() == b""
+            await stream.aclose()
+        del streams, stream  # ours, not the relay's: out of the memory comparison
 
 
 _frames = st.lists(

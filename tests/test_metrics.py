@@ -57,6 +57,8 @@ async def test_healthz_and_metrics_report_the_relay(nursery: trio.Nursery) -> No
     assert samples[("trio_relay_connections", ())] == 1
     assert samples[("trio_relay_messages_received_total", ())] == 1
     assert samples[("trio_relay_received_bytes_total", ())] > 5
+    # "hello" to its producer (on /), "from the server" to the consumer of /news.
+    assert samples[("trio_relay_messages_sent_total", ())] == 2
     assert samples[("trio_relay_sent_bytes_total", ())] > 0
     assert samples[("trio_relay_rejected_total", (("reason", "http-503"),))] == 1
     assert samples[("trio_relay_evicted_total", ())] == 0

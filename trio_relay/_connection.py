@@ -450,6 +450,7 @@ class RelayConnection:
                 return None
             item = fresh
         self._cursor = item.last_seq
+        self._counters.messages_out += len(item.payloads)
         return item.envelope() if self._envelope else item.raw
 
     def _write_through(self, item: Batch | bytes) -> Batch | bytes | None:

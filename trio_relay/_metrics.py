@@ -33,10 +33,11 @@ REQUEST_TIMEOUT = 10.0
 class RelayCounters:
     """Lifetime counters of a relay, kept by its connections."""
 
-    __slots__ = ("bytes_in", "bytes_out", "messages_in", "rejections")
+    __slots__ = ("bytes_in", "bytes_out", "messages_in", "messages_out", "rejections")
 
     def __init__(self) -> None:
         self.messages_in = 0
+        self.messages_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.rejections: collections.Counter[str] = collections.Counter()
@@ -61,6 +62,11 @@ class _RelayCollector:
         )
         yield CounterMetricFamily(
             "trio_relay_messages_received", "Messages received from clients.", counters.messages_in
+        )
+        yield CounterMetricFamily(
+            "trio_relay_messages_sent",
+            "Messages handed to clients (one per message and recipient).",
+            counters.messages_out,
         )
         yield CounterMetricFamily(
             "trio_relay_received_bytes", "Bytes received from clients.", counters.bytes_in
