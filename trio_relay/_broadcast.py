@@ -100,6 +100,31 @@ class Subscription(trio.abc.ReceiveChannel[T]):
     subscription is evicted.
     """
 
+    __slots__ = (
+        "_broadcast",
+        "_evicted",
+        "_evicted_event",
+        "_gone",
+        "_on_evict",
+        "_parked",
+        "_progress",
+        "_queued",
+        "_queued_bytes",
+        "_receive",
+        "_room",
+        "_room_waiters",
+        "_send",
+        "_size_of",
+        "_write_through",
+        "dropped",
+        "id",
+        "max_buffer",
+        "max_bytes",
+        "name",
+        "policy",
+        "timeout",
+    )
+
     def __init__(
         self,
         max_buffer: int,

@@ -165,6 +165,43 @@ class RelayConnection:
     :meth:`RelayServer.serve_stream`).
     """
 
+    # Slots: with thousands of connections, a __dict__ each is a kilobyte each.
+    __slots__ = (
+        "_admit",
+        "_close_request",
+        "_config",
+        "_counters",
+        "_cursor",
+        "_early",
+        "_envelope",
+        "_grant",
+        "_handoff",
+        "_may_read",
+        "_may_write",
+        "_next_ping",
+        "_on_subscribed",
+        "_parser",
+        "_peer_closed",
+        "_peer_gone",
+        "_ping_payload",
+        "_ping_sent",
+        "_protocol_error",
+        "_read_fd",
+        "_send_nowait",
+        "_since",
+        "_stream",
+        "_subscription",
+        "_tasks",
+        "_topics",
+        "_write_broken",
+        "_write_slot",
+        "close_code",
+        "host",
+        "id",
+        "peer",
+        "topic",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -191,6 +228,7 @@ class RelayConnection:
         # The highest sequence number of this topic already sent to this client: replays
         # and live batches meet here without duplicates.
         self._cursor = 0
+        self._early = b""  # bytes that came with the handshake, for the reader
         self._grant = OPEN  # what the client's token allows (everything without auth)
         self._may_read = True
         self._may_write = True
@@ -387,8 +425,6 @@ class RelayConnection:
         logger.info("connection #%d from %s: handshake timed out", self.id, self.peer)
         self._counters.rejections["handshake-timeout"] += 1
         return False
-
-    _early = b""
 
     async def _reject(self, status: int, reason: str) -> None:
         logger.info(
