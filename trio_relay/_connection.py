@@ -195,6 +195,7 @@ class RelayConnection:
         "_topics",
         "_write_broken",
         "_write_slot",
+        "_writing",
         "close_code",
         "host",
         "id",
@@ -242,6 +243,10 @@ class RelayConnection:
         # synchronously in the publisher's task and, after a partial write, hands it to the
         # writer task, which releases it once the rest of the frame is out.
         self._write_slot = trio.Semaphore(1)
+        # Tasks holding or waiting for the slot: a plain int for the hot path to read. (Not the
+        # semaphore's value: acquiring it yields *after* taking it, so a write-through
+        # could slip in between.)
+        self._writing = 0
         self._handoff = False
         self._send_nowait = nowait_sender(stream)
         self._read_fd = stream.socket.fileno() if type(stream) is trio.SocketStream else None
@@ -438,8 +443,12 @@ class RelayConnection:
 
     async def _send(self, data: bytes) -> None:
         """Write ``data`` whole, after any write in progress (pongs, close frames, HTTP)."""
-        async with self._write_slot:
-            await self._write_all(data)
+        self._writing += 1
+        try:
+            async with self._write_slot:
+                await self._write_all(data)
+        finally:
+            self._writing -= 1
 
     async def _write_all(self, data: bytes) -> None:
         """Write ``data``; the caller holds the write slot.
@@ -497,7 +506,7 @@ class RelayConnection:
         data = self._render(item)
         if data is None:
             return None
-        if not self._write_slot.value or self._write_broken:
+        if self._writing or self._write_broken:
             return data  # a pong, ack or close frame is being written: queue behind it
         # No task can run until this function returns, so a write that completes needs no
         # slot; only a partial one must hold it, for the writer task to finish the frame.
@@ -513,6 +522,7 @@ class RelayConnection:
         # Half a frame is out: the rest must follow before anything else. The writer task
         # inherits the write slot with the rest, which is the next thing it receives.
         self._write_slot.acquire_nowait()
+        self._writing += 1
         self._handoff = True
         self._write_broken = True
         return data[sent:]
@@ -542,6 +552,7 @@ class RelayConnection:
                     try:
                         await self._write_all(data)
                     finally:
+                        self._writing -= 1
                         self._write_slot.release()
                 else:
                     await self._send(data)
