@@ -352,7 +352,7 @@ class Topics:
     def _batch(
         self, topic: _Topic, payloads: list[bytes], texts: list[bool], source: object, echo: bool
     ) -> Batch:
-        return Batch(topic.name, topic.last_seq + 1, payloads, texts, source=source, echo=echo)
+        return Batch(topic.name, topic.last_seq + 1, payloads, texts, source, echo)
 
     def _commit(self, topic: _Topic, batch: Batch) -> None:
         topic.last_seq = batch.last_seq
@@ -381,7 +381,7 @@ class Topics:
         topic = self._topics.get(name) or self._get(name)
         if topic.lock.locked():
             raise trio.WouldBlock
-        batch = Batch(name, topic.last_seq + 1, payloads, texts, source, echo)
+        batch = self._batch(topic, payloads, texts, source, echo)
         broadcast = topic.broadcast
         # WouldBlock from either: nothing was published.
         if isinstance(broadcast, Broadcast):
@@ -389,8 +389,7 @@ class Topics:
         else:
             published = broadcast.publish_nowait(batch)
             report = (published.queued, published.dropped, published.evicted)
-        topic.last_seq = batch.first_seq + len(payloads) - 1
-        topic.history.add(batch, trio.current_time())
+        self._commit(topic, batch)
         return batch, report
 
     async def publish_batch(
