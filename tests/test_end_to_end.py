@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import gc
+import json
 import os
 import re
 import signal
@@ -24,8 +25,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from redis_support import RedisServer, redis_server
 
 import trio_relay
+
+__all__ = ["redis_server"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -444,16 +448,112 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--history-bytes HISTORY_BYTES": "1048576",
         "--history-age HISTORY_AGE": "600.0",
         "--receive-buffer-size RECEIVE_BUFFER_SIZE": "65536",
+        "--workers WORKERS": "1",
     }
     for option, default in expected.items():
         # The option, then its help up to the first parenthesis, without reaching another option.
         pattern = rf"{re.escape(option)} (?:(?!--)[^()])*\(default: {re.escape(default)}\)"
         assert re.search(pattern, help_text), f"{option} (default {default}) not in:\n{help_text}"
     options = set(re.findall(r"\s(--[a-z-]+)", help_text))
-    # Plus the options that are off by default: TLS, metrics, tokens, origins.
+    # Plus the options that are off by default: TLS, metrics, tokens, origins, backplane.
     tls = {
         *("--certfile", "--keyfile", "--metrics-port", "--auth-secret", "--allowed-origins"),
-        "--config",
+        *("--config", "--backplane"),
     }
     assert options == {option.split()[0] for option in expected} | {"--help"} | tls
     assert result.stderr == b""
+
+
+# ------------------------------------------------------------------------ --workers
+
+
+async def healthz(port: int) -> dict[str, object]:
+    """The ``/healthz`` JSON of the metrics port ``port``."""
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some():
+                data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
+
+
+async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(
+    launch: Launch, redis_server: RedisServer
+) -> None:
+    supervisor = await launch(
+        TRIO_RELAY,
+        "serve",
+        *("--workers", "2", "--backplane", redis_server.url),
+        *("--metrics-port", "0", "--ping-interval", "0"),
+        *at(0),
+    )
+    port = int((await supervisor.expect("stderr", r"supervising 2 workers on port (\d+)"))[1])
+    await supervisor.expect("stderr", LISTENING, 2)
+    metrics_line = r"worker (\d): metrics on http://[^:]+:(\d+)/"
+    await supervisor.expect("stderr", metrics_line, 2)
+    log = supervisor.output["stderr"]
+    workers = dict(re.findall(r"worker (\d) started: pid (\d+)", log))
+    metrics = dict(re.findall(metrics_line, log))
+    assert sorted(workers) == sorted(metrics) == ["0", "1"]
+    assert set(re.findall(r"worker \d: relay listening on ws://[^:]+:(\d+)/", log)) == {str(port)}
+
+    url = f"ws://127.0.0.1:{port}/room"
+    received: list[list[object]] = []
+    changed = trio.Event()
+
+    async def wait_for(predicate: Callable[[], bool]) -> None:
+        nonlocal changed
+        with trio.fail_after(DEADLINE):
+            while not predicate():
+                await changed.wait()
+                changed = trio.Event()
+
+    async def consumer(*, task_status: trio.TaskStatus[None]) -> None:
+        inbox: list[object] = []
+        received.append(inbox)
+        try:
+            async with trio_relay.consume(url) as messages:
+                task_status.started()
+                async for message in messages:
+                    inbox.append(message)
+                    changed.set()
+        except trio_relay.RelayError as exc:
+            inbox.append(exc)
+            changed.set()
+
+    async with trio.open_nursery() as clients:
+        # Open consumers until each worker has one (the kernel picks the worker).
+        with trio.fail_after(DEADLINE):
+            while True:
+                await clients.start(consumer)
+                health = [await healthz(int(metrics[w])) for w in ("0", "1")]
+                if all(h["connections"] for h in health):
+                    break
+        assert all(h["backplane"] == "up" for h in health)
+        await trio_relay.produce(url, "to all")
+        await wait_for(lambda: all(inbox == ["to all"] for inbox in received))
+
+        # A worker crashes: it is started again on the same port, the other one goes on.
+        os.kill(int(workers["0"]), signal.SIGKILL)
+        await supervisor.expect("stderr", r"worker 0 exited \(status -9\): restarting it in 1 s")
+        await supervisor.expect("stderr", r"worker 0 started: pid \d+", 2)
+        await supervisor.expect("stderr", LISTENING, 3)
+        await trio_relay.produce(url, "after the crash")
+        await wait_for(lambda: all(len(inbox) == 2 for inbox in received))
+        lost = [inbox for inbox in received if isinstance(inbox[-1], trio_relay.RelayError)]
+        kept = [inbox for inbox in received if inbox not in lost]
+        assert lost and kept, received  # each worker had a consumer
+        assert all(inbox == ["to all", "after the crash"] for inbox in kept)
+
+        supervisor.process.send_signal(signal.SIGTERM)
+        assert await supervisor.finish() == 0
+        await wait_for(lambda: all(len(inbox) == 3 for inbox in kept))
+    assert "all workers stopped" in supervisor.output["stderr"]
+    assert len(re.findall(r"worker \d: relay stopped", supervisor.output["stderr"])) == 2
+    # The consumers of the surviving workers were told the relay was going away.
+    for inbox in kept:
+        closed = inbox[-1]
+        assert isinstance(closed, trio_relay.RelayConnectionClosed), inbox
+        assert closed.code == 1001

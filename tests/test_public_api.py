@@ -10,6 +10,7 @@ import trio_relay.testing
 
 def test_the_package_exports_exactly_its_public_api() -> None:
     assert sorted(trio_relay.__all__) == [
+        "BackplaneStatistics",
         "Broadcast",
         "BroadcastStatistics",
         "ClientError",
@@ -24,6 +25,7 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "OverflowPolicy",
         "PublishRejected",
         "PublishReport",
+        "RedisBackplane",
         "RelayConfig",
         "RelayConnectionClosed",
         "RelayError",

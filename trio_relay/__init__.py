@@ -4,6 +4,10 @@ Every message a client sends reaches every connected client, through a broadcast
 that gives each consumer a bounded memory channel and a policy for when it is full.
 """
 
+from ._backplane import (
+    BackplaneStatistics as BackplaneStatistics,
+    RedisBackplane as RedisBackplane,
+)
 from ._broadcast import (
     Broadcast as Broadcast,
     BroadcastStatistics as BroadcastStatistics,
@@ -52,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TIMEOUT",
     "SUBPROTOCOL",
+    "BackplaneStatistics",
     "Broadcast",
     "BroadcastStatistics",
     "ClientError",
@@ -65,6 +70,7 @@ __all__ = [
     "OverflowPolicy",
     "PublishRejected",
     "PublishReport",
+    "RedisBackplane",
     "RelayConfig",
     "RelayConnectionClosed",
     "RelayError",

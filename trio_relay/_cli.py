@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,6 +25,7 @@ from ._exceptions import ClientError
 from ._metrics import serve_metrics
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._topics import Gap, Message
+from ._workers import reserve_port, supervise
 
 __all__ = ["main"]
 
@@ -92,6 +94,7 @@ _SERVE_HELP = {
     "history_size": "messages each topic retains for clients resuming with since=",
     "history_bytes": "payload bytes each topic retains at most",
     "history_age": "seconds a message stays retained at most",
+    "backplane": "redis://host:port/db of a Redis that relays share topics through",
 }
 """Help of each ``serve`` option; one per :class:`RelayConfig` field (a test checks)."""
 
@@ -153,7 +156,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
                 help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
             )
             continue
-        if field.name == "auth_secret":
+        if field.name in ("auth_secret", "backplane"):
             serve.add_argument(
                 option,
                 default=default,
@@ -181,6 +184,15 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
             help=f"{_SERVE_HELP[field.name]} (default: %(default)s)",
         )
 
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="relay processes on the port, with SO_REUSEPORT, sharing topics through "
+        "the backplane, supervised; 1 runs the relay in this process (default: %(default)s)",
+    )
+    # Set by --workers on its workers: listen with SO_REUSEPORT.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--config",
         metavar="FILE",
@@ -282,7 +294,7 @@ async def _serve(args: argparse.Namespace) -> None:
         context.load_cert_chain(args.certfile, args.keyfile)
     elif args.keyfile:
         raise OSError("--keyfile needs --certfile")
-    listeners = await open_listeners(args.host, args.port, context)
+    listeners = await open_listeners(args.host, args.port, context, reuse_port=args.reuse_port)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(partial(serve_relay, config=config, listeners=listeners))
@@ -332,9 +344,9 @@ def _patterns(text: str) -> tuple[str, ...]:
     return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
-_TEXT_SETTINGS = ("host", "certfile", "keyfile", "auth_secret")
+_TEXT_SETTINGS = ("host", "certfile", "keyfile", "auth_secret", "backplane")
 _SETTINGS = frozenset(
-    {*_TEXT_SETTINGS, "port", "metrics_port", "log_level"}
+    {*_TEXT_SETTINGS, "port", "metrics_port", "log_level", "workers"}
     | {field.name for field in dataclasses.fields(RelayConfig)}
 )
 
@@ -347,6 +359,8 @@ def _convert(name: str, value: object) -> object:
             return text
         if name in ("port", "metrics_port"):
             return int(text)
+        if name == "workers":
+            return _positive_int(text)
         if name == "log_level":
             if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ValueError(f"unknown log level {text!r}")
@@ -391,6 +405,26 @@ def serve_settings(environ: Mapping[str, str], config_file: str | None) -> dict[
     return settings
 
 
+def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``--workers`` relay processes: see :mod:`trio_relay._workers`."""
+    try:
+        reserved = reserve_port(args.host, args.port)
+    except OSError as exc:
+        print(f"trio-relay serve: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.ExitStack() as stack:
+        for sock in reserved:
+            stack.enter_context(sock)
+        port = reserved[0].getsockname()[1]
+        argv = argv[argv.index("serve") + 1 :] if "serve" in argv else argv
+        grace = args.close_timeout + 5.0
+        try:
+            trio.run(supervise, args.workers, argv, port, args.metrics_port, grace)
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-relay``; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -410,11 +444,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(mint_token(args.secret, publish=args.publish, subscribe=args.subscribe, ttl=args.ttl))
         return 0
+    worker = os.environ.get("TRIO_RELAY_WORKER")
     logging.basicConfig(
         level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s"
+        + (f" worker {worker}" if worker else "")
+        + ": %(message)s",
     )
     command = {"serve": _serve, "consume": _consume, "produce": _produce}[args.command]
+    if args.command == "serve" and args.workers > 1:
+        if args.backplane is None:
+            print(
+                f"trio-relay serve: --workers {args.workers} needs --backplane redis://... "
+                "(workers share topics through it)",
+                file=sys.stderr,
+            )
+            return 2
+        return _supervise(args, list(sys.argv[1:] if argv is None else argv))
     try:
         trio.run(command, args)
     except ClientError as exc:

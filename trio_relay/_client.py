@@ -223,6 +223,7 @@ async def produce(
                         int(reply["queued"]),
                         int(reply["dropped"]),
                         int(reply["evicted"]),
+                        reply.get("remote"),
                     )
                 raise PublishRejected(url, str(reply.get("code")), str(reply.get("detail")))
     assert scope.cancelled_caught

@@ -74,8 +74,15 @@ class RelayConfig:
     """Payload bytes each topic retains at most."""
     history_age: float = 600.0
     """Seconds a message stays retained at most."""
+    backplane: str | None = None
+    """``redis://host:port/db`` of a Redis that relay processes share topics through (see
+    :class:`~trio_relay.RedisBackplane`); None keeps topics in this process."""
 
     def __post_init__(self) -> None:
+        if self.backplane is not None and not self.backplane.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("backplane must be a redis://, rediss:// or unix:// URL")
         if self.auth_secret is not None and len(self.auth_secret) < 32:
             raise ValueError("auth_secret must be at least 32 characters (HS256 needs 256 bits)")
         if self.overflow_policy not in _POLICIES:

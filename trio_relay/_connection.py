@@ -769,6 +769,7 @@ class RelayConnection:
                     report.queued,
                     report.dropped,
                     report.evicted,
+                    report.remote,
                 )
                 replies.extend((frame_header(len(body), text=True), body))
             requests.clear()

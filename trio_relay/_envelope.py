@@ -129,13 +129,22 @@ def encode_message(topic: str, seq: int, payload: bytes, *, text: bool) -> bytes
 
 
 def encode_ack(
-    topic: str, seq: int, request_id: str | int | None, queued: int, dropped: int, evicted: int
+    topic: str,
+    seq: int,
+    request_id: str | int | None,
+    queued: int,
+    dropped: int,
+    evicted: int,
+    remote: bool | None = None,
 ) -> bytes:
-    """The JSON of an ``ack`` frame: the delivery report of one publish."""
+    """The JSON of an ``ack`` frame: the delivery report of one publish. ``remote`` (only
+    with a backplane): whether the message reached the other relays."""
     frame: dict[str, object] = {"type": "ack", "topic": topic, "seq": seq}
     if request_id is not None:
         frame["id"] = request_id
     frame.update(queued=queued, dropped=dropped, evicted=evicted)
+    if remote is not None:
+        frame["remote"] = remote
     return _dump(frame)
 
 

@@ -101,6 +101,36 @@ class _RelayCollector:
             "Bytes queued for all consumers.",
             sum(s.queued_bytes for s in stats.broadcast.subscriptions),
         )
+        if server.backplane is not None:
+            backplane = server.backplane.statistics()
+            yield gauge(
+                "trio_relay_backplane_up", "1 while the Redis backplane is reachable.", backplane.up
+            )
+            yield CounterMetricFamily(
+                "trio_relay_backplane_published",
+                "Batches appended to the backplane's log.",
+                backplane.published,
+            )
+            yield CounterMetricFamily(
+                "trio_relay_backplane_received",
+                "Batches of other relays read from the backplane's log.",
+                backplane.received,
+            )
+            yield CounterMetricFamily(
+                "trio_relay_backplane_local_only",
+                "Batches delivered to local clients only, the backplane being unreachable.",
+                backplane.local_only,
+            )
+            yield CounterMetricFamily(
+                "trio_relay_backplane_reconnects",
+                "Reconnections to the backplane after losing it.",
+                backplane.reconnects,
+            )
+            yield CounterMetricFamily(
+                "trio_relay_backplane_conflicts",
+                "Batches renumbered after relays numbered a topic alone during an outage.",
+                backplane.conflicts,
+            )
 
 
 def metrics_registry(server: RelayServer) -> CollectorRegistry:
@@ -159,7 +189,15 @@ async def _answer(
     if event.method not in (b"GET", b"HEAD"):
         status, kind, body = 405, b"text/plain; charset=utf-8", b"use GET\n"
     elif path == b"/healthz":
-        health = {"status": "ok", "connections": server.statistics().connections}
+        health: dict[str, object] = {
+            "status": "ok",
+            "connections": server.statistics().connections,
+        }
+        if server.backplane is not None:
+            # Still 200: the relay serves its local clients. "degraded" says that they are
+            # cut off from the other relays until Redis is back.
+            up = server.backplane.up
+            health.update(status="ok" if up else "degraded", backplane="up" if up else "down")
         status, kind, body = 200, b"application/json", json.dumps(health).encode() + b"\n"
     elif path == b"/metrics":
         status, kind, body = (

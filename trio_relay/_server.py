@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from ._backplane import RedisBackplane
 from ._broadcast import BroadcastStatistics
 from ._config import RelayConfig
 from ._connection import RelayConnection
@@ -50,10 +51,13 @@ class RelayServer:
         listeners: Sequence[trio.abc.Listener[Any]],
         topics: Topics,
         config: RelayConfig,
+        backplane: RedisBackplane | None = None,
     ) -> None:
         self.listeners = tuple(listeners)
         self.topics = topics
         self.config = config
+        self.backplane = backplane
+        """The :class:`RedisBackplane` this relay shares topics through, if any."""
         self._connections: set[RelayConnection] = set()
         self.counters = RelayCounters()
         """Lifetime counters (messages and bytes in and out, rejections by reason)."""
@@ -172,6 +176,9 @@ class RelayServer:
         self, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         async with trio.open_nursery() as nursery:
+            if self.backplane is not None:
+                # Before accepting: histories are filled from the log first.
+                await nursery.start(self.backplane.run, self.topics)
             await nursery.start(trio.serve_listeners, self.serve_stream, list(self.listeners))
             for listener in self.listeners:
                 logger.info("relay listening on %s", _describe(listener))
@@ -211,17 +218,53 @@ def _describe(listener: trio.abc.Listener[Any]) -> str:
 
 
 async def open_listeners(
-    host: str | None, port: int, ssl_context: ssl.SSLContext | None = None
+    host: str | None,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> list[trio.abc.Listener[Any]]:
     """TCP listeners on ``host``:``port``, speaking TLS (``wss://``) with ``ssl_context``.
 
     The TLS handshake runs in each connection's own task, bounded by the relay's
-    handshake timeout, so a client that stalls it holds up nobody else.
+    handshake timeout, so a client that stalls it holds up nobody else. ``reuse_port``
+    sets ``SO_REUSEPORT``, so that several relay processes listen on one port (the
+    kernel spreads connections over them: ``--workers``).
     """
-    tcp = await trio.open_tcp_listeners(port, host=host)
+    if reuse_port:
+        tcp = await _reuse_port_listeners(host, port)
+    else:
+        tcp = await trio.open_tcp_listeners(port, host=host)
     if ssl_context is None:
         return list(tcp)
     return [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in tcp]
+
+
+async def _reuse_port_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    # What trio.open_tcp_listeners does, plus SO_REUSEPORT (which it has no option for).
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _name, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(4096)
+            except OSError:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except OSError:
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    return listeners
 
 
 async def serve_relay(
@@ -232,6 +275,7 @@ async def serve_relay(
     topics: Topics | None = None,
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    backplane: RedisBackplane | None = None,
     task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay until cancelled; supports ``server = await nursery.start(serve_relay, ...)``.
@@ -240,6 +284,9 @@ async def serve_relay(
     ``listeners`` are given, in which case those are served instead (in-memory listeners in
     tests, say). ``ssl_context`` (a server context with its certificate loaded) makes the
     relay serve ``wss://``. ``topics`` defaults to a new :class:`Topics` built from ``config``.
+    ``backplane`` (or ``config.backplane``, a URL) shares the topics with other relays
+    through Redis; the relay runs it, and starts serving once it connected or failed to
+    (it serves its local clients either way).
 
     On cancellation the listeners close, every client gets close 1001 ("going away") within
     ``config.close_timeout`` seconds, and the cancellation propagates.
@@ -257,5 +304,7 @@ async def serve_relay(
         )
     if listeners is None:
         listeners = await open_listeners(host, port, ssl_context)
-    server = RelayServer(listeners, topics, config)
+    if backplane is None and config.backplane is not None:
+        backplane = RedisBackplane(config.backplane)
+    server = RelayServer(listeners, topics, config, backplane)
     await server._run(task_status=task_status)

@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -27,6 +28,9 @@ from ._broadcast import (
 )
 from ._envelope import encode_message
 from ._frames import frame_header
+
+if TYPE_CHECKING:
+    from ._backplane import RedisBackplane
 
 __all__ = [
     "Batch",
@@ -88,7 +92,11 @@ class Gap:
 class DeliveryReport:
     """What publishing did: the sequence numbers ``seq`` to ``seq + count - 1`` were
     assigned, and the messages were queued for, dropped for, or evicted ``queued``,
-    ``dropped`` and ``evicted`` subscribers."""
+    ``dropped`` and ``evicted`` subscribers (of this relay).
+
+    ``remote`` is None without a backplane; with one, True when the messages went through
+    it to every relay, False when it was unreachable and only this relay's subscribers
+    got them."""
 
     topic: str
     seq: int
@@ -96,6 +104,7 @@ class DeliveryReport:
     queued: int
     dropped: int
     evicted: int
+    remote: bool | None = None
 
 
 # A retained message: (seq, time, payload, text). A plain tuple: one is made per message.
@@ -299,6 +308,8 @@ class Topics:
             )
         )
         self._topics: dict[str, _Topic] = {}
+        self.backplane: RedisBackplane | None = None
+        """Set by :meth:`RedisBackplane.run`: publishes then go through it."""
         # The last sequence number of topics forgotten for being idle, so that a topic used
         # again goes on numbering where it stopped: a client resuming with an old `since`
         # must not mistake new messages for ones it has seen. Bounded: the oldest go first.
@@ -379,7 +390,7 @@ class Topics:
     ) -> tuple[Batch, tuple[int, int, int]]:
         # The relay's hot path: no report objects unless someone reads them.
         topic = self._topics.get(name) or self._get(name)
-        if topic.lock.locked():
+        if topic.lock.locked() or self.backplane is not None:
             raise trio.WouldBlock
         batch = self._batch(topic, payloads, texts, source, echo)
         broadcast = topic.broadcast
@@ -402,6 +413,21 @@ class Topics:
         echo: bool = True,
     ) -> DeliveryReport:
         """Publish encoded messages (UTF-8 bytes where ``texts`` says text), as one batch."""
+        if self.backplane is not None:
+            return await self.backplane.publish(
+                self, name, payloads, texts, source=source, echo=echo
+            )
+        return await self._publish_locally(name, payloads, texts, source=source, echo=echo)
+
+    async def _publish_locally(
+        self,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+    ) -> DeliveryReport:
         topic = self._get(name)
         async with topic.lock:
             batch = self._batch(topic, payloads, texts, source, echo)
@@ -411,8 +437,54 @@ class Topics:
             self._commit(topic, batch)
             report = await topic.broadcast.publish(batch)
         return DeliveryReport(
-            name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
+            name,
+            batch.first_seq,
+            len(payloads),
+            report.queued,
+            report.dropped,
+            report.evicted,
+            None if self.backplane is None else False,
         )
+
+    async def _deliver(
+        self,
+        name: str,
+        first_seq: int,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+    ) -> tuple[DeliveryReport, bool]:
+        """Deliver a batch the backplane numbered; return its report and whether it had to
+        be renumbered (this relay numbered the topic beyond it alone, during an outage)."""
+        topic = self._get(name)
+        async with topic.lock:
+            renumbered = first_seq <= topic.last_seq
+            if renumbered:
+                first_seq = topic.last_seq + 1
+            elif first_seq > topic.last_seq + 1 and len(topic.history):
+                # Messages this relay never saw (trimmed from the log while it was away):
+                # its history must not pretend to be complete across them.
+                topic.history = History(self.history_size, self.history_bytes, self.history_age)
+            batch = Batch(name, first_seq, payloads, texts, source, echo)
+            self._commit(topic, batch)
+            report = await topic.broadcast.publish(batch)
+        delivery = DeliveryReport(
+            name, first_seq, len(payloads), report.queued, report.dropped, report.evicted, True
+        )
+        return delivery, renumbered
+
+    def _last_number(self, name: str) -> int:
+        """The last sequence number topic ``name`` has had here (0 if none)."""
+        topic = self._topics.get(name)
+        return topic.last_seq if topic is not None else self._retired.get(name, 0)
+
+    def _last_numbers(self) -> dict[str, int]:
+        """The last sequence number of every topic numbered here, in use or forgotten."""
+        numbers = dict(self._retired)
+        numbers.update((name, topic.last_seq) for name, topic in self._topics.items())
+        return {name: seq for name, seq in numbers.items() if seq}
 
     async def publish(self, name: str, message: str | bytes) -> DeliveryReport:
         """Publish one message on topic ``name`` and report its sequence number and delivery."""
@@ -466,6 +538,10 @@ class Topics:
             return None, None, topic.last_seq
         if since < 0:
             raise ValueError("since must be a sequence number >= 0")
+        if since > topic.last_seq and self.backplane is not None and self.backplane.up:
+            # Numbered by another relay and not read from the log here yet: it is on its
+            # way, so the subscriber goes on from `since` with nothing to replay.
+            return None, None, since
         if since > topic.last_seq:
             # Beyond anything this topic numbered: the relay restarted (or forgot the topic
             # longer ago than it remembers). Say so, and give everything retained.

@@ -1,0 +1,272 @@
+"""The Redis backplane, against a real ``redis-server`` that each test starts and stops.
+
+Relays here are real: ``serve_relay`` on 127.0.0.1, port 0, reached with the client library
+over sockets. Redis keeps its own time, so these tests run on the real clock, and every wait
+is bounded (``fail_after``) and waits for an event, not for time to pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+from redis_support import RedisServer, redis_server
+
+import trio_relay
+from trio_relay import Message, RedisBackplane, RelayConfig, RelayServer
+
+__all__ = ["redis_server"]  # the fixture, used by name
+
+LIMIT = 20.0
+"""Seconds any one step may take before the test fails instead of hanging."""
+
+QUIET = RelayConfig(ping_interval=0)
+
+
+@asynccontextmanager
+async def relays(
+    url: str, count: int, **backplane_options: Any
+) -> AsyncIterator[list[RelayServer]]:
+    """``count`` relays on 127.0.0.1 sharing the Redis at ``url``, all up."""
+    async with trio.open_nursery() as nursery:
+        servers = [await start_relay(nursery, url, **backplane_options) for _ in range(count)]
+        yield servers
+        nursery.cancel_scope.cancel()
+
+
+async def start_relay(nursery: trio.Nursery, url: str, **backplane_options: Any) -> RelayServer:
+    backplane = RedisBackplane(url, **backplane_options)
+    server: RelayServer = await nursery.start(
+        partial(trio_relay.serve_relay, "127.0.0.1", 0, config=QUIET, backplane=backplane)
+    )
+    return server
+
+
+def ws(server: RelayServer, topic: str = "", query: str = "") -> str:
+    return f"ws://127.0.0.1:{server.port}/{topic}" + (f"?{query}" if query else "")
+
+
+async def subscribed(server: RelayServer, topic: str, count: int = 1) -> None:
+    with trio.fail_after(LIMIT):
+        await server.wait_until(
+            lambda s: topic in s.topics and s.topics[topic].broadcast.subscribers >= count
+        )
+
+
+async def collect(
+    url: str, count: int, into: list[Any], ready: Callable[[], None], **options: Any
+) -> None:
+    """Consume ``count`` messages (envelope items: Message or Gap) from ``url`` into ``into``."""
+    async with trio_relay.consume(url, envelope=True, **options) as messages:
+        ready()
+        async for item in messages:
+            into.append(item)
+            if len(into) == count:
+                return
+
+
+async def test_a_message_published_on_one_relay_reaches_the_subscribers_of_every_relay(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 2) as (a, b):
+        received: dict[str, list[Any]] = {"a": [], "b": []}
+        async with trio.open_nursery() as nursery:
+            for name, server in (("a", a), ("b", b)):
+                nursery.start_soon(collect, ws(server, "news"), 1, received[name], lambda: None)
+            await subscribed(a, "news")
+            await subscribed(b, "news")
+            with trio.fail_after(LIMIT):
+                report = await trio_relay.produce(ws(a, "news"), "hello", envelope=True)
+        assert report is not None
+        assert (report.seq, report.remote) == (1, True)
+        assert report.queued == 2  # a's consumer and the producer itself, on relay a
+        for name in ("a", "b"):
+            assert received[name] == [Message("news", 1, "hello")], name
+
+
+async def test_three_relays_deliver_concurrent_publishes_in_one_order_once_each(
+    redis_server: RedisServer,
+) -> None:
+    per_producer = 30
+    async with relays(redis_server.url, 3) as servers:
+        received: list[list[Any]] = [[] for _ in servers]
+        async with trio.open_nursery() as nursery:
+            for server, into in zip(servers, received, strict=True):
+                nursery.start_soon(collect, ws(server, "t"), 3 * per_producer, into, lambda: None)
+            for server in servers:
+                await subscribed(server, "t")
+
+            async def publish(server: RelayServer, name: str) -> None:
+                async with trio_relay.consume(ws(server, "t"), envelope=True) as stream:
+                    for i in range(per_producer):
+                        await stream.send(f"{name}{i}")  # type: ignore[attr-defined]
+
+            with trio.fail_after(LIMIT):
+                async with trio.open_nursery() as producers:
+                    for server, name in zip(servers, "xyz", strict=True):
+                        producers.start_soon(publish, server, name)
+    first = received[0]
+    assert [m.seq for m in first] == list(range(1, 3 * per_producer + 1))
+    for name in "xyz":  # each producer's messages in the order it sent them
+        assert [m.data for m in first if m.data[0] == name] == [
+            f"{name}{i}" for i in range(per_producer)
+        ]
+    assert received[1] == first
+    assert received[2] == first
+
+
+async def test_a_consumer_resumes_on_another_relay_with_no_gap_and_no_duplicate(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 2) as (a, b):
+        for i in range(5):
+            await a.publish(f"m{i}", "feed")
+        seen: list[Any] = []
+        with trio.fail_after(LIMIT):
+            await collect(ws(a, "feed", "since=0"), 3, seen, lambda: None)
+        assert [m.seq for m in seen] == [1, 2, 3]
+        # More while the consumer is away, published on a and on b:
+        await a.publish("m5", "feed")
+        await b.publish("m6", "feed")
+        rest: list[Any] = []
+        with trio.fail_after(LIMIT):
+            await collect(ws(b, "feed", f"since={seen[-1].seq}"), 4, rest, lambda: None)
+    assert [(m.seq, m.data) for m in rest] == [(4, "m3"), (5, "m4"), (6, "m5"), (7, "m6")]
+
+
+async def test_a_relay_started_later_fills_its_history_from_the_log(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 1) as (a,):
+        for i in range(4):
+            await a.publish(f"m{i}", "feed")
+        async with relays(redis_server.url, 1) as (late,):
+            resumed: list[Any] = []
+            with trio.fail_after(LIMIT):
+                await collect(ws(late, "feed", "since=2"), 2, resumed, lambda: None)
+            assert [(m.seq, m.data) for m in resumed] == [(3, "m2"), (4, "m3")]
+            report = await late.publish("m4", "feed")
+            assert (report.seq, report.remote) == (5, True)
+
+
+async def test_a_consumer_ahead_of_a_lagging_relay_waits_for_the_log_instead_of_a_gap(
+    redis_server: RedisServer,
+) -> None:
+    # b reads the log with a long XREAD block, but a number handed out by a must not look
+    # to b like a restart (which would mean a gap).
+    async with relays(redis_server.url, 2) as (a, b):
+        report = await a.publish("first", "t")
+        async with trio_relay.consume(ws(b, "t", f"since={report.seq}"), envelope=True) as items:
+            await a.publish("second", "t")
+            with trio.fail_after(LIMIT):
+                item = await items.__anext__()
+        assert item == Message("t", 2, "second")
+
+
+async def test_echo_false_skips_only_the_publishers_own_connection(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 2) as (a, b):
+        got: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect, ws(b, "q"), 1, got, lambda: None)
+            await subscribed(b, "q")
+            with trio.fail_after(LIMIT):
+                report = await trio_relay.produce(ws(a, "q"), "x", envelope=True, echo=False)
+        assert report is not None and report.remote is True
+        assert report.queued == 1  # its own subscription, counted though skipped (documented)
+        assert got == [Message("q", 1, "x")]
+
+
+async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_again_after(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 2, timeout=1.0, block=0.2) as (a, b):
+        assert a.backplane is not None and b.backplane is not None
+        on_a: list[Any] = []
+        on_b: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(collect, ws(a, "t"), 4, on_a, lambda: None, resume=True))
+            nursery.start_soon(partial(collect, ws(b, "t"), 3, on_b, lambda: None, resume=True))
+            await subscribed(a, "t")
+            await subscribed(b, "t")
+            assert (await a.publish("before", "t")).remote is True
+
+            redis_server.kill()
+            with trio.fail_after(LIMIT):
+                await a.backplane.wait_until_up(False)
+                await b.backplane.wait_until_up(False)
+            assert await health(a) == {"status": "degraded", "connections": 1, "backplane": "down"}
+            # Published on a alone: a's clients get it, the producer hears that b did not.
+            report = await a.publish("alone", "t")
+            assert (report.seq, report.remote, report.queued) == (2, False, 1)
+
+            redis_server.start()  # same port, no data: the counters and the log are gone
+            with trio.fail_after(LIMIT):
+                await a.backplane.wait_until_up(True)
+                await b.backplane.wait_until_up(True)
+            assert (await health(a))["backplane"] == "up"
+            report = await b.publish("after", "t")
+            # Numbering never goes back: a raised Redis's counter to its own on reconnecting
+            # (b may publish first, though; then a renumbers, which the conflict counter says).
+            assert report.remote is True
+            report = await a.publish("again", "t")
+            assert report.remote is True
+        assert a.backplane.statistics().reconnects == 1
+        assert a.backplane.statistics().local_only == 1
+    assert [m.data for m in on_a] == ["before", "alone", "after", "again"]
+    assert [m.data for m in on_b] == ["before", "after", "again"]
+    seqs = [m.seq for m in on_a]
+    assert seqs == sorted(set(seqs)), seqs  # increasing, no repeat, on the relay that went on
+
+
+async def test_a_relay_whose_redis_is_unreachable_at_start_serves_locally(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url
+    redis_server.kill()
+    async with relays(url, 1, timeout=1.0) as (a,):
+        assert a.backplane is not None and not a.backplane.up
+        assert await health(a) == {"status": "degraded", "connections": 0, "backplane": "down"}
+        with trio.fail_after(LIMIT):
+            report = await trio_relay.produce(ws(a), "solo", envelope=True)
+        assert report is not None and (report.seq, report.remote) == (1, False)
+        redis_server.start()
+        with trio.fail_after(LIMIT):
+            await a.backplane.wait_until_up(True)
+        report = await a.publish("shared")
+        assert (report.seq, report.remote) == (2, True)
+
+
+async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServer) -> None:
+    async with relays(redis_server.url, 1) as (a,):
+        await a.publish("x")
+        text = trio_relay._metrics.generate_latest(trio_relay._metrics.metrics_registry(a)).decode()
+    assert "trio_relay_backplane_up 1.0" in text
+    assert "trio_relay_backplane_published_total 1.0" in text
+
+
+def test_a_backplane_url_must_name_redis() -> None:
+    with pytest.raises(ValueError, match="redis://"):
+        RelayConfig(backplane="http://example.com")
+
+
+async def health(server: RelayServer) -> dict[str, object]:
+    """``/healthz`` of ``server``, served on a port of its own."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio_relay.serve_metrics, server, "127.0.0.1", 0)
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            data = b""
+            with trio.fail_after(LIMIT):
+                while chunk := await stream.receive_some():
+                    data += chunk
+        nursery.cancel_scope.cancel()
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]

@@ -1,0 +1,129 @@
+"""``trio-relay serve --workers N``: N relay processes on one port, supervised.
+
+The supervisor binds the port first (``SO_REUSEPORT``, without listening: it reserves the
+port, and with port 0 learns which one), then runs N copies of ``trio-relay serve`` that each
+listen on it with ``SO_REUSEPORT``, so the kernel spreads new connections over them. They
+share topics through the backplane. A worker that exits while the supervisor runs is
+started again, after a backoff (1 s doubling to 30 s, reset once a worker ran 30 s). SIGINT
+or SIGTERM to the supervisor sends SIGTERM to every worker, which drain their clients
+(close 1001) as a lone relay does, and waits for them; one that is still running after
+``close_timeout`` + 5 s is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+__all__ = ["reserve_port", "supervise"]
+
+logger = logging.getLogger("trio_relay")
+
+RESTART_BACKOFF = (1.0, 30.0)
+"""First delay before restarting a worker that exited, and the cap of its doubling."""
+STABLE_AFTER = 30.0
+"""Seconds a worker must run for its restart backoff to start over."""
+
+
+def reserve_port(host: str | None, port: int) -> list[socket.socket]:
+    """Bind ``host``:``port`` with ``SO_REUSEPORT`` on every address, without listening.
+
+    The sockets keep the port (another program cannot take it) while the workers listen on
+    it; bound but not listening, they get no connections. Port 0 picks one port for all.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def _stop(grace: float, process: trio.Process) -> None:
+    """How a worker is cancelled: SIGTERM (it drains its clients), then SIGKILL."""
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(grace):
+        await process.wait()
+        return
+    logger.warning("worker pid %d still running after %.0f s: killing it", process.pid, grace)
+    process.kill()
+
+
+async def _run_worker(index: int, command: Sequence[str], grace: float) -> None:
+    """Run worker ``index`` until cancelled, starting it again whenever it exits."""
+    delay = RESTART_BACKOFF[0]
+    environment = {**os.environ, "TRIO_RELAY_WORKER": str(index)}
+    while True:
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    command,
+                    check=False,
+                    env=environment,
+                    deliver_cancel=partial(_stop, grace),
+                )
+            )
+            logger.info("worker %d started: pid %d", index, process.pid)
+        code = process.returncode
+        if trio.current_time() - started >= STABLE_AFTER:
+            delay = RESTART_BACKOFF[0]
+        logger.error("worker %d exited (status %d): restarting it in %.0f s", index, code, delay)
+        await trio.sleep(delay)
+        delay = min(delay * 2, RESTART_BACKOFF[1])
+
+
+async def supervise(
+    count: int,
+    argv: Sequence[str],
+    port: int,
+    metrics_port: int | None,
+    grace: float,
+) -> None:
+    """Run ``count`` workers (``trio-relay serve`` with ``argv``, on ``port``) until SIGINT
+    or SIGTERM, then stop them all (each gets ``grace`` seconds to drain)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            for index in range(count):
+                command = [
+                    sys.executable,
+                    "-m",
+                    "trio_relay",
+                    "serve",
+                    *argv,
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                    "--reuse-port",
+                ]
+                if metrics_port is not None:
+                    # One metrics port per worker (each serves its own figures): the next ones.
+                    command += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+                nursery.start_soon(_run_worker, index, command, grace)
+            logger.info("supervising %d workers on port %d", count, port)
+            async for signum in signals:
+                logger.info("%s received: stopping %d workers", signal.Signals(signum).name, count)
+                nursery.cancel_scope.cancel()
+                break
+    logger.info("all workers stopped")
