@@ -44,8 +44,10 @@ def serve(workers: int, port: int) -> None:
         redis_port = probe.getsockname()[1]
     directory = tempfile.mkdtemp(prefix="trio-relay-bench-")
     process = subprocess.Popen(
-        [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-        + ["--appendonly", "no", "--dir", directory],
+        [
+            *(redis, "--port", str(redis_port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--dir", directory),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -59,9 +61,11 @@ def serve(workers: int, port: int) -> None:
     # benchmark's process-tree sampling counts both. The benchmark stops the process group.
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "trio_relay", "serve", "--log-level", "WARNING"]
-        + ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-        + ["--backplane", f"redis://127.0.0.1:{redis_port}/0"],
+        [
+            *(sys.executable, "-m", "trio_relay", "serve", "--log-level", "WARNING"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)),
+            *("--backplane", f"redis://127.0.0.1:{redis_port}/0"),
+        ],
     )
 
 
