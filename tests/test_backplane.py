@@ -225,6 +225,35 @@ async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_agai
     assert seqs == sorted(set(seqs)), seqs  # increasing, no repeat, on the relay that went on
 
 
+async def test_a_redis_that_stops_answering_is_noticed_within_the_command_bound(
+    redis_server: RedisServer,
+) -> None:
+    # SIGSTOP: the TCP connections stay up and silent, the worst case for a client. Every
+    # command the backplane sends is bounded (timeout), and so is each XREAD (block).
+    async with relays(redis_server.url, 2, timeout=0.5, block=0.2) as (a, b):
+        assert a.backplane is not None and b.backplane is not None
+        on_b: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(collect, ws(b, "t"), 2, on_b, lambda: None))
+            await subscribed(b, "t")
+            redis_server.pause()
+            with trio.fail_after(LIMIT):
+                await a.backplane.wait_until_up(False)
+                await b.backplane.wait_until_up(False)
+            report = await a.publish("while frozen", "t")
+            assert (report.seq, report.remote) == (1, False)
+            redis_server.resume()
+            with trio.fail_after(LIMIT):
+                await a.backplane.wait_until_up(True)
+                await b.backplane.wait_until_up(True)
+            report = await a.publish("thawed", "t")
+            assert report.remote is True
+            report = await a.publish("and again", "t")
+            assert report.remote is True
+    # b never saw the message a delivered alone; it sees the later ones, in order.
+    assert [m.data for m in on_b] == ["thawed", "and again"]
+
+
 async def test_a_relay_whose_redis_is_unreachable_at_start_serves_locally(
     redis_server: RedisServer,
 ) -> None:
