@@ -18,7 +18,8 @@ import trio
 from redis_support import RedisServer, redis_server
 
 import trio_relay
-from trio_relay import Message, RedisBackplane, RelayConfig, RelayServer
+from trio_relay import Gap, Message, RedisBackplane, RelayConfig, RelayServer
+from trio_relay._console import relay_stats
 
 __all__ = ["redis_server"]  # the fixture, used by name
 
@@ -168,6 +169,19 @@ async def test_a_consumer_ahead_of_a_lagging_relay_waits_for_the_log_instead_of_
         assert item == Message("t", 2, "second")
 
 
+async def test_a_since_beyond_every_relays_numbering_gets_a_gap_as_after_a_restart(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 2) as (a, b):
+        await a.publish("one", "t")
+        async with trio_relay.consume(ws(b, "t", "since=50"), envelope=True) as items:
+            with trio.fail_after(LIMIT):
+                first = await items.__anext__()
+                second = await items.__anext__()
+    assert first == Gap("t", 50, 1)
+    assert second == Message("t", 1, "one")
+
+
 async def test_echo_false_skips_only_the_publishers_own_connection(
     redis_server: RedisServer,
 ) -> None:
@@ -202,6 +216,7 @@ async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_agai
                 await a.backplane.wait_until_up(False)
                 await b.backplane.wait_until_up(False)
             assert await health(a) == {"status": "degraded", "connections": 1, "backplane": "down"}
+            assert relay_stats(a)["backplane"] == "down"  # the console's panel shows it
             # Published on a alone: a's clients get it, the producer hears that b did not.
             report = await a.publish("alone", "t")
             assert (report.seq, report.remote, report.queued) == (2, False, 1)
@@ -211,6 +226,7 @@ async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_agai
                 await a.backplane.wait_until_up(True)
                 await b.backplane.wait_until_up(True)
             assert (await health(a))["backplane"] == "up"
+            assert relay_stats(a)["backplane"] == "up"
             report = await b.publish("after", "t")
             # Numbering never goes back: a raised Redis's counter to its own on reconnecting
             # (b may publish first, though; then a renumbers, which the conflict counter says).

@@ -1,5 +1,5 @@
 """Operations: counters the connections keep, and ``/healthz`` and Prometheus ``/metrics``
-on a separate HTTP port.
+on a separate HTTP port (which also serves the browser console: see ``_console.py``).
 
 The hot path only adds to plain integers (:class:`RelayCounters`); the Prometheus text is
 built from them and from the relay's statistics when ``/metrics`` is scraped, by a custom
@@ -18,6 +18,8 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from . import _console
 
 if TYPE_CHECKING:
     from ._server import RelayServer
@@ -147,7 +149,8 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve ``GET /healthz`` and ``GET /metrics`` for ``server`` on ``host``:``port``.
+    """Serve ``GET /healthz``, ``GET /metrics`` and the browser console (``GET /``, and
+    ``GET /stats`` in JSON) for ``server`` on ``host``:``port``.
 
     ``/healthz`` answers ``200 {"status": "ok", "connections": N}`` while the relay runs;
     ``/metrics`` answers the Prometheus text format. One request per connection, each
@@ -186,6 +189,7 @@ async def _answer(
     if not isinstance(event, h11.Request):
         return
     path = event.target.split(b"?", 1)[0]
+    extra: _console.Headers = []
     if event.method not in (b"GET", b"HEAD"):
         status, kind, body = 405, b"text/plain; charset=utf-8", b"use GET\n"
     elif path == b"/healthz":
@@ -205,12 +209,20 @@ async def _answer(
             b"text/plain; version=0.0.4; charset=utf-8",
             generate_latest(registry),
         )
+    elif (console := _console.answer(server, path)) is not None:
+        status = 200
+        kind, body, extra = console
     else:
-        status, kind, body = 404, b"text/plain; charset=utf-8", b"try /healthz or /metrics\n"
+        status, kind, body = (
+            404,
+            b"text/plain; charset=utf-8",
+            b"try / (the console), /stats, /healthz or /metrics\n",
+        )
     headers = [
         (b"content-type", kind),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
+        *extra,
     ]
     data = connection.send(h11.Response(status_code=status, headers=headers)) or b""
     if event.method != b"HEAD":

@@ -1,0 +1,88 @@
+"""The browser console on the HTTP side port: the page (``GET /``, with its script and style
+sheet from ``trio_relay/console/``) and ``GET /stats``, the relay's figures as JSON, which
+the page's live panel reads and which tells the page where the relay's WebSocket port is.
+
+The page is plain HTML, JavaScript and CSS, shipped in the package: no build step, no
+third-party code. It is served with a Content-Security-Policy that allows only its own
+script and style sheet, ``fetch`` to this port, and WebSocket connections (to the relay's
+port, which differs from this one).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from ._server import RelayServer
+
+__all__ = ["CONTENT_SECURITY_POLICY", "answer", "relay_stats"]
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+_ASSETS = {
+    b"/": ("index.html", b"text/html; charset=utf-8"),
+    b"/index.html": ("index.html", b"text/html; charset=utf-8"),
+    b"/console.js": ("console.js", b"text/javascript; charset=utf-8"),
+    b"/console.css": ("console.css", b"text/css; charset=utf-8"),
+}
+
+_PAGE_HEADERS: Headers = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-cache"),
+]
+
+
+@functools.cache
+def _asset(name: str) -> bytes:
+    return (resources.files("trio_relay") / "console" / name).read_bytes()
+
+
+def relay_stats(server: RelayServer) -> dict[str, object]:
+    """The figures ``GET /stats`` answers: lifetime counters, current gauges, and where and
+    how to connect (the relay's ports, whether it speaks TLS, whether it needs a token)."""
+    counters = server.counters
+    statistics = server.statistics()
+    broadcast = statistics.broadcast
+    return {
+        "connections": statistics.connections,
+        "topics": len(statistics.topics),
+        "subscribers": broadcast.subscribers,
+        "messages_in": counters.messages_in,
+        "messages_out": counters.messages_out,
+        "bytes_in": counters.bytes_in,
+        "bytes_out": counters.bytes_out,
+        "published": broadcast.published,
+        "dropped": broadcast.dropped,
+        "evicted": broadcast.evicted,
+        "rejected": dict(sorted(counters.rejections.items())),
+        "ports": list(server.ports),
+        "tls": any(isinstance(listener, trio.SSLListener) for listener in server.listeners),
+        "auth": server.config.auth_secret is not None,
+        "backplane": None
+        if server.backplane is None
+        else ("up" if server.backplane.up else "down"),
+    }
+
+
+def answer(server: RelayServer, path: bytes) -> tuple[bytes, bytes, Headers] | None:
+    """``(content type, body, extra headers)`` for a console path, ``None`` for others."""
+    if path == b"/stats":
+        body = json.dumps(relay_stats(server)).encode() + b"\n"
+        return b"application/json", body, [(b"cache-control", b"no-store")]
+    asset = _ASSETS.get(path)
+    if asset is None:
+        return None
+    name, kind = asset
+    return kind, _asset(name), _PAGE_HEADERS
