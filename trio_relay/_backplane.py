@@ -369,6 +369,20 @@ class RedisBackplane:
         item.report = report
         item.delivered.set()
 
+    async def last_number(self, topic: str) -> int:
+        """The last sequence number Redis handed out for ``topic`` (0 if unknown or if
+        Redis cannot be asked now)."""
+        import coredis
+
+        if not self.up:
+            return 0
+        try:
+            with trio.fail_after(self.timeout):
+                value = await self._client.get(self._seq_key(topic))
+        except (OSError, trio.TooSlowError, coredis.exceptions.RedisError):
+            return 0
+        return int(value or 0)
+
     # ------------------------------------------------------------------ publishing
 
     async def publish(

@@ -515,6 +515,11 @@ class Topics:
         number the subscriber is up to once it has the replay: live batches at or below it
         are duplicates of the replay, to be skipped.
         """
+        numbered = 0
+        if since is not None and self.backplane is not None and since > self._last_number(name):
+            # Ahead of this relay: numbered by another relay and still on its way here, or
+            # never numbered at all (a restart). Only Redis can tell.
+            numbered = await self.backplane.last_number(name)
         topic = self._get(name)
         try:
             async with topic.broadcast.subscribe(
@@ -528,17 +533,19 @@ class Topics:
             ) as subscription:
                 # No checkpoint since the subscription was registered: what the history
                 # holds now and what arrives live from now on meet without a gap.
-                gap, replay, cursor = self._replay(topic, since)
+                gap, replay, cursor = self._replay(topic, since, numbered)
                 yield subscription, gap, replay, cursor
         finally:
             self._collect(topic)
 
-    def _replay(self, topic: _Topic, since: int | None) -> tuple[Gap | None, Batch | None, int]:
+    def _replay(
+        self, topic: _Topic, since: int | None, numbered: int = 0
+    ) -> tuple[Gap | None, Batch | None, int]:
         if since is None or since == topic.last_seq:
             return None, None, topic.last_seq
         if since < 0:
             raise ValueError("since must be a sequence number >= 0")
-        if since > topic.last_seq and self.backplane is not None and self.backplane.up:
+        if topic.last_seq < since <= numbered:
             # Numbered by another relay and not read from the log here yet: it is on its
             # way, so the subscriber goes on from `since` with nothing to replay.
             return None, None, since
