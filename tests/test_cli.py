@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trio_relay import DEFAULT_TIMEOUT, RelayConfig
-from trio_relay._cli import build_parser, serve_settings
+from trio_relay._cli import build_parser, main, serve_settings
 
 
 def test_serve_defaults() -> None:
@@ -179,3 +179,13 @@ def test_an_unknown_key_in_the_settings_file_is_an_error(tmp_path: Path) -> None
     config.write_text("max_queue_byte = 1\n")
     with pytest.raises(ValueError, match="unknown setting 'max_queue_byte'"):
         serve_settings({}, str(config))
+
+
+def test_workers_need_a_backplane(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--workers", "2"]) == 2
+    assert "--workers 2 needs --backplane redis://" in capsys.readouterr().err
+
+
+def test_a_backplane_that_is_not_a_redis_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--backplane", "http://example.com", "--port", "0"]) == 2
+    assert "backplane must be a redis://" in capsys.readouterr().err

@@ -135,7 +135,8 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
     serve.add_argument(
         "--metrics-port",
         type=int,
-        help="serve /healthz and Prometheus /metrics on this HTTP port of --host; default: off",
+        help="serve /healthz, Prometheus /metrics and the browser console (/) on this HTTP "
+        "port of --host; with --workers, worker i serves it on this port + i; default: off",
     )
     serve.add_argument(
         "--certfile",
@@ -302,7 +303,13 @@ async def _serve(args: argparse.Namespace) -> None:
                 metrics = await nursery.start(serve_metrics, server, args.host, args.metrics_port)
                 for listener in metrics:
                     host, port = listener.socket.getsockname()[:2]
-                    logger.info("metrics on http://%s:%d/metrics and /healthz", host, port)
+                    logger.info(
+                        "metrics on http://%s:%d/metrics and /healthz, console on http://%s:%d/",
+                        host,
+                        port,
+                        host,
+                        port,
+                    )
             async for signum in signals:
                 logger.info("%s received: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
