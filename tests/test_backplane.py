@@ -182,6 +182,28 @@ async def test_a_since_beyond_every_relays_numbering_gets_a_gap_as_after_a_resta
     assert second == Message("t", 1, "one")
 
 
+async def test_a_foreign_entry_in_the_log_is_skipped_and_logged(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import coredis
+
+    async with relays(redis_server.url, 2) as (a, b):
+        got: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect, ws(b, "t"), 1, got, lambda: None)
+            await subscribed(b, "t")
+            client = coredis.Redis.from_url(redis_server.url)
+            async with client:
+                await client.xadd("trio-relay:log", {"something": "else"})
+                await client.xadd("trio-relay:log", {"t": "t", "s": "9", "o": "x:1", "0": "q"})
+                await client.xadd("trio-relay:log", {"t": "t", "s": "9", "o": "x:1", "0": b"t\xff"})
+            with trio.fail_after(LIMIT):
+                await a.publish("real", "t")
+    assert got == [Message("t", 1, "real")]
+    skipped = [r for r in caplog.records if "skipped: not a relay's batch" in r.getMessage()]
+    assert len(skipped) == 2 * 3  # each relay skips each of the three
+
+
 async def test_echo_false_skips_only_the_publishers_own_connection(
     redis_server: RedisServer,
 ) -> None:

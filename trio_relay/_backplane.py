@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
+from ._topics import topic_from_path
+
 if TYPE_CHECKING:
     from ._topics import DeliveryReport, Topics
 
@@ -311,19 +313,32 @@ class RedisBackplane:
                     await self._deliver(entry.identifier, entry.field_values)
 
     async def _deliver(self, identifier: bytes, fields: dict[bytes, bytes]) -> None:
-        """Deliver one log entry to the local topics."""
+        """Deliver one log entry to the local topics (or skip it, logged, if it is not one
+        a relay wrote: someone else's XADD must not stop the relay)."""
         self._last_id = identifier
         topics = self._topics
         assert topics is not None
-        name = fields[b"t"].decode()
-        first_seq = int(fields[b"s"])
-        relay_id, _, number_text = fields[b"o"].decode().partition(":")
-        values = [fields[str(i).encode()] for i in range(len(fields) - 3)]
+        try:
+            name = fields[b"t"].decode()
+            first_seq = int(fields[b"s"])
+            relay_id, _, number_text = fields[b"o"].decode().partition(":")
+            values = [fields[str(i).encode()] for i in range(len(fields) - 3)]
+            number = int(number_text) if relay_id == self.relay_id else 0
+            if first_seq < 1 or not values or not all(v[:1] in (b"t", b"b") for v in values):
+                raise ValueError("not a batch")
+            topic_from_path("/" + name)
+            for value in values:
+                if value[:1] == b"t":
+                    value[1:].decode("utf-8")
+        except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            logger.error(
+                "backplane log entry %s skipped: not a relay's batch (%r)", identifier, exc
+            )
+            return
         payloads = [value[1:] for value in values]
         texts = [value[:1] == b"t" for value in values]
         pending: _Pending | None = None
         if relay_id == self.relay_id:
-            number = int(number_text)
             if number in self._local_only:
                 del self._local_only[number]
                 return  # delivered locally already, while the backplane was down

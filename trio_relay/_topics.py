@@ -379,7 +379,8 @@ class Topics:
         echo: bool = True,
     ) -> DeliveryReport:
         """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
-        having published nothing (see :meth:`Broadcast.publish_nowait`)."""
+        having published nothing (see :meth:`Broadcast.publish_nowait`). With a backplane
+        it always raises ``WouldBlock``: publishing there means a trip to Redis."""
         batch, (queued, dropped, evicted) = self._publish_nowait(
             name, payloads, texts, source, echo
         )
