@@ -8,6 +8,7 @@ is bounded (``fail_after``) and waits for an event, not for time to pass.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings, strategies as st
 from redis_support import RedisServer, redis_server
 
 import trio_relay
@@ -158,15 +160,92 @@ async def test_a_relay_started_later_fills_its_history_from_the_log(
 async def test_a_consumer_ahead_of_a_lagging_relay_waits_for_the_log_instead_of_a_gap(
     redis_server: RedisServer,
 ) -> None:
-    # b reads the log with a long XREAD block, but a number handed out by a must not look
-    # to b like a restart (which would mean a gap).
+    # b has not read message 1 from the log yet when a consumer arrives with since=1 (it
+    # saw 1 on relay a): that must not look like a restart (a gap, and a replay from 1).
     async with relays(redis_server.url, 2) as (a, b):
+        assert b.backplane is not None
+        deliver, gate = b.backplane._deliver, trio.Event()
+
+        async def held_back(identifier: bytes, fields: dict[bytes, bytes]) -> None:
+            await gate.wait()
+            await deliver(identifier, fields)
+
+        b.backplane._deliver = held_back  # type: ignore[method-assign]
         report = await a.publish("first", "t")
+        assert "t" not in b.topics  # b has not delivered it
         async with trio_relay.consume(ws(b, "t", f"since={report.seq}"), envelope=True) as items:
+            await subscribed(b, "t")
+            gate.set()
             await a.publish("second", "t")
             with trio.fail_after(LIMIT):
                 item = await items.__anext__()
         assert item == Message("t", 2, "second")
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    # One Redis for all examples, each example under a prefix of its own.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["publish", "hop"]), st.integers(min_value=0, max_value=2)),
+        max_size=25,
+    )
+)
+def test_a_consumer_hopping_between_relays_gets_every_message_once_in_order(
+    redis_server: RedisServer, steps: list[tuple[str, int]]
+) -> None:
+    """Publish on any of three relays while one consumer hops between them, resuming each
+    time with ``since=`` the last number it got (messages in flight at a hop are dropped
+    with the old connection, and must come again from the new relay's history)."""
+    prefix = f"p{uuid.uuid4().hex}"
+
+    async def scenario() -> list[Any]:
+        received: list[Any] = []
+        changed = trio.Event()
+        async with relays(redis_server.url, 3, prefix=prefix) as servers:
+
+            async def consume_on(
+                server: RelayServer, scope: trio.CancelScope, done: trio.Event
+            ) -> None:
+                nonlocal changed
+                since = received[-1].seq if received else 0
+                try:
+                    with scope:
+                        url = ws(server, "t", f"since={since}")
+                        async with trio_relay.consume(url, envelope=True) as items:
+                            async for item in items:
+                                received.append(item)
+                                changed.set()
+                                changed = trio.Event()
+                finally:
+                    done.set()
+
+            async with trio.open_nursery() as nursery:
+                scope, done = trio.CancelScope(), trio.Event()
+                nursery.start_soon(consume_on, servers[0], scope, done)
+                published = 0
+                with trio.fail_after(LIMIT):
+                    for action, index in [*steps, ("publish", 0)]:
+                        if action == "publish":
+                            published += 1
+                            await servers[index].publish(f"m{published}", "t")
+                        else:  # stop the consumer (whatever was in flight), go on elsewhere
+                            scope.cancel()
+                            await done.wait()
+                            scope, done = trio.CancelScope(), trio.Event()
+                            nursery.start_soon(consume_on, servers[index], scope, done)
+                    while len(received) < published:
+                        await changed.wait()
+                scope.cancel()
+        return received
+
+    received = trio.run(scenario)
+    count = sum(action == "publish" for action, _ in steps) + 1
+    assert received == [Message("t", i, f"m{i}") for i in range(1, count + 1)]
 
 
 async def test_a_since_beyond_every_relays_numbering_gets_a_gap_as_after_a_restart(
