@@ -371,6 +371,34 @@ async def test_a_redis_that_stops_answering_is_noticed_within_the_command_bound(
     assert [m.data for m in on_b] == ["thawed", "and again"]
 
 
+async def test_a_publish_that_timed_out_but_reached_the_log_is_not_delivered_twice(
+    redis_server: RedisServer,
+) -> None:
+    # Redis freezes with the publish script in its socket buffer: the publish times out and
+    # is delivered locally; once thawed, Redis runs the script and the entry reaches the
+    # log, where the publishing relay must skip it (the others deliver it).
+    async with relays(redis_server.url, 2, timeout=0.5, block=5.0) as (a, b):
+        on_a: list[Any] = []
+        on_b: list[Any] = []
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(collect, ws(a, "t"), 3, on_a, lambda: None))
+                nursery.start_soon(partial(collect, ws(b, "t"), 3, on_b, lambda: None))
+                await subscribed(a, "t")
+                await subscribed(b, "t")
+                # A publish first, so that the next one finds a pooled connection and gets
+                # its script written to Redis before Redis freezes.
+                assert (await a.publish("warm", "t")).remote is True
+                redis_server.pause()
+                report = await a.publish("timed out", "t")
+                assert (report.seq, report.remote) == (2, False)
+                redis_server.resume()
+                while (report := await a.publish("next", "t")).remote is not True:
+                    pass  # published alone while a finds out that Redis is back
+    assert [m.data for m in on_b] == ["warm", "timed out", "next"]
+    assert on_a == on_b
+
+
 async def test_a_relay_whose_redis_is_unreachable_at_start_serves_locally(
     redis_server: RedisServer,
 ) -> None:
