@@ -8,6 +8,7 @@ is bounded (``fail_after``) and waits for an event, not for time to pass.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from redis_support import RedisServer, redis_server
 
 import trio_relay
 from trio_relay import Gap, Message, RedisBackplane, RelayConfig, RelayServer
+from trio_relay._backplane import decode_entry, encode_values
 from trio_relay._console import relay_stats
 
 __all__ = ["redis_server"]  # the fixture, used by name
@@ -279,7 +281,7 @@ async def test_a_foreign_entry_in_the_log_is_skipped_and_logged(
             with trio.fail_after(LIMIT):
                 await a.publish("real", "t")
     assert got == [Message("t", 1, "real")]
-    skipped = [r for r in caplog.records if "skipped: not a relay's batch" in r.getMessage()]
+    skipped = [r for r in caplog.records if "skipped, not a relay's batch" in r.getMessage()]
     assert len(skipped) == 2 * 3  # each relay skips each of the three
 
 
@@ -423,6 +425,42 @@ async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServe
         text = trio_relay._metrics.generate_latest(trio_relay._metrics.metrics_registry(a)).decode()
     assert "trio_relay_backplane_up 1.0" in text
     assert "trio_relay_backplane_published_total 1.0" in text
+
+
+@given(
+    messages=st.lists(
+        st.one_of(
+            st.text().map(lambda text: (text.encode(), True)),  # no lone surrogates
+            st.binary().map(lambda data: (data, False)),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_a_log_entry_decodes_to_what_was_published(messages: list[tuple[bytes, bool]]) -> None:
+    payloads, texts = [p for p, _ in messages], [t for _, t in messages]
+    fields = {b"t": b"a/b", b"s": b"7", b"o": b"relay:3"}
+    fields |= {str(i).encode(): v for i, v in enumerate(encode_values(payloads, texts))}
+    assert decode_entry(fields) == ("a/b", 7, "relay:3", payloads, texts)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"x": b"1"}, "no field b't'"),
+        ({b"t": b"a", b"s": b"0", b"o": b"r:1", b"0": b"tx"}, "a number below 1"),
+        ({b"t": b"a", b"s": b"one", b"o": b"r:1", b"0": b"tx"}, "invalid literal"),
+        ({b"t": b"a//b", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "topic names are"),
+        ({b"t": b"a", b"s": b"1", b"o": b"r:1", b"0": b"qx"}, "unknown kind b'q'"),
+        ({b"t": b"a", b"s": b"1", b"o": b"r:1", b"0": b"t\xff"}, "not UTF-8"),
+        ({b"t": b"a", b"s": b"1", b"o": b"r:1"}, "no messages"),
+    ],
+)
+def test_a_log_entry_no_relay_wrote_is_refused_with_a_reason(
+    fields: dict[bytes, bytes], reason: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        decode_entry(fields)
 
 
 def test_a_backplane_url_must_name_redis() -> None:

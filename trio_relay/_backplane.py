@@ -81,6 +81,52 @@ MAX_BACKOFF = 5.0
 _MAX_LOCAL_ONLY = 100_000
 
 
+# ---------------------------------------------------------------------- the log's entries
+# Sans-IO: what the publish script is given, and what a relay makes of an entry it reads.
+
+
+def encode_values(payloads: list[bytes], texts: list[bool]) -> list[bytes]:
+    """The script's message arguments: each payload after a byte saying t(ext) or b(inary)."""
+    return [
+        (b"t" if text else b"b") + payload for payload, text in zip(payloads, texts, strict=True)
+    ]
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> tuple[str, int, str, list[bytes], list[bool]]:
+    """``(topic, first sequence number, origin, payloads, texts)`` of a log entry the publish
+    script wrote (fields ``t``, ``s``, ``o``, then ``0``, ``1``, ...).
+
+    Raises ``ValueError`` saying what is wrong with any other entry: a missing field, a bad
+    topic name or number, a value of no known kind, text that is not UTF-8.
+    """
+    try:
+        name = fields[b"t"].decode()
+        first_seq = int(fields[b"s"])
+        origin = fields[b"o"].decode()
+        values = [fields[str(i).encode()] for i in range(len(fields) - 3)]
+    except KeyError as exc:
+        raise ValueError(f"no field {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    if first_seq < 1 or not values:
+        raise ValueError("no messages, or a number below 1")
+    topic_from_path("/" + name)  # a ValueError saying what is wrong with the name
+    payloads: list[bytes] = []
+    texts: list[bool] = []
+    for value in values:
+        kind, payload = value[:1], value[1:]
+        if kind == b"t":
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("text that is not UTF-8") from None
+        elif kind != b"b":
+            raise ValueError(f"a value of unknown kind {kind!r}")
+        payloads.append(payload)
+        texts.append(kind == b"t")
+    return name, first_seq, origin, payloads, texts
+
+
 @dataclass(frozen=True)
 class BackplaneStatistics:
     """A snapshot of a backplane: whether it is ``up``, and lifetime counts."""
@@ -319,26 +365,14 @@ class RedisBackplane:
         topics = self._topics
         assert topics is not None
         try:
-            name = fields[b"t"].decode()
-            first_seq = int(fields[b"s"])
-            relay_id, _, number_text = fields[b"o"].decode().partition(":")
-            values = [fields[str(i).encode()] for i in range(len(fields) - 3)]
-            number = int(number_text) if relay_id == self.relay_id else 0
-            if first_seq < 1 or not values or not all(v[:1] in (b"t", b"b") for v in values):
-                raise ValueError("not a batch")
-            topic_from_path("/" + name)
-            for value in values:
-                if value[:1] == b"t":
-                    value[1:].decode("utf-8")
-        except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-            logger.error(
-                "backplane log entry %s skipped: not a relay's batch (%r)", identifier, exc
-            )
+            name, first_seq, origin, payloads, texts = decode_entry(fields)
+        except ValueError as exc:
+            logger.error("backplane log entry %s skipped, not a relay's batch: %s", identifier, exc)
             return
-        payloads = [value[1:] for value in values]
-        texts = [value[:1] == b"t" for value in values]
+        relay_id, _, number_text = origin.partition(":")
         pending: _Pending | None = None
         if relay_id == self.relay_id:
+            number = int(number_text)
             if number in self._local_only:
                 del self._local_only[number]
                 return  # delivered locally already, while the backplane was down
@@ -421,10 +455,7 @@ class RedisBackplane:
             return item.report
         number = next(self._numbers)
         self._pending[number] = item
-        values = [
-            (b"t" if text else b"b") + payload
-            for payload, text in zip(payloads, texts, strict=True)
-        ]
+        values = encode_values(payloads, texts)
         try:
             with trio.fail_after(self.timeout):
                 await self._publish_script(
