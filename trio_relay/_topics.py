@@ -429,50 +429,49 @@ class Topics:
         source: object = None,
         echo: bool = True,
     ) -> DeliveryReport:
-        topic = self._get(name)
-        async with topic.lock:
-            batch = self._batch(topic, payloads, texts, source, echo)
-            # Numbered and retained before delivery: a subscriber that joins while this
-            # publish waits for room finds the batch in the history (and drops the copy
-            # it may also get live, by sequence number).
-            self._commit(topic, batch)
-            report = await topic.broadcast.publish(batch)
-        return DeliveryReport(
-            name,
-            batch.first_seq,
-            len(payloads),
-            report.queued,
-            report.dropped,
-            report.evicted,
-            None if self.backplane is None else False,
-        )
+        """Number and deliver a batch here, without the backplane (if any)."""
+        report, _ = await self._deliver(name, None, payloads, texts, source=source, echo=echo)
+        return report
 
     async def _deliver(
         self,
         name: str,
-        first_seq: int,
+        first_seq: int | None,
         payloads: list[bytes],
         texts: list[bool],
         *,
         source: object = None,
         echo: bool = True,
     ) -> tuple[DeliveryReport, bool]:
-        """Deliver a batch the backplane numbered; return its report and whether it had to
-        be renumbered (this relay numbered the topic beyond it alone, during an outage)."""
+        """Deliver a batch numbered from ``first_seq`` by the backplane, or from this topic's
+        numbering when None; return its report and whether it had to be renumbered (this
+        relay numbered the topic beyond ``first_seq`` alone, during an outage)."""
         topic = self._get(name)
         async with topic.lock:
-            renumbered = first_seq <= topic.last_seq
-            if renumbered:
-                first_seq = topic.last_seq + 1
-            elif first_seq > topic.last_seq + 1 and len(topic.history):
-                # Messages this relay never saw (trimmed from the log while it was away):
-                # its history must not pretend to be complete across them.
-                topic.history = History(self.history_size, self.history_bytes, self.history_age)
+            if first_seq is None:
+                first_seq, remote, renumbered = topic.last_seq + 1, False, False
+            else:
+                remote, renumbered = True, first_seq <= topic.last_seq
+                if renumbered:
+                    first_seq = topic.last_seq + 1
+                elif first_seq > topic.last_seq + 1 and len(topic.history):
+                    # Messages this relay never saw (trimmed from the log while it was
+                    # away): its history must not pretend to be complete across them.
+                    topic.history = History(self.history_size, self.history_bytes, self.history_age)
             batch = Batch(name, first_seq, payloads, texts, source, echo)
+            # Numbered and retained before delivery: a subscriber that joins while this
+            # publish waits for room finds the batch in the history (and drops the copy
+            # it may also get live, by sequence number).
             self._commit(topic, batch)
             report = await topic.broadcast.publish(batch)
         delivery = DeliveryReport(
-            name, first_seq, len(payloads), report.queued, report.dropped, report.evicted, True
+            name,
+            first_seq,
+            len(payloads),
+            report.queued,
+            report.dropped,
+            report.evicted,
+            remote if self.backplane is not None else None,
         )
         return delivery, renumbered
 
