@@ -189,3 +189,12 @@ def test_workers_need_a_backplane(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_backplane_that_is_not_a_redis_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--backplane", "http://example.com", "--port", "0"]) == 2
     assert "backplane must be a redis://" in capsys.readouterr().err
+
+
+def test_workers_refuse_bad_settings_before_starting_any(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--workers", "2", "--backplane", "redis://x", "--auth-secret", "s"]) == 2
+    assert "auth_secret must be at least 32 characters" in capsys.readouterr().err
+    assert main(["serve", "--workers", "2", "--backplane", "redis://x", "--certfile", "/no"]) == 1
+    assert "No such file" in capsys.readouterr().err

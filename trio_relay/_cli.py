@@ -284,17 +284,24 @@ def _show(message: str | bytes) -> str:
     return message if isinstance(message, str) else f"<{len(message)} bytes> {message.hex()}"
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _server_settings(args: argparse.Namespace) -> tuple[RelayConfig, ssl.SSLContext | None]:
+    """The relay's settings and TLS context from ``serve``'s options: ``ValueError`` for a
+    setting out of range, ``OSError`` for a certificate that cannot be loaded."""
     config = RelayConfig(
         **{field.name: getattr(args, field.name) for field in dataclasses.fields(RelayConfig)}
     )
-    # Bind before starting the nursery, so that a port in use is a plain OSError for main().
     context = None
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
     elif args.keyfile:
         raise OSError("--keyfile needs --certfile")
+    return config, context
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    config, context = _server_settings(args)
+    # Bind before starting the nursery, so that a port in use is a plain OSError for main().
     listeners = await open_listeners(args.host, args.port, context, reuse_port=args.reuse_port)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -414,6 +421,15 @@ def serve_settings(environ: Mapping[str, str], config_file: str | None) -> dict[
 
 def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``--workers`` relay processes: see :mod:`trio_relay._workers`."""
+    try:
+        # Checked here once, not by workers that would fail and be restarted for ever.
+        _server_settings(args)
+    except ValueError as exc:
+        print(f"trio-relay serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"trio-relay serve: {exc}", file=sys.stderr)
+        return 1
     try:
         reserved = reserve_port(args.host, args.port)
     except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -248,7 +249,12 @@ async def _reuse_port_listeners(host: str | None, port: int) -> list[trio.Socket
     listeners: list[trio.SocketListener] = []
     try:
         for family, kind, proto, _name, address in infos:
-            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # no IPv6 here, say: as trio.open_tcp_listeners does
+                raise
             try:
                 sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
                 sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)

@@ -12,6 +12,7 @@ or SIGTERM to the supervisor sends SIGTERM to every worker, which drain their cl
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -42,7 +43,12 @@ def reserve_port(host: str | None, port: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _name, address in infos:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # no IPv6 here, say: as trio.open_tcp_listeners does
+                raise
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
