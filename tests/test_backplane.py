@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings, strategies as st
 from redis_support import RedisServer, redis_server
 
@@ -399,6 +400,24 @@ async def test_a_publish_that_timed_out_but_reached_the_log_is_not_delivered_twi
                     pass  # published alone while a finds out that Redis is back
     assert [m.data for m in on_b] == ["warm", "timed out", "next"]
     assert on_a == on_b
+
+
+async def test_a_relay_stops_promptly_while_redis_is_frozen(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT):
+        async with relays(redis_server.url, 1, timeout=5.0, block=5.0) as (a,):
+            await a.publish("x")
+            async with trio_relay.consume(ws(a)):
+                redis_server.pause()
+                # A publish stuck waiting for Redis, and a reader inside XREAD, when the
+                # relay is cancelled: both must give way at once.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(a.publish, "stuck")
+                    await trio.testing.wait_all_tasks_blocked()
+                    started = trio.current_time()
+                    nursery.cancel_scope.cancel()
+                assert trio.current_time() - started < 1.0
+                # The client connection ends as the relay shuts down below.
+        assert trio.current_time() - started < 2.0
 
 
 async def test_a_relay_whose_redis_is_unreachable_at_start_serves_locally(
