@@ -43,7 +43,7 @@ def test_serve_defaults() -> None:
         "history_age": 600.0,
         "backplane": None,
         "workers": 1,
-        "reuse_port": False,
+        "worker": False,
         "certfile": None,
         "keyfile": None,
         "metrics_port": None,

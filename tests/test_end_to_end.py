@@ -557,3 +557,43 @@ async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(
         closed = inbox[-1]
         assert isinstance(closed, trio_relay.RelayConnectionClosed), inbox
         assert closed.code == 1001
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    launch: Launch, redis_server: RedisServer
+) -> None:
+    supervisor = await launch(
+        TRIO_RELAY,
+        "serve",
+        *("--workers", "2", "--backplane", redis_server.url, "--ping-interval", "0"),
+        *at(0),
+    )
+    await supervisor.expect("stderr", LISTENING, 2)
+    supervisor.process.kill()  # SIGKILL: no chance to stop its workers itself
+    # The workers hold the supervisor's stderr: it ends once both have stopped.
+    assert await supervisor.finish() == -signal.SIGKILL
+    log = supervisor.output["stderr"]
+    assert len(re.findall(r"worker \d: the supervisor is gone: shutting down", log)) == 2
+    assert len(re.findall(r"worker \d: relay stopped", log)) == 2
+
+
+async def test_ctrl_c_to_the_process_group_stops_every_worker_cleanly(
+    launch: Launch, redis_server: RedisServer
+) -> None:
+    # setsid: the supervisor and its workers get a process group of their own, which is
+    # what a terminal's Ctrl-C signals (SIGINT to every process in it).
+    supervisor = await launch(
+        "setsid",
+        TRIO_RELAY,
+        "serve",
+        *("--workers", "2", "--backplane", redis_server.url, "--ping-interval", "0"),
+        *at(0),
+    )
+    await supervisor.expect("stderr", LISTENING, 2)
+    os.killpg(supervisor.process.pid, signal.SIGINT)
+    assert await supervisor.finish() == 0
+    log = supervisor.output["stderr"]
+    # Each worker ignores the group's SIGINT and drains once, on the supervisor's SIGTERM.
+    assert len(re.findall(r"worker \d: SIGTERM received: shutting down", log)) == 2
+    assert len(re.findall(r"worker \d: relay stopped", log)) == 2
+    assert "SIGINT received: stopping 2 workers" in log

@@ -25,7 +25,7 @@ from ._exceptions import ClientError
 from ._metrics import serve_metrics
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._topics import Gap, Message
-from ._workers import reserve_port, supervise
+from ._workers import reserve_port, stop_with_supervisor, supervise
 
 __all__ = ["main"]
 
@@ -192,8 +192,9 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         help="relay processes on the port, with SO_REUSEPORT, sharing topics through "
         "the backplane, supervised; 1 runs the relay in this process (default: %(default)s)",
     )
-    # Set by --workers on its workers: listen with SO_REUSEPORT.
-    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    # Set by --workers on its workers: listen with SO_REUSEPORT, and stop when the
+    # supervisor's pipe on stdin closes (the supervisor is gone, even killed).
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--config",
         metavar="FILE",
@@ -302,10 +303,18 @@ def _server_settings(args: argparse.Namespace) -> tuple[RelayConfig, ssl.SSLCont
 async def _serve(args: argparse.Namespace) -> None:
     config, context = _server_settings(args)
     # Bind before starting the nursery, so that a port in use is a plain OSError for main().
-    listeners = await open_listeners(args.host, args.port, context, reuse_port=args.reuse_port)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    listeners = await open_listeners(args.host, args.port, context, reuse_port=args.worker)
+    stop_signals = [signal.SIGINT, signal.SIGTERM]
+    if args.worker:
+        # Ctrl-C reaches the whole process group; the supervisor then stops each worker with
+        # one SIGTERM (a second signal arriving while it drains would kill it on the spot).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_signals.remove(signal.SIGINT)
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(partial(serve_relay, config=config, listeners=listeners))
+            if args.worker:
+                nursery.start_soon(stop_with_supervisor, nursery.cancel_scope)
             if args.metrics_port is not None:
                 metrics = await nursery.start(serve_metrics, server, args.host, args.metrics_port)
                 for listener in metrics:

@@ -7,7 +7,9 @@ share topics through the backplane. A worker that exits while the supervisor run
 started again, after a backoff (1 s doubling to 30 s, reset once a worker ran 30 s). SIGINT
 or SIGTERM to the supervisor sends SIGTERM to every worker, which drain their clients
 (close 1001) as a lone relay does, and waits for them; one that is still running after
-``close_timeout`` + 5 s is killed.
+``close_timeout`` + 5 s is killed. Workers ignore SIGINT (Ctrl-C signals the whole process
+group), and stop by themselves when the supervisor's pipe on their stdin closes, so a
+killed supervisor leaves no orphans.
 """
 
 from __future__ import annotations
@@ -74,23 +76,46 @@ async def _stop(grace: float, process: trio.Process) -> None:
     process.kill()
 
 
+async def stop_with_supervisor(cancel_scope: trio.CancelScope) -> None:
+    """In a worker: cancel ``cancel_scope`` (the relay drains as on SIGTERM) once stdin,
+    the supervisor's pipe, reaches its end: the supervisor is gone, even if killed."""
+    # trio.lowlevel.FdStream: trio's one way to read an inherited pipe without a thread.
+    # tests/test_end_to_end.py kills a supervisor and checks that its workers stop.
+    async with trio.lowlevel.FdStream(os.dup(0)) as pipe:
+        while await pipe.receive_some():
+            pass
+    logger.warning("the supervisor is gone: shutting down")
+    cancel_scope.cancel()
+
+
 async def _run_worker(index: int, command: Sequence[str], grace: float) -> None:
     """Run worker ``index`` until cancelled, starting it again whenever it exits."""
     delay = RESTART_BACKOFF[0]
     environment = {**os.environ, "TRIO_RELAY_WORKER": str(index)}
     while True:
         started = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    command,
-                    check=False,
-                    env=environment,
-                    deliver_cancel=partial(_stop, grace),
+        # The worker's stdin: a pipe whose other end only this process holds (os.pipe's
+        # ends are not inherited), so the worker sees its end when this process ends.
+        worker_end, own_end = os.pipe()
+        try:
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        command,
+                        check=False,
+                        env=environment,
+                        stdin=worker_end,
+                        deliver_cancel=partial(_stop, grace),
+                    )
                 )
-            )
-            logger.info("worker %d started: pid %d", index, process.pid)
+                os.close(worker_end)
+                worker_end = -1
+                logger.info("worker %d started: pid %d", index, process.pid)
+        finally:
+            for fd in (worker_end, own_end):
+                if fd >= 0:
+                    os.close(fd)
         code = process.returncode
         if trio.current_time() - started >= STABLE_AFTER:
             delay = RESTART_BACKOFF[0]
@@ -121,7 +146,7 @@ async def supervise(
                     str(port),
                     "--workers",
                     "1",
-                    "--reuse-port",
+                    "--worker",
                 ]
                 if metrics_port is not None:
                     # One metrics port per worker (each serves its own figures): the next ones.
