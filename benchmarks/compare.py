@@ -28,6 +28,18 @@ SCENARIOS = (
 PEERS = "picows,ws_broadcast"
 
 
+def bench_ready() -> bool:
+    """Whether the shared benchmark is at BENCH_DIR (saying so if not); sets up its venv and
+    Node.js modules on first use."""
+    if not (BENCH_DIR / "run.py").is_file():
+        print(f"no benchmark driver at {BENCH_DIR}/run.py (set BENCH_DIR)", file=sys.stderr)
+        return False
+    home = Path(os.environ.get("BENCH_HOME", "/tmp/relay-bench"))
+    if not (home / "venv" / "bin" / "python").exists() or not (home / "node_modules").exists():
+        subprocess.run(["bash", str(BENCH_DIR / "setup.sh")], check=True)
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default=SCENARIOS, help="default: %(default)s")
@@ -35,12 +47,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--quick", action="store_true", help="1 repetition, fewer scenarios")
     args = parser.parse_args()
-    if not (BENCH_DIR / "run.py").is_file():
-        print(f"no benchmark driver at {BENCH_DIR}/run.py (set BENCH_DIR)", file=sys.stderr)
+    if not bench_ready():
         return 2
-    home = Path(os.environ.get("BENCH_HOME", "/tmp/relay-bench"))
-    if not (home / "venv" / "bin" / "python").exists() or not (home / "node_modules").exists():
-        subprocess.run(["bash", str(BENCH_DIR / "setup.sh")], check=True)
     server = (
         f"{shlex.quote(sys.executable)} -m trio_relay serve --log-level WARNING "
         "--host 127.0.0.1 --port {port}"

@@ -29,8 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = Path(os.environ.get("BENCH_DIR", ROOT.parent / "shared" / "bench"))
+from compare import BENCH_DIR, ROOT, bench_ready  # beside this script
+
 SCENARIOS = "fan100-100B,fan1000-100B,fan100-100B-w1"
 
 
@@ -79,12 +79,8 @@ def main() -> int:
     if args.serve is not None:
         serve(args.serve, args.port)
         return 1  # not reached: serve() execs the relay
-    if not (BENCH_DIR / "run.py").is_file():
-        print(f"no benchmark driver at {BENCH_DIR}/run.py (set BENCH_DIR)", file=sys.stderr)
+    if not bench_ready():
         return 2
-    home = Path(os.environ.get("BENCH_HOME", "/tmp/relay-bench"))
-    if not (home / "venv" / "bin" / "python").exists() or not (home / "node_modules").exists():
-        subprocess.run(["bash", str(BENCH_DIR / "setup.sh")], check=True)
     python = shlex.quote(sys.executable)
     me = shlex.quote(str(Path(__file__).resolve()))
     servers = {

@@ -141,3 +141,23 @@ async def rejected(relay: MemoryRelay, request: bytes) -> tuple[int, bytes]:
                 raise AssertionError(f"unexpected {event!r}")
         if not data:
             return status, body
+
+
+async def http_request(
+    port: int, path: str, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request to 127.0.0.1:``port`` (the relay's side port closes after each):
+    the status, the headers (lower-case names) and the body."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        response = b""
+        while chunk := await stream.receive_some():
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import http_request
 from hypothesis import HealthCheck, given, settings, strategies as st
 from redis_support import RedisServer, redis_server
 
@@ -491,13 +492,7 @@ async def health(server: RelayServer) -> dict[str, object]:
     """``/healthz`` of ``server``, served on a port of its own."""
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio_relay.serve_metrics, server, "127.0.0.1", 0)
-        port = listeners[0].socket.getsockname()[1]
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            data = b""
-            with trio.fail_after(LIMIT):
-                while chunk := await stream.receive_some():
-                    data += chunk
+        with trio.fail_after(LIMIT):
+            _, _, body = await http_request(listeners[0].socket.getsockname()[1], "/healthz")
         nursery.cancel_scope.cancel()
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
+    return json.loads(body)  # type: ignore[no-any-return]

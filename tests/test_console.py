@@ -33,6 +33,7 @@ import pytest
 import trio
 import trio_websocket
 import trustme
+from helpers import http_request
 
 import trio_relay
 from trio_relay import RelayConfig, serve_relay
@@ -135,22 +136,6 @@ def test_without_playwright_the_browser_tests_skip_or_fail(
 # ------------------------------------------------------------------------ the side port
 
 
-async def _request(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-        response = b""
-        while chunk := await stream.receive_some():
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
-
-
 async def _start(nursery: trio.Nursery, **relay_options: Any) -> tuple[trio_relay.RelayServer, int]:
     server = await nursery.start(partial(serve_relay, "127.0.0.1", 0, **relay_options))
     [listener] = await nursery.start(serve_metrics, server, "127.0.0.1", 0)
@@ -162,7 +147,7 @@ async def test_the_page_and_its_assets_are_served_with_a_content_security_policy
 ) -> None:
     _, port = await _start(nursery)
     with trio.fail_after(DEADLINE):
-        status, headers, page = await _request(port, "/")
+        status, headers, page = await http_request(port, "/")
         assert status == 200
         assert headers["content-type"] == "text/html; charset=utf-8"
         assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
@@ -177,17 +162,17 @@ async def test_the_page_and_its_assets_are_served_with_a_content_security_policy
         assert " style=" not in text
         assert "//" not in text.replace("<!doctype html>", "")
         for path, kind in [("/console.js", "text/javascript"), ("/console.css", "text/css")]:
-            status, headers, body = await _request(port, path)
+            status, headers, body = await http_request(port, path)
             assert (status, headers["content-type"]) == (200, f"{kind}; charset=utf-8")
             assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
             assert body
-        status, headers, body = await _request(port, "/", method="HEAD")
+        status, headers, body = await http_request(port, "/", method="HEAD")
         assert (status, int(headers["content-length"]), body) == (200, len(page), b"")
-        status, _, body = await _request(port, "/console.js?v=1")  # queries are ignored
+        status, _, body = await http_request(port, "/console.js?v=1")  # queries are ignored
         assert status == 200
-        status, _, body = await _request(port, "/nope")
+        status, _, body = await http_request(port, "/nope")
         assert (status, body) == (404, b"try / (the console), /stats, /healthz or /metrics\n")
-        status, _, _ = await _request(port, "/", method="POST")
+        status, _, _ = await http_request(port, "/", method="POST")
         assert status == 405
     nursery.cancel_scope.cancel()
 
@@ -210,7 +195,7 @@ async def test_stats_reports_the_relays_figures_and_where_to_connect(
             assert await anext(messages) == "from the server"
             with pytest.raises(trio_relay.HandshakeRejected):  # the topic is full
                 await trio_relay.produce(url, "x", timeout=2)
-            status, headers, body = await _request(port, "/stats")
+            status, headers, body = await http_request(port, "/stats")
     assert (status, headers["content-type"]) == (200, "application/json")
     assert headers["cache-control"] == "no-store"
     stats = json.loads(body)
@@ -244,7 +229,7 @@ async def test_stats_says_when_the_relay_speaks_tls_and_needs_tokens(
         nursery, ssl_context=context, config=RelayConfig(auth_secret=SECRET)
     )
     with trio.fail_after(DEADLINE):
-        status, _, body = await _request(port, "/stats")
+        status, _, body = await http_request(port, "/stats")
     assert status == 200
     stats = json.loads(body)
     assert (stats["ports"], stats["tls"], stats["auth"]) == ([server.port], True, True)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from helpers import http_request
 from redis_support import RedisServer, redis_server
 
 import trio_relay
@@ -470,13 +471,8 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
 async def healthz(port: int) -> dict[str, object]:
     """The ``/healthz`` JSON of the metrics port ``port``."""
     with trio.fail_after(DEADLINE):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            data = b""
-            while chunk := await stream.receive_some():
-                data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
+        _, _, body = await http_request(port, "/healthz")
+    return json.loads(body)  # type: ignore[no-any-return]
 
 
 async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(

@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import trio
+from helpers import http_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_relay import HandshakeRejected, RelayConfig, consume, produce, serve_relay
@@ -14,14 +15,8 @@ from trio_relay._metrics import serve_metrics
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-        response = b""
-        while chunk := await stream.receive_some():
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    status, _, body = await http_request(port, path)
+    return status, body
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
