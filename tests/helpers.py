@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from typing import NoReturn
 
+import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -161,3 +163,11 @@ async def http_request(
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), headers, body
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip for want of ``reason`` (a program or package, and how to install it); fail
+    instead where integration tests are required (CI sets TRIO_RELAY_REQUIRE_INTEGRATION=1)."""
+    if os.environ.get("TRIO_RELAY_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(f"{reason} (TRIO_RELAY_REQUIRE_INTEGRATION=1: no skipping)", pytrace=False)
+    pytest.skip(reason)

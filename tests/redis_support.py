@@ -19,19 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import unavailable
 
 READY = b"Ready to accept connections"
 START_TIMEOUT = 10.0
 
 
-def require(program: str, install: str) -> str:
-    """The path of ``program``, or skip (fail under CI) saying how to install it."""
-    path = shutil.which(program)
+def redis_server_or_skip() -> str:
+    """The path of ``redis-server``, or skip (fail under CI) saying how to install it."""
+    path = shutil.which("redis-server")
     if path is None:
-        message = f"{program} not found: install it with `{install}`"
-        if os.environ.get("TRIO_RELAY_REQUIRE_INTEGRATION"):
-            pytest.fail(message + " (TRIO_RELAY_REQUIRE_INTEGRATION is set)")
-        pytest.skip(message)
+        unavailable("redis-server not found: install it with `apt-get install redis-server`")
     return path
 
 
@@ -117,7 +115,7 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(require("redis-server", "apt-get install redis-server"), tmp_path)
+    server = RedisServer(redis_server_or_skip(), tmp_path)
     server.start()
     try:
         yield server

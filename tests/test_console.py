@@ -27,13 +27,13 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio_websocket
 import trustme
-from helpers import http_request
+from helpers import http_request, unavailable
 
 import trio_relay
 from trio_relay import RelayConfig, serve_relay
@@ -78,13 +78,6 @@ ENV["PYTHONUTF8"] = "1"
 
 
 # ------------------------------------------------------------------------ skip or fail
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip for want of ``reason``; fail instead where integration tests are required."""
-    if os.environ.get("TRIO_RELAY_REQUIRE_INTEGRATION") == "1":
-        pytest.fail(f"{reason} (TRIO_RELAY_REQUIRE_INTEGRATION=1: no skipping)", pytrace=False)
-    pytest.skip(reason)
 
 
 def chromium_or_skip() -> str:
