@@ -98,34 +98,6 @@ def playwright_or_skip() -> ModuleType:
     return playwright.sync_api
 
 
-@pytest.mark.parametrize("required", [False, True], ids=["skips", "fails-in-CI"])
-def test_without_chromium_the_browser_tests_skip_or_fail(
-    monkeypatch: pytest.MonkeyPatch, required: bool
-) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    if required:
-        monkeypatch.setenv("TRIO_RELAY_REQUIRE_INTEGRATION", "1")
-    else:
-        monkeypatch.delenv("TRIO_RELAY_REQUIRE_INTEGRATION", raising=False)
-    expected = pytest.fail.Exception if required else pytest.skip.Exception
-    with pytest.raises(expected, match=r"apt-get install chromium"):
-        chromium_or_skip()
-
-
-@pytest.mark.parametrize("required", [False, True], ids=["skips", "fails-in-CI"])
-def test_without_playwright_the_browser_tests_skip_or_fail(
-    monkeypatch: pytest.MonkeyPatch, required: bool
-) -> None:
-    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)  # import raises ImportError
-    if required:
-        monkeypatch.setenv("TRIO_RELAY_REQUIRE_INTEGRATION", "1")
-    else:
-        monkeypatch.delenv("TRIO_RELAY_REQUIRE_INTEGRATION", raising=False)
-    expected = pytest.fail.Exception if required else pytest.skip.Exception
-    with pytest.raises(expected, match=r"pip install -e '\.\[test\]'"):
-        playwright_or_skip()
-
-
 # ------------------------------------------------------------------------ the side port
 
 
