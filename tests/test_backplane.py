@@ -161,6 +161,42 @@ async def test_a_relay_started_later_fills_its_history_from_the_log(
             assert (report.seq, report.remote) == (5, True)
 
 
+async def test_an_interrupted_history_fill_goes_on_where_it_stopped(
+    redis_server: RedisServer,
+) -> None:
+    class FailsOnceAfterOneEntry(RedisBackplane):
+        failed = False
+
+        async def _deliver(self, identifier: bytes, fields: dict[bytes, bytes]) -> None:
+            await super()._deliver(identifier, fields)
+            if not self.failed:
+                self.failed = True
+                raise OSError("connection lost during the fill")
+
+    async with relays(redis_server.url, 1) as (a,):
+        for i in range(3):
+            await a.publish(f"m{i}", "feed")
+        async with trio.open_nursery() as nursery:
+            late: RelayServer = await nursery.start(
+                partial(
+                    trio_relay.serve_relay,
+                    "127.0.0.1",
+                    0,
+                    config=QUIET,
+                    backplane=FailsOnceAfterOneEntry(redis_server.url),
+                )
+            )
+            assert late.backplane is not None
+            with trio.fail_after(LIMIT):
+                await late.backplane.wait_until_up()
+            replayed: list[Any] = []
+            with trio.fail_after(LIMIT):
+                await collect(ws(late, "feed", "since=0"), 3, replayed, lambda: None)
+            assert late.backplane.statistics().conflicts == 0
+            nursery.cancel_scope.cancel()
+    assert replayed == [Message("feed", i + 1, f"m{i}") for i in range(3)]
+
+
 async def test_a_consumer_ahead_of_a_lagging_relay_waits_for_the_log_instead_of_a_gap(
     redis_server: RedisServer,
 ) -> None:

@@ -184,11 +184,13 @@ class RedisBackplane:
         block: float = 1.0,
     ) -> None:
         try:
-            import coredis  # noqa: F401 - an optional dependency: fail early and clearly
+            import coredis  # an optional dependency: fail early and clearly
         except ImportError as exc:  # pragma: no cover - the test extra installs it
             raise RuntimeError(
                 "the Redis backplane needs coredis: pip install 'trio-relay[redis]'"
             ) from exc
+        self._failures = (OSError, trio.TooSlowError, coredis.exceptions.RedisError)
+        """What a Redis command may raise when Redis is unreachable, slow or in trouble."""
         self.url = url
         self.prefix = prefix
         self.log_size = log_size
@@ -279,13 +281,13 @@ class RedisBackplane:
                         task_status.started()
                         started = True
                     await self._read_forever()
-                except (OSError, trio.TooSlowError, coredis.exceptions.RedisError) as exc:
+                except self._failures as exc:
                     failures += 1
                     if self.up or failures == 1:
                         logger.error(
                             "backplane %s unreachable (%s): serving local clients only, retrying",
                             self.url,
-                            exc or type(exc).__name__,
+                            str(exc) or type(exc).__name__,
                         )
                     self._set_up(False)
                     await self._deliver_pending_locally()
@@ -305,11 +307,13 @@ class RedisBackplane:
         topics = self._topics
         assert topics is not None
         if self._run_id is None:
-            # First connection: fill the histories from the log's last history_age seconds.
-            with trio.fail_after(self.timeout):
-                now = await client.time()  # Redis's clock: the log's IDs are its milliseconds
-            start_ms = int(now.timestamp() * 1000) - int(topics.history_age * 1000)
-            self._last_id = f"{max(start_ms, 0)}-0".encode()
+            # First connection: fill the histories from the log's last history_age seconds
+            # (or go on from where an interrupted fill got: nothing is delivered twice).
+            if self._last_id == b"0-0":
+                with trio.fail_after(self.timeout):
+                    now = await client.time()  # Redis's clock: the log's IDs are its ms
+                start_ms = int(now.timestamp() * 1000) - int(topics.history_age * 1000)
+                self._last_id = f"{max(start_ms, 0)}-0".encode()
             await self._backfill()
         elif run_id != self._run_id:
             # Redis restarted and lost its data: what it held for us is gone. Read its new
@@ -421,14 +425,12 @@ class RedisBackplane:
     async def last_number(self, topic: str) -> int:
         """The last sequence number Redis handed out for ``topic`` (0 if unknown or if
         Redis cannot be asked now)."""
-        import coredis
-
         if not self.up:
             return 0
         try:
             with trio.fail_after(self.timeout):
                 value = await self._client.get(self._seq_key(topic))
-        except (OSError, trio.TooSlowError, coredis.exceptions.RedisError):
+        except self._failures:
             return 0
         return int(value or 0)
 
@@ -446,8 +448,6 @@ class RedisBackplane:
     ) -> DeliveryReport:
         """Append a batch to the log and return its report once this relay delivered it;
         while Redis is unreachable, deliver it locally (``remote=False``)."""
-        import coredis
-
         item = _Pending(name, payloads, texts, source, echo)
         if not self.up:
             await self._publish_locally(topics, item)
@@ -469,8 +469,12 @@ class RedisBackplane:
                     ],
                 )
             self._published += 1
-        except (OSError, trio.TooSlowError, coredis.exceptions.RedisError) as exc:
-            logger.warning("backplane publish on %r failed (%s): delivered locally", name, exc)
+        except self._failures as exc:
+            logger.warning(
+                "backplane publish on %r failed (%s): delivered locally",
+                name,
+                str(exc) or type(exc).__name__,
+            )
             if self._pending.pop(number, None) is not None:
                 self._remember_local_only(number)
                 await self._publish_locally(topics, item)
