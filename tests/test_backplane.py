@@ -20,12 +20,14 @@ import trio
 import trio.testing
 from helpers import http_request
 from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client import generate_latest
 from redis_support import RedisServer, redis_server
 
 import trio_relay
 from trio_relay import Gap, Message, RedisBackplane, RelayConfig, RelayServer
 from trio_relay._backplane import decode_entry, encode_values
 from trio_relay._console import relay_stats
+from trio_relay._metrics import metrics_registry
 
 __all__ = ["redis_server"]  # the fixture, used by name
 
@@ -478,7 +480,7 @@ async def test_a_relay_whose_redis_is_unreachable_at_start_serves_locally(
 async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServer) -> None:
     async with relays(redis_server.url, 1) as (a,):
         await a.publish("x")
-        text = trio_relay._metrics.generate_latest(trio_relay._metrics.metrics_registry(a)).decode()
+        text = generate_latest(metrics_registry(a)).decode()
     assert "trio_relay_backplane_up 1.0" in text
     assert "trio_relay_backplane_published_total 1.0" in text
 

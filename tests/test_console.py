@@ -36,10 +36,9 @@ import trustme
 from helpers import http_request, unavailable
 
 import trio_relay
-from trio_relay import RelayConfig, serve_relay
+from trio_relay import RelayConfig, serve_metrics, serve_relay
 from trio_relay._auth import mint_token
 from trio_relay._console import CONTENT_SECURITY_POLICY
-from trio_relay._metrics import serve_metrics
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page

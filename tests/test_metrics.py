@@ -10,8 +10,7 @@ import trio
 from helpers import http_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_relay import HandshakeRejected, RelayConfig, consume, produce, serve_relay
-from trio_relay._metrics import serve_metrics
+from trio_relay import HandshakeRejected, RelayConfig, consume, produce, serve_metrics, serve_relay
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:

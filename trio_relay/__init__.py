@@ -36,12 +36,12 @@ from ._exceptions import (
     SlowConsumerError as SlowConsumerError,
 )
 from ._frames import CloseCode as CloseCode, encode_frame as encode_frame
-from ._metrics import serve_metrics as serve_metrics
 from ._server import (
     RelayServer as RelayServer,
     RelayStatistics as RelayStatistics,
     serve_relay as serve_relay,
 )
+from ._sideport import serve_metrics as serve_metrics
 from ._topics import (
     DeliveryReport as DeliveryReport,
     Gap as Gap,

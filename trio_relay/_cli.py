@@ -22,8 +22,8 @@ from ._broadcast import OverflowPolicy
 from ._client import DEFAULT_TIMEOUT, consume, produce
 from ._config import RelayConfig
 from ._exceptions import ClientError
-from ._metrics import serve_metrics
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
+from ._sideport import serve_metrics
 from ._topics import Gap, Message
 from ._workers import reserve_port, stop_with_supervisor, supervise
 

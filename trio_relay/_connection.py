@@ -44,6 +44,7 @@ from wsproto.utilities import RemoteProtocolError
 from ._auth import OPEN, TokenError, verify_token
 from ._broadcast import Subscription
 from ._config import RelayConfig
+from ._counters import RelayCounters
 from ._envelope import (
     SUBPROTOCOL,
     EnvelopeError,
@@ -64,7 +65,6 @@ from ._frames import (
     frame_header,
     split_request_head,
 )
-from ._metrics import RelayCounters
 from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
 from ._topics import Batch, DeliveryReport, Topics, topic_from_path
 

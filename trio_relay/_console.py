@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from ._server import RelayServer
+    from ._view import RelayView
 
 __all__ = ["CONTENT_SECURITY_POLICY", "answer", "relay_stats"]
 
@@ -49,7 +49,7 @@ def _asset(name: str) -> bytes:
     return (resources.files("trio_relay") / "console" / name).read_bytes()
 
 
-def relay_stats(server: RelayServer) -> dict[str, object]:
+def relay_stats(server: RelayView) -> dict[str, object]:
     """The figures ``GET /stats`` answers: lifetime counters, current gauges, and where and
     how to connect (the relay's ports, whether it speaks TLS, whether it needs a token)."""
     counters = server.counters
@@ -76,7 +76,7 @@ def relay_stats(server: RelayServer) -> dict[str, object]:
     }
 
 
-def answer(server: RelayServer, path: bytes) -> tuple[bytes, bytes, Headers] | None:
+def answer(server: RelayView, path: bytes) -> tuple[bytes, bytes, Headers] | None:
     """``(content type, body, extra headers)`` for a console path, ``None`` for others."""
     if path == b"/stats":
         body = json.dumps(relay_stats(server)).encode() + b"\n"

@@ -16,7 +16,7 @@ from ._backplane import RedisBackplane
 from ._broadcast import BroadcastStatistics
 from ._config import RelayConfig
 from ._connection import RelayConnection
-from ._metrics import RelayCounters
+from ._counters import RelayCounters
 from ._topics import DeliveryReport, Topics, TopicStatistics
 
 __all__ = ["RelayServer", "RelayStatistics", "serve_relay"]

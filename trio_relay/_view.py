@@ -1,0 +1,65 @@
+"""What the side port reads of a relay: :class:`RelayView`, a Protocol of the public
+attributes of :class:`~trio_relay.RelayServer` that ``/healthz``, ``/metrics`` and the
+console's ``/stats`` use.
+
+So the side port (``_sideport``, ``_metrics``, ``_console``) depends on the server's
+public face only, not on ``_server``, and the server knows nothing of the side port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import trio
+
+    from ._backplane import BackplaneStatistics
+    from ._broadcast import BroadcastStatistics
+    from ._config import RelayConfig
+    from ._counters import RelayCounters
+
+__all__ = ["BackplaneView", "RelayView", "StatisticsView"]
+
+
+class StatisticsView(Protocol):
+    """The figures of a relay's ``statistics()`` that the side port reads."""
+
+    @property
+    def connections(self) -> int: ...
+
+    @property
+    def broadcast(self) -> BroadcastStatistics: ...
+
+    @property
+    def topics(self) -> Mapping[str, object]: ...
+
+
+class BackplaneView(Protocol):
+    """What the side port reads of a relay's backplane: up or down, and its counts."""
+
+    @property
+    def up(self) -> bool: ...
+
+    def statistics(self) -> BackplaneStatistics: ...
+
+
+class RelayView(Protocol):
+    """A running relay as the side port sees it (:class:`~trio_relay.RelayServer` is one)."""
+
+    @property
+    def counters(self) -> RelayCounters: ...
+
+    @property
+    def config(self) -> RelayConfig: ...
+
+    @property
+    def backplane(self) -> BackplaneView | None: ...
+
+    @property
+    def listeners(self) -> Sequence[trio.abc.Listener[Any]]: ...
+
+    @property
+    def ports(self) -> tuple[int, ...]: ...
+
+    def statistics(self) -> StatisticsView: ...
