@@ -1001,3 +1001,71 @@ async def test_broadcast_factory_is_called_again_for_a_forgotten_topic(
     async with topics.subscribe("news"):
         pass
     assert names == ["news", "news"]
+
+
+# --------------------------------------------------------------------------------------------
+# The surface a backplane uses
+# --------------------------------------------------------------------------------------------
+
+
+async def test_a_backplane_delivers_numbered_batches_and_publishes_locally(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics()
+    async with topics.subscribe("a") as subscription:
+        await topics.publish("a", "one")
+        assert (topics.last_number("a"), topics.last_number("b")) == (1, 0)
+        report, renumbered = await topics.deliver_numbered("a", 2, [b"two"], [True])
+        assert (report.seq, renumbered) == (2, False)
+        # Numbered 2 elsewhere, but this relay is past 2 already: numbers never go back.
+        report, renumbered = await topics.deliver_numbered("a", 2, [b"three"], [True])
+        assert (report.seq, renumbered) == (3, True)
+        report = await topics.publish_locally("a", [b"four"], [True])
+        assert report.seq == 4
+        assert topics.last_numbers() == {"a": 4}
+        assert await take(subscription, 4) == [
+            Message("a", 1, "one"),
+            Message("a", 2, "two"),
+            Message("a", 3, "three"),
+            Message("a", 4, "four"),
+        ]
+
+
+class _LogBackplane:
+    """A :class:`~trio_relay._topics.Backplane` whose log numbers every topic from 10."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, list[bytes]]] = []
+
+    async def publish(
+        self,
+        topics: Topics,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object,
+        echo: bool,
+    ) -> DeliveryReport:
+        self.published.append((name, payloads))
+        first = max(10, topics.last_number(name) + 1)
+        report, _ = await topics.deliver_numbered(
+            name, first, payloads, texts, source=source, echo=echo
+        )
+        return report
+
+    async def last_number(self, topic: str) -> int:
+        return 10
+
+
+async def test_with_a_backplane_publishes_go_through_it(autojump_clock: trio.abc.Clock) -> None:
+    topics = Topics()
+    backplane = topics.backplane = _LogBackplane()
+    report = await topics.publish("a", "x")
+    assert (report.seq, report.remote) == (10, True)
+    assert backplane.published == [("a", [b"x"])]
+    with pytest.raises(trio.WouldBlock):
+        topics.publish_nowait("a", [b"y"], [True])
+    async with topics.subscribe("a", since=10) as subscription:
+        await topics.publish("a", "z")
+        assert await take(subscription, 1) == [Message("a", 11, "z")]

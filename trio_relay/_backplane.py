@@ -328,7 +328,7 @@ class RedisBackplane:
         """Make Redis number on from where this relay got, for every topic it knows."""
         topics = self._topics
         assert topics is not None
-        floors = list(topics._last_numbers().items())
+        floors = list(topics.last_numbers().items())
         for start in range(0, len(floors), 500):
             chunk = floors[start : start + 500]
             with trio.fail_after(self.timeout):
@@ -384,7 +384,7 @@ class RedisBackplane:
         else:
             self._received += 1
         source, echo = (pending.source, pending.echo) if pending else (None, True)
-        report, renumbered = await topics._deliver(
+        report, renumbered = await topics.deliver_numbered(
             name, first_seq, payloads, texts, source=source, echo=echo
         )
         if renumbered:
@@ -416,7 +416,7 @@ class RedisBackplane:
 
     async def _publish_locally(self, topics: Topics, item: _Pending) -> None:
         self._local += 1
-        report = await topics._publish_locally(
+        report = await topics.publish_locally(
             item.name, item.payloads, item.texts, source=item.source, echo=item.echo
         )
         item.report = report
@@ -461,7 +461,7 @@ class RedisBackplane:
                 await self._publish_script(
                     keys=[self._seq_key(name), self._log_key],
                     args=[
-                        topics._last_number(name),
+                        topics.last_number(name),
                         name,
                         f"{self.relay_id}:{number}",
                         self.log_size,

@@ -15,7 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -29,10 +29,8 @@ from ._broadcast import (
 from ._envelope import encode_message
 from ._frames import frame_header
 
-if TYPE_CHECKING:
-    from ._backplane import RedisBackplane
-
 __all__ = [
+    "Backplane",
     "Batch",
     "DeliveryReport",
     "Gap",
@@ -271,6 +269,29 @@ class _Topic:
         self.lock = trio.Lock()
 
 
+class Backplane(Protocol):
+    """What :class:`Topics` asks of a backplane (:class:`~trio_relay.RedisBackplane` is
+    one): to publish a batch to every relay, and the last number any relay gave a topic.
+
+    The backplane drives the topics back through their public surface for it:
+    :meth:`Topics.deliver_numbered`, :meth:`Topics.publish_locally`,
+    :meth:`Topics.last_number` and :meth:`Topics.last_numbers`.
+    """
+
+    async def publish(
+        self,
+        topics: Topics,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object,
+        echo: bool,
+    ) -> DeliveryReport: ...
+
+    async def last_number(self, topic: str) -> int: ...
+
+
 class Topics:
     """The relay's topics, each a :class:`~trio_relay.Broadcast` plus a sequence and a history.
 
@@ -308,7 +329,7 @@ class Topics:
             )
         )
         self._topics: dict[str, _Topic] = {}
-        self.backplane: RedisBackplane | None = None
+        self.backplane: Backplane | None = None
         """Set by :meth:`RedisBackplane.run`: publishes then go through it."""
         # The last sequence number of topics forgotten for being idle, so that a topic used
         # again goes on numbering where it stopped: a client resuming with an old `since`
@@ -418,9 +439,9 @@ class Topics:
             return await self.backplane.publish(
                 self, name, payloads, texts, source=source, echo=echo
             )
-        return await self._publish_locally(name, payloads, texts, source=source, echo=echo)
+        return await self.publish_locally(name, payloads, texts, source=source, echo=echo)
 
-    async def _publish_locally(
+    async def publish_locally(
         self,
         name: str,
         payloads: list[bytes],
@@ -429,9 +450,30 @@ class Topics:
         source: object = None,
         echo: bool = True,
     ) -> DeliveryReport:
-        """Number and deliver a batch here, without the backplane (if any)."""
+        """Number and deliver a batch on this relay only, bypassing the backplane (if any).
+
+        What :meth:`publish_batch` does without a backplane, and what a backplane does with
+        a publish it cannot share (the others are unreachable): its report says
+        ``remote=False``."""
         report, _ = await self._deliver(name, None, payloads, texts, source=source, echo=echo)
         return report
+
+    async def deliver_numbered(
+        self,
+        name: str,
+        first_seq: int,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+    ) -> tuple[DeliveryReport, bool]:
+        """Deliver a batch a backplane numbered from ``first_seq`` (one read from its log,
+        this relay's own publishes included), so that every relay numbers a topic alike.
+
+        Returns its report and whether it was renumbered: this relay numbered the topic
+        beyond ``first_seq`` alone, during an outage, and numbers never go back."""
+        return await self._deliver(name, first_seq, payloads, texts, source=source, echo=echo)
 
     async def _deliver(
         self,
@@ -475,13 +517,15 @@ class Topics:
         )
         return delivery, renumbered
 
-    def _last_number(self, name: str) -> int:
-        """The last sequence number topic ``name`` has had here (0 if none)."""
+    def last_number(self, name: str) -> int:
+        """The last sequence number topic ``name`` has had here (0 if none): the floor a
+        backplane numbers on from, and how a resume tells a ``since`` from the future."""
         topic = self._topics.get(name)
         return topic.last_seq if topic is not None else self._retired.get(name, 0)
 
-    def _last_numbers(self) -> dict[str, int]:
-        """The last sequence number of every topic numbered here, in use or forgotten."""
+    def last_numbers(self) -> dict[str, int]:
+        """The last sequence number of every topic numbered here, in use or forgotten: what
+        a backplane raises its counters to on reconnecting, so numbers never go back."""
         numbers = dict(self._retired)
         numbers.update((name, topic.last_seq) for name, topic in self._topics.items())
         return {name: seq for name, seq in numbers.items() if seq}
@@ -516,7 +560,7 @@ class Topics:
         are duplicates of the replay, to be skipped.
         """
         numbered = 0
-        if since is not None and self.backplane is not None and since > self._last_number(name):
+        if since is not None and self.backplane is not None and since > self.last_number(name):
             # Ahead of this relay: numbered by another relay and still on its way here, or
             # never numbered at all (a restart). Only Redis can tell.
             numbered = await self.backplane.last_number(name)
