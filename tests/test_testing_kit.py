@@ -78,6 +78,19 @@ async def test_the_listener_hands_over_connections_in_order_and_refuses_after_cl
         await listener.accept()
 
 
+async def test_the_listener_drops_the_accepted_ends_still_open_as_a_network_failure_would() -> None:
+    listener = MemoryListener()
+    first, second = await listener.connect(), await listener.connect()
+    accepted_first, accepted_second = await listener.accept(), await listener.accept()
+    await accepted_second.aclose()  # the server is done with this one
+    assert await listener.drop_connections() == 1
+    assert await first.receive_some() == b""  # no goodbye: end of stream
+    with pytest.raises(trio.ClosedResourceError):
+        await accepted_first.receive_some()  # the server's end is gone under it
+    assert await second.receive_some() == b""
+    assert await listener.drop_connections() == 0
+
+
 async def test_the_memory_relay_fixture_is_a_running_relay(
     memory_relay: MemoryRelay, autojump_clock: trio.testing.MockClock
 ) -> None:

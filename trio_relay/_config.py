@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
-from ._broadcast import _POLICIES, OverflowPolicy
+from ._broadcast import OverflowPolicy
 
 __all__ = ["RelayConfig"]
+
+_POLICIES: frozenset[str] = frozenset(get_args(OverflowPolicy))
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,7 @@ class MemoryRelay:
     async def drop_connections(self) -> int:
         """Cut every client's connection abruptly, as a network failure would (no close
         frame); return how many were cut. For testing reconnection and resume."""
-        connections = list(self.server._connections)
-        for connection in connections:
-            await trio.aclose_forcefully(connection._stream)
-        return len(connections)
+        return await self.listener.drop_connections()
 
     async def open_stream(self) -> trio.abc.Stream:
         """A raw in-memory connection to the relay, for speaking bytes at it directly."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 
 import trio
 
@@ -151,6 +152,12 @@ class _PipeReceiveStream(trio.abc.ReceiveStream):
         await trio.sleep(0)
 
 
+def _open(end: MemoryStream) -> bool:
+    """Whether the owner of ``end`` has not closed it (its sending side, at least)."""
+    send = end.send_stream
+    return isinstance(send, _PipeSendStream) and not send._pipe.writer_closed
+
+
 def socket_like_stream_pair(
     capacity: int = DEFAULT_CAPACITY,
 ) -> tuple[MemoryStream, MemoryStream]:
@@ -174,7 +181,9 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self.capacity = capacity
-        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](math.inf)
+        self._send, self._receive = trio.open_memory_channel[MemoryStream](math.inf)
+        # The ends accepted, for drop_connections: weakly, to keep no memory alive.
+        self._accepted: weakref.WeakSet[MemoryStream] = weakref.WeakSet()
 
     async def connect(self) -> trio.abc.Stream:
         """Open a connection; raises :class:`trio.ClosedResourceError` once the listener closed."""
@@ -188,9 +197,20 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 
     async def accept(self) -> trio.abc.Stream:
         try:
-            return await self._receive.receive()
+            stream = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise trio.ClosedResourceError("the listener is closed") from None
+        self._accepted.add(stream)
+        return stream
+
+    async def drop_connections(self) -> int:
+        """Close abruptly every accepted end the server has not closed yet, as a network
+        failure would (no close frame); return how many. For testing reconnection."""
+        ends = [end for end in self._accepted if _open(end)]
+        self._accepted.clear()
+        for end in ends:
+            await trio.aclose_forcefully(end)
+        return len(ends)
 
     async def aclose(self) -> None:
         self._receive.close()
