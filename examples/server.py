@@ -2,9 +2,10 @@
 
 Run it with::
 
-    python examples/server.py [--host HOST] [--port PORT]
+    python examples/server.py [--host HOST] [--port PORT] [--log-level LEVEL]
 
-(defaults: localhost and 4000; ``--port 0`` picks a free port, which the log shows). It logs
+(defaults: localhost, 4000 and INFO; DEBUG adds a line per connection opened and closed;
+``--port 0`` picks a free port, which the log shows). It logs
 ``relay listening on ws://HOST:PORT/`` once ready, and stops cleanly on Ctrl-C (SIGINT) or
 SIGTERM, closing every client with code 1001 and exiting with status 0.
 """
@@ -34,8 +35,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="localhost", help="default: %(default)s")
     parser.add_argument("--port", type=int, default=4000, help="default: %(default)s")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         trio.run(main, args.host, args.port)
     except* OSError as group:  # e.g. the port is in use; raised in the nursery, so grouped

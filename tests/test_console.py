@@ -317,6 +317,7 @@ def start_relay(launch: Launch) -> StartRelay:
         program = launch(
             "serve",
             *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)),
+            *("--log-level", "DEBUG"),  # the relay's line per connection opened (OPENED)
             env=env,
         )
         return Relay(program)

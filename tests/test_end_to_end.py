@@ -176,13 +176,19 @@ async def start_server(launch: Launch, *command: str | Path) -> tuple[Program, i
     return server, int(match[1])
 
 
+DEBUG = ("--log-level", "DEBUG")
+"""The relay logs a line per connection opened or closed at DEBUG (INFO would cost a fifth
+of a connection's set-up CPU): tests that wait for those lines ask for them."""
+
+
 async def start_consumer(
     launch: Launch, server: Program, port: int, *command: str | Path
 ) -> Program:
     """Launch a consumer and wait until the relay has subscribed it.
 
-    The relay logs "connection #N ... open" after the handshake and subscribes the connection
-    without yielding in between, so once the line is out, every later message reaches it.
+    The relay (run with ``*DEBUG``) logs "connection #N ... open" after the handshake and
+    subscribes the connection without yielding in between, so once the line is out, every
+    later message reaches it.
     """
     opened = r"connection #\d+ from \S+ open"
     count = len(re.findall(opened, server.output["stderr"])) + 1
@@ -280,7 +286,7 @@ async def test_consume_closes_its_socket_when_the_relay_closes_the_connection() 
 
 
 async def test_examples_relay_messages_and_the_server_stops_on_sigint(launch: Launch) -> None:
-    server, port = await start_server(launch, PYTHON, EXAMPLES / "server.py")
+    server, port = await start_server(launch, PYTHON, EXAMPLES / "server.py", *DEBUG)
     consumer = await start_consumer(launch, server, port, PYTHON, EXAMPLES / "consumer.py")
     url = f"ws://127.0.0.1:{port}/"
 
@@ -307,7 +313,7 @@ async def test_examples_relay_messages_and_the_server_stops_on_sigint(launch: La
 
 
 async def test_example_consumer_exits_130_on_sigint(launch: Launch) -> None:
-    server, port = await start_server(launch, PYTHON, EXAMPLES / "server.py")
+    server, port = await start_server(launch, PYTHON, EXAMPLES / "server.py", *DEBUG)
     consumer = await start_consumer(launch, server, port, PYTHON, EXAMPLES / "consumer.py")
     consumer.process.send_signal(signal.SIGINT)
     assert await consumer.finish() == 130, consumer.describe()
@@ -374,7 +380,7 @@ async def test_example_server_help_lists_its_options() -> None:
 
 async def test_cli_relays_messages_and_the_server_stops_on_sigterm(launch: Launch) -> None:
     assert TRIO_RELAY.is_file(), f"console script not installed at {TRIO_RELAY}"
-    server, port = await start_server(launch, PYTHON, "-m", "trio_relay", "serve")
+    server, port = await start_server(launch, PYTHON, "-m", "trio_relay", "serve", *DEBUG)
     consumer = await start_consumer(launch, server, port, TRIO_RELAY, "consume")
     url = f"ws://127.0.0.1:{port}/"
 

@@ -26,6 +26,7 @@ import trio.testing
 from helpers import HOST, RawClient, masked_frame
 from hypothesis import given, settings, strategies as st
 from test_end_to_end import (
+    DEBUG,
     PYTHON,
     Launch,
     at,
@@ -916,7 +917,7 @@ async def test_resuming_after_the_topic_was_forgotten_loses_nothing_silently(
 
 
 async def test_cli_produce_report_and_consume_on_a_topic(launch: Launch) -> None:
-    server, port = await start_server(launch, PYTHON, "-m", "trio_relay", "serve")
+    server, port = await start_server(launch, PYTHON, "-m", "trio_relay", "serve", *DEBUG)
     consumer = await start_consumer(
         launch, server, port, PYTHON, "-m", "trio_relay", "consume", "--topic", "news"
     )

@@ -365,7 +365,7 @@ class Topics:
         if (
             not len(topic.history)
             and not topic.lock.locked()
-            and topic.broadcast.statistics().subscribers == 0
+            and self.subscribers(topic.name) == 0
             and self._topics.get(topic.name) is topic
         ):
             del self._topics[topic.name]
@@ -402,28 +402,16 @@ class Topics:
         """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
         having published nothing (see :meth:`Broadcast.publish_nowait`). With a backplane
         it always raises ``WouldBlock``: publishing there means a trip to Redis."""
-        batch, (queued, dropped, evicted) = self._publish_nowait(
-            name, payloads, texts, source, echo
-        )
-        return DeliveryReport(name, batch.first_seq, len(payloads), queued, dropped, evicted)
-
-    def _publish_nowait(
-        self, name: str, payloads: list[bytes], texts: list[bool], source: object, echo: bool
-    ) -> tuple[Batch, tuple[int, int, int]]:
-        # The relay's hot path: no report objects unless someone reads them.
         topic = self._topics.get(name) or self._get(name)
         if topic.lock.locked() or self.backplane is not None:
             raise trio.WouldBlock
         batch = self._batch(topic, payloads, texts, source, echo)
-        broadcast = topic.broadcast
-        # WouldBlock from either: nothing was published.
-        if isinstance(broadcast, Broadcast):
-            report = broadcast._publish_now(batch)
-        else:
-            published = broadcast.publish_nowait(batch)
-            report = (published.queued, published.dropped, published.evicted)
+        # WouldBlock from it: nothing was published.
+        report = topic.broadcast.publish_nowait(batch)
         self._commit(topic, batch)
-        return batch, report
+        return DeliveryReport(
+            name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
+        )
 
     async def publish_batch(
         self,
@@ -551,6 +539,7 @@ class Topics:
         subscription_name: str = "",
         write_through: Callable[[Batch | bytes], Batch | bytes | None] | None = None,
         on_evict: Callable[[], None] | None = None,
+        on_backlog: Callable[[], None] | None = None,
     ) -> AsyncIterator[tuple[Subscription[Batch | bytes], Gap | None, Batch | None, int]]:
         """Subscribe to the batches of topic ``name``, for the server's connections.
 
@@ -574,6 +563,7 @@ class Topics:
                 name=subscription_name,
                 write_through=write_through,
                 on_evict=on_evict,
+                **({} if on_backlog is None else {"on_backlog": on_backlog}),
             ) as subscription:
                 # No checkpoint since the subscription was registered: what the history
                 # holds now and what arrives live from now on meet without a gap.

@@ -1,0 +1,498 @@
+"""The relay's side of one WebSocket connection, as a sans-IO state machine.
+
+:class:`RelayProtocol` takes the bytes a client sent and the current time, and says what to
+do: bytes to send, batches to publish, when to close and with which code. It does no I/O
+and starts no task, in the manner of h11 and wsproto, so every rule of a connection (the
+handshake decision, frame events, the envelope protocol, the publish rate, keepalive, the
+close handshake) is tested without sockets (``tests/test_protocol.py``).
+:class:`~trio_relay._connection.RelayConnection` is the trio shell that does the reads,
+writes and waits.
+
+States::
+
+    HANDSHAKE ── receive_request() ─► Reject (send its bytes, close the stream)
+        │        └─────────────────► Upgrade ── shell admits ─► accept(): 101 bytes
+        ▼
+    OPEN ── receive_data() ─► Received(steps, close, pause)
+        │   render(item)    ─► bytes for a published batch (or None)
+        │   keepalive(now)  ─► a ping to queue (or a close request)
+        ▼
+    CLOSING ── close_frame(), receive_closing() until the peer's close ─► CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import http
+import itertools
+from collections.abc import Sequence
+from typing import NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.utilities import RemoteProtocolError
+
+from ._auth import OPEN, Grant, TokenError, verify_token
+from ._config import RelayConfig
+from ._counters import RelayCounters
+from ._envelope import (
+    SUBPROTOCOL,
+    EnvelopeError,
+    PublishRequest,
+    encode_ack,
+    encode_error,
+    encode_gap,
+    encode_welcome,
+    parse_client_frame,
+)
+from ._frames import (
+    PING_OPCODE,
+    PONG_OPCODE,
+    CloseCode,
+    close_frame,
+    control_frame,
+    frame_header,
+    split_request_head,
+)
+from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
+from ._topics import Batch, DeliveryReport, Gap, topic_from_path
+
+__all__ = [
+    "MAX_REQUEST_HEAD",
+    "Publish",
+    "Received",
+    "Reject",
+    "RelayProtocol",
+    "State",
+    "Upgrade",
+    "http_response",
+]
+
+MAX_REQUEST_HEAD = 16 * 1024
+"""Bytes of HTTP request head accepted before answering 431."""
+
+_ping_payloads = (f"keepalive {n}".encode() for n in itertools.count(1))
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Reject(NamedTuple):
+    """The handshake failed: send :attr:`data` (an HTTP response) and close the stream."""
+
+    status: int
+    reason: str
+    data: bytes
+
+
+class Upgrade(NamedTuple):
+    """A valid upgrade request, awaiting the server's admission (its connection limits):
+    then :meth:`RelayProtocol.accept` or :meth:`RelayProtocol.reject`."""
+
+    topic: str
+    since: int | None
+    envelope: bool
+
+
+class Publish:
+    """Messages to publish as one batch, in the order received. For an envelope client,
+    :attr:`requests` holds its ``publish`` frames, to acknowledge with
+    :meth:`RelayProtocol.acknowledge` once the batch's report is known."""
+
+    __slots__ = ("echo", "payloads", "requests", "texts")
+
+    def __init__(
+        self,
+        payloads: list[bytes],
+        texts: list[bool],
+        echo: bool = True,
+        requests: list[PublishRequest] | None = None,
+    ) -> None:
+        self.payloads = payloads
+        self.texts = texts
+        self.echo = echo
+        self.requests = requests
+
+
+class Received:
+    """What the bytes of one read call for, in order.
+
+    ``steps`` are bytes to send and batches to publish (an envelope client's acks follow
+    its batch); then, if ``close`` is set, the connection ends with that close frame:
+    ``peer_closed`` when it answers the client's own close, ``protocol_error`` when the
+    client broke the protocol (send it, do not wait for an answer). ``pause`` is how long
+    to read nothing more from this client (the publish rate limit).
+    """
+
+    __slots__ = ("close", "pause", "peer_closed", "protocol_error", "steps")
+
+    def __init__(self) -> None:
+        self.steps: list[bytes | Publish] = []
+        self.close: tuple[int, str] | None = None
+        self.peer_closed = False
+        self.protocol_error = False
+        self.pause = 0.0
+
+
+def http_response(status: int, body: str) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response with a plain-text body."""
+    payload = (body + "\n").encode("utf-8")
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + payload
+
+
+def _since(values: list[str] | None) -> int | None:
+    """The ``since`` query parameter: a sequence number >= 0, or absent."""
+    if not values:
+        return None
+    if len(values) > 1 or not values[0].isdigit() or len(values[0]) > 19:
+        raise ValueError("'since' must be one sequence number (a whole number >= 0)")
+    return int(values[0])
+
+
+class RelayProtocol:
+    """One connection's protocol state: feed it bytes and time, act on what it returns.
+
+    Published batches carry the protocol object itself as their ``source``, so that
+    :meth:`render` knows its own messages (sent with ``echo: false``).
+    """
+
+    # Slots: with tens of thousands of connections, a __dict__ each costs a kilobyte each.
+    __slots__ = (
+        "_buffer",
+        "_counters",
+        "_cursor",
+        "_next_ping",
+        "_parser",
+        "_ping_payload",
+        "_ping_sent",
+        "_refilled",
+        "_tokens",
+        "_ws",
+        "config",
+        "envelope",
+        "may_read",
+        "may_write",
+        "since",
+        "state",
+        "topic",
+    )
+
+    def __init__(self, config: RelayConfig, counters: RelayCounters | None = None) -> None:
+        self.config = config
+        self._counters = counters if counters is not None else RelayCounters()
+        self.state = State.HANDSHAKE
+        self._buffer = bytearray()  # the request head, until it is complete
+        self._ws: WSConnection | None = None
+        # Set by the handshake: the topic the path names, whether the client speaks the
+        # envelope protocol, what its token allows, and the sequence number it resumes
+        # after (query "since").
+        self.topic = ""
+        self.since: int | None = None
+        self.envelope = False
+        self.may_read = True
+        self.may_write = True
+        # The highest sequence number of this topic already sent to this client: replays
+        # and live batches meet here without duplicates.
+        self._cursor = 0
+        self._parser = FrameParser(config.max_message_size)
+        self._ping_payload: bytes | None = None  # of the keepalive ping awaiting its pong
+        self._ping_sent = 0.0
+        self._next_ping = float("inf")
+        # Publish rate limit: a token bucket refilled at publish_rate messages per second.
+        self._tokens = float(config.publish_burst)
+        self._refilled = 0.0
+
+    # ------------------------------------------------------------------ handshake
+
+    def receive_request(self, data: bytes | bytearray) -> Upgrade | Reject | None:
+        """Feed bytes of the HTTP upgrade request; None while its head is incomplete.
+
+        Bytes after the head (frames sent right behind the request) are kept for the first
+        :meth:`receive_data` (call it with ``b""``)."""
+        assert self.state is State.HANDSHAKE
+        buffer = self._buffer
+        buffer += data
+        parts = split_request_head(buffer)
+        if parts is None:
+            if len(buffer) > MAX_REQUEST_HEAD:
+                return self.reject(431, "request head too large")
+            return None
+        head, rest = parts
+        if len(head) > MAX_REQUEST_HEAD:
+            return self.reject(431, "request head too large")
+        self._buffer = bytearray(rest)
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.receive_data(head)
+            events = list(ws.events())
+        except RemoteProtocolError as exc:
+            status = getattr(exc.event_hint, "status_code", 400)
+            return self.reject(status, f"bad WebSocket upgrade request: {exc}")
+        request = events[0] if events else None
+        if not isinstance(request, Request):
+            return self.reject(400, "bad WebSocket upgrade request")
+        target = urlsplit(request.target)
+        try:
+            self.topic = topic_from_path(unquote(target.path))
+            query = parse_qs(target.query)
+            self.since = _since(query.get("since"))
+        except ValueError as exc:
+            return self.reject(400, f"bad request {request.target!r}: {exc}")
+        self.envelope = SUBPROTOCOL in request.subprotocols
+        headers = {name.lower(): value for name, value in request.extra_headers}
+        config = self.config
+        origin = headers.get(b"origin")
+        if origin is not None and config.allowed_origins:
+            text = origin.decode("latin-1")
+            if not any(fnmatch.fnmatchcase(text, p) for p in config.allowed_origins):
+                return self.reject(403, f"origin {text!r} is not allowed")
+        grant: Grant = OPEN
+        if config.auth_secret is not None:
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, bearer = authorization.partition(" ")
+            token = bearer.strip() if scheme.lower() == "bearer" else ""
+            token = token or (query.get("token") or [""])[0]
+            try:
+                grant = verify_token(config.auth_secret, token)
+            except TokenError as exc:
+                return self.reject(401, str(exc))
+            if not (grant.may_subscribe(self.topic) or grant.may_publish(self.topic)):
+                return self.reject(403, f"the token does not allow topic {self.topic!r}")
+        self.may_read = grant.may_subscribe(self.topic)
+        self.may_write = grant.may_publish(self.topic)
+        self._ws = ws
+        return Upgrade(self.topic, self.since, self.envelope)
+
+    def reject(self, status: int, reason: str) -> Reject:
+        """Refuse the handshake with HTTP ``status`` (the server's limits call this too)."""
+        self.state = State.CLOSED
+        self._ws = None
+        self._counters.rejections[f"http-{status}"] += 1
+        return Reject(status, reason, http_response(status, reason))
+
+    def accept(self) -> bytes:
+        """The ``101 Switching Protocols`` response for an admitted :class:`Upgrade`."""
+        assert self.state is State.HANDSHAKE and self._ws is not None
+        subprotocol = SUBPROTOCOL if self.envelope else None
+        data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
+        self._ws = None
+        self.state = State.OPEN
+        return data
+
+    def opening(
+        self, gap: Gap | None, replay: Batch | None, cursor: int, now: float
+    ) -> tuple[bytes, tuple[int, str] | None]:
+        """What the client gets first once subscribed (welcome, gap, replayed messages), or
+        a close instead: a raw client cannot be told about a gap in-band (close 4410)."""
+        self._cursor = cursor
+        self._refilled = now
+        if self.config.ping_interval > 0:
+            self._next_ping = now + self.config.ping_interval
+        if gap is not None and not self.envelope:
+            if gap.first > gap.since:
+                reason = f"messages {gap.since + 1} to {gap.first - 1} are no longer retained"
+            else:
+                reason = f"since={gap.since} is beyond this topic's last sequence number"
+            return b"", (CloseCode.GAP, reason)
+        first: list[bytes] = []
+        if self.envelope:
+            body = encode_welcome(self.topic, cursor)
+            first += (frame_header(len(body), text=True), body)
+        if gap is not None:
+            body = encode_gap(gap.topic, gap.since, gap.first)
+            first += (frame_header(len(body), text=True), body)
+        if replay is not None and self.may_read:
+            first.append(replay.envelope() if self.envelope else replay.raw)
+        return b"".join(first), None
+
+    # ------------------------------------------------------------------ bytes in
+
+    def receive_data(self, data: bytes | bytearray, now: float) -> Received:
+        """Feed bytes the client sent (``b""`` once, after :meth:`accept`, to process bytes
+        that came with the request); return what they call for."""
+        received = Received()
+        if self._buffer:
+            data, self._buffer = self._buffer + data, bytearray()
+        if not data:
+            return received
+        self._counters.bytes_in += len(data)
+        error: ProtocolError | None = None
+        try:
+            events = self._parser.feed(data)
+        except ProtocolError as exc:
+            events, error = exc.events, exc
+        payloads: list[bytes] = []
+        texts: list[bool] = []
+        steps = received.steps
+        close: Close | None = None
+        for kind, payload, text in events:
+            if kind == MESSAGE:
+                payloads.append(payload)
+                texts.append(text)
+            elif kind == PING:
+                steps.append(control_frame(PONG_OPCODE, payload))
+            elif kind == CLOSE:
+                try:
+                    close = Close.parse(payload)
+                except ProtocolError as exc:
+                    error = exc
+                break
+            elif payload == self._ping_payload:  # the pong to our keepalive ping
+                self._ping_payload = None
+                self._next_ping = now + self.config.ping_interval
+        if payloads:
+            if not self.may_write:
+                detail = f"the token does not allow publishing to topic {self.topic!r}"
+                if not self.envelope:
+                    received.steps = []
+                    received.close = (CloseCode.SLOW_CONSUMER, detail)  # 1008: policy
+                    return received
+                body = encode_error("forbidden", detail)
+                steps += [frame_header(len(body), text=True), body] * len(payloads)
+            else:
+                self._counters.messages_in += len(payloads)
+                if self.envelope:
+                    self._envelope_steps(payloads, texts, steps)
+                else:
+                    steps.append(Publish(payloads, texts))
+                received.pause = self._spend(len(payloads), now)
+        if close is not None:
+            # The client starts the closing handshake: answer with its own code.
+            received.close = (close.code, close.reason)
+            received.peer_closed = True
+            self.state = State.CLOSED
+        elif error is not None:
+            received.close = (error.code, error.reason)
+            received.protocol_error = True
+        return received
+
+    def _spend(self, count: int, now: float) -> float:
+        """Take ``count`` messages from the rate's token bucket; return how long to wait."""
+        rate = self.config.publish_rate
+        if rate <= 0:
+            return 0.0
+        tokens = min(self.config.publish_burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        self._tokens = tokens - count
+        # Over the rate: read nothing more from this client until the debt is paid. TCP
+        # backpressure slows the client down; nothing is lost.
+        return -self._tokens / rate if self._tokens < 0 else 0.0
+
+    def _envelope_steps(
+        self, payloads: list[bytes], texts: list[bool], steps: list[bytes | Publish]
+    ) -> None:
+        """The ``publish`` frames of an envelope client as batches (consecutive frames with
+        the same ``echo`` together), with an error frame for each invalid one."""
+        batch: Publish | None = None
+        for payload, text in zip(payloads, texts, strict=True):
+            try:
+                request = parse_client_frame(payload, text=text, topic=self.topic)
+            except EnvelopeError as exc:
+                batch = None
+                body = encode_error(exc.code, exc.detail, exc.request_id)
+                steps += (frame_header(len(body), text=True), body)
+                continue
+            if batch is None or batch.echo != request.echo:
+                batch = Publish([], [], request.echo, [])
+                steps.append(batch)
+            assert batch.requests is not None
+            batch.payloads.append(request.payload)
+            batch.texts.append(request.text)
+            batch.requests.append(request)
+
+    def acknowledge(self, publish: Publish, report: DeliveryReport) -> bytes:
+        """The ``ack`` frames of an envelope client's batch, once published (raw clients
+        get none: their echo is the acknowledgement)."""
+        if publish.requests is None:
+            return b""
+        frames: list[bytes] = []
+        for offset, request in enumerate(publish.requests):
+            body = encode_ack(
+                self.topic,
+                report.seq + offset,
+                request.id,
+                report.queued,
+                report.dropped,
+                report.evicted,
+                report.remote,
+            )
+            frames += (frame_header(len(body), text=True), body)
+        return b"".join(frames)
+
+    # ------------------------------------------------------------------ bytes out
+
+    def render(self, item: Batch | bytes) -> bytes | None:
+        """The bytes this client gets for a published batch (or an item of its own, passed
+        through), or None if it gets nothing: its own message without echo, messages the
+        replay already gave it, or anything with a publish-only token."""
+        if isinstance(item, bytes):
+            return item
+        if not self.may_read:
+            return None
+        if item.source is self and not item.echo:
+            self._cursor = item.last_seq
+            return None
+        if item.first_seq <= self._cursor:
+            fresh = item.after(self._cursor)  # already sent by the replay
+            if fresh is None:
+                return None
+            item = fresh
+        self._cursor = item.last_seq
+        self._counters.messages_out += len(item.payloads)
+        return item.envelope() if self.envelope else item.raw
+
+    def keepalive(self, now: float) -> bytes | tuple[int, str] | None:
+        """Ping every ``ping_interval`` seconds: the ping frame to queue like any message
+        (so a client that stopped reading never answers), a close ``(1011, reason)`` if a
+        ping went unanswered for ``ping_timeout`` seconds, or None."""
+        if self.state is not State.OPEN:
+            return None
+        config = self.config
+        if self._ping_payload is not None:
+            if now - self._ping_sent >= config.ping_timeout:
+                return (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            return None
+        if now >= self._next_ping:
+            self._ping_payload = next(_ping_payloads)
+            self._ping_sent = now
+            return control_frame(PING_OPCODE, self._ping_payload)
+        return None
+
+    # ------------------------------------------------------------------ closing
+
+    def close_frame(self, code: int, reason: str) -> bytes:
+        """Our close frame; after it, feed :meth:`receive_closing` until it says done."""
+        self.state = State.CLOSING
+        return close_frame(code, reason)
+
+    def receive_closing(self, data: bytes | bytearray) -> bool:
+        """Feed bytes received while closing; True once the client's close frame arrived
+        (or the stream ended, or it broke the protocol): the stream may be closed."""
+        if not data:
+            self.state = State.CLOSED
+            return True
+        try:
+            events: Sequence[tuple[int, bytes, bool]] = self._parser.feed(data)
+        except ProtocolError:
+            self.state = State.CLOSED
+            return True
+        if any(kind == CLOSE for kind, _, _ in events):
+            self.state = State.CLOSED
+            return True
+        return False
