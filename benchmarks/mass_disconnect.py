@@ -26,8 +26,9 @@ script's, so that ``python -m trio_relay`` is this tree's), then:
    after ``--timeout`` seconds;
 4. prints one line: clients, seconds from the drop until all were closed, the bystander's
    echo latency p50/p99/max over the messages sent from the drop until all were closed (at
-   least 2 s, so that the percentiles rest on a few hundred messages), and the relay's CPU
-   seconds (utime + stime of its process tree, /proc) from the drop until all were closed.
+   least 2 s, so that the percentiles rest on a few hundred messages; one without echo 1 s
+   after that counts as infinitely late), and the relay's CPU seconds (utime + stime of its
+   process tree, /proc) from the drop until all were closed.
 
 A custom ``--server-cmd`` gets ``{port}``, ``{metrics_port}`` and ``{n}`` (the limits:
 20,000, or ``--clients`` + 100 if more) filled in; it must answer
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import selectors
@@ -338,7 +340,7 @@ async def measure(
             helper.stdin.write(b"abort\n" if args.abort else b"close\n")
             helper.stdin.flush()
         closed_s: float | None = None
-        left = args.clients + 1
+        left: int | None = None  # as the relay last reported
         with trio.move_on_after(args.timeout):
             while (left := await connections_async(metrics_port)) > 1:  # noqa: ASYNC110
                 await trio.sleep(args.poll)
@@ -350,26 +352,27 @@ async def measure(
         await trio.sleep(min(1.0, args.timeout))  # the last echoes
         nursery.cancel_scope.cancel()
     window = [seq for seq, at in bystander.sent.items() if dropped <= at <= window_end]
-    latencies = sorted(bystander.latency[seq] * 1000 for seq in window if seq in bystander.latency)
-    lost = len(window) - len(latencies)
+    # A message without echo counts as infinitely late: it is in the percentiles.
+    latencies = sorted(bystander.latency.get(seq, math.inf) * 1000 for seq in window)
+    lost = latencies.count(math.inf)
     helper_notes = []
     for helper in helpers:
         assert helper.stdout is not None
         helper_notes.append(helper.stdout.readline().decode().strip())
     closed = f"{closed_s:.2f} s" if closed_s is not None else f"not within {args.timeout:g} s"
-    closed += "" if closed_s is not None else f" ({left - 1:,} still open)"
+    if closed_s is None:
+        closed += " (no answer from /healthz)" if left is None else f" ({left - 1:,} still open)"
 
     def pct(q: float) -> str:
-        return f"{latencies[min(len(latencies) - 1, int(q * len(latencies)))]:.1f}"
+        value = latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+        return f"{value:.1f}" if value < math.inf else "∞"
 
-    figures = (
-        f"p50 {pct(0.5)} / p99 {pct(0.99)} / max {latencies[-1]:.1f} ms" if latencies else "no echo"
-    )
+    figures = f"p50 {pct(0.5)} / p99 {pct(0.99)} / max {pct(1.0)} ms" if latencies else "no echo"
     baseline = sorted(v * 1000 for v in before)
     return (
         f"{args.clients:,} clients ({'RST' if args.abort else 'FIN'}): all closed in {closed}; "
         f"bystander {figures} over {len(window)} messages"
-        + (f", {lost} without echo" if lost else "")
+        + (f", {lost} without echo (counted as ∞)" if lost else "")
         + (" (the relay closed the bystander)" if bystander.closed else "")
         + f"; relay CPU {cpu_s:.2f} s"
         + (
