@@ -7,7 +7,6 @@ import errno
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import trio
@@ -27,15 +26,54 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 4000
 
 
-@dataclass(frozen=True)
 class RelayStatistics:
-    """A snapshot of a running relay: open connections, each topic, and ``broadcast``, the
-    sum over all topics (subscribers, published batches, drops, evictions; queue depths of
-    every subscription)."""
+    """Statistics of a running relay, from :meth:`RelayServer.statistics`.
 
-    connections: int
-    broadcast: BroadcastStatistics
-    topics: dict[str, TopicStatistics]
+    ``connections`` (open connections) and ``subscribers`` (subscriptions of all topics)
+    are running totals, read in constant time. ``topics`` (each topic's statistics) and
+    ``broadcast`` (the sum over all topics: subscribers, published batches, drops,
+    evictions, and the queue depth of every subscription) cost time in proportion to the
+    topics and subscriptions, so they are taken when first read (and kept): a
+    :meth:`RelayServer.wait_until` on ``connections`` costs the same at 20,000
+    connections as at 2.
+    """
+
+    __slots__ = ("_broadcast", "_server", "_topics", "connections", "subscribers")
+
+    def __init__(self, server: RelayServer) -> None:
+        self._server = server
+        self.connections = len(server._connections)
+        self.subscribers = server.topics.subscriber_total
+        self._topics: dict[str, TopicStatistics] | None = None
+        self._broadcast: BroadcastStatistics | None = None
+
+    def __repr__(self) -> str:
+        return f"<RelayStatistics connections={self.connections} subscribers={self.subscribers}>"
+
+    @property
+    def topics(self) -> dict[str, TopicStatistics]:
+        """The statistics of every topic, by name (taken when first read)."""
+        if self._topics is None:
+            self._topics = self._server.topics.statistics()
+        return self._topics
+
+    @property
+    def broadcast(self) -> BroadcastStatistics:
+        """The sum over all topics (taken when first read)."""
+        if self._broadcast is None:
+            topics = self.topics.values()
+            subscriptions = tuple(
+                subscription for topic in topics for subscription in topic.broadcast.subscriptions
+            )
+            self._broadcast = BroadcastStatistics(
+                subscribers=sum(t.broadcast.subscribers for t in topics),
+                queued=tuple(s.queued for s in subscriptions),
+                published=sum(t.broadcast.published for t in topics),
+                dropped=sum(t.broadcast.dropped for t in topics),
+                evicted=sum(t.broadcast.evicted for t in topics),
+                subscriptions=subscriptions,
+            )
+        return self._broadcast
 
 
 class RelayServer:
@@ -89,22 +127,9 @@ class RelayServer:
         return ports[0]
 
     def statistics(self) -> RelayStatistics:
-        """How many connections are open, and the statistics of every topic."""
-        topics = self.topics.statistics()
-        subscriptions = tuple(
-            subscription
-            for topic in topics.values()
-            for subscription in topic.broadcast.subscriptions
-        )
-        total = BroadcastStatistics(
-            subscribers=sum(t.broadcast.subscribers for t in topics.values()),
-            queued=tuple(s.queued for s in subscriptions),
-            published=sum(t.broadcast.published for t in topics.values()),
-            dropped=sum(t.broadcast.dropped for t in topics.values()),
-            evicted=sum(t.broadcast.evicted for t in topics.values()),
-            subscriptions=subscriptions,
-        )
-        return RelayStatistics(len(self._connections), total, topics)
+        """How many connections and subscriptions there are, and the statistics of every
+        topic (see :class:`RelayStatistics` for what costs what)."""
+        return RelayStatistics(self)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -114,8 +139,8 @@ class RelayServer:
         """Wait until ``predicate(self.statistics())`` is true, and return those statistics.
 
         The predicate is checked now and again whenever a connection opens, subscribes or
-        closes: ``await server.wait_until(lambda s: s.broadcast.subscribers == 3)`` waits
-        until three clients can receive. Bound it with a cancel scope.
+        closes: ``await server.wait_until(lambda s: s.subscribers == 3)`` waits until three
+        clients can receive. Bound it with a cancel scope.
         """
         await trio.sleep(0)
         while not predicate(statistics := self.statistics()):

@@ -329,6 +329,7 @@ class Topics:
             )
         )
         self._topics: dict[str, _Topic] = {}
+        self._subscribers = 0  # a running total, for statistics at any scale
         self.backplane: Backplane | None = None
         """Set by :meth:`RedisBackplane.run`: publishes then go through it."""
         # The last sequence number of topics forgotten for being idle, so that a topic used
@@ -341,6 +342,11 @@ class Topics:
 
     def __len__(self) -> int:
         return len(self._topics)
+
+    @property
+    def subscriber_total(self) -> int:
+        """How many subscriptions all topics have now (a running total: constant time)."""
+        return self._subscribers
 
     def subscribers(self, name: str) -> int:
         """How many subscriptions topic ``name`` has now (0 for a topic not in use)."""
@@ -565,10 +571,14 @@ class Topics:
                 on_evict=on_evict,
                 **({} if on_backlog is None else {"on_backlog": on_backlog}),
             ) as subscription:
-                # No checkpoint since the subscription was registered: what the history
-                # holds now and what arrives live from now on meet without a gap.
-                gap, replay, cursor = self._replay(topic, since, numbered)
-                yield subscription, gap, replay, cursor
+                self._subscribers += 1
+                try:
+                    # No checkpoint since the subscription was registered: what the history
+                    # holds now and what arrives live from now on meet without a gap.
+                    gap, replay, cursor = self._replay(topic, since, numbered)
+                    yield subscription, gap, replay, cursor
+                finally:
+                    self._subscribers -= 1
         finally:
             self._collect(topic)
 
