@@ -26,7 +26,7 @@ script's, so that ``python -m trio_relay`` is this tree's), then:
    after ``--timeout`` seconds;
 4. prints one line: clients, seconds from the drop until all were closed, the bystander's
    echo latency p50/p99/max over the messages sent from the drop until all were closed (at
-   least 2 s, so that the percentiles rest on a few hundred messages; one without echo 1 s
+   least 2 s, so that the percentiles rest on a few hundred messages; one without echo 5 s
    after that counts as infinitely late), and the relay's CPU seconds (utime + stime of its
    process tree, /proc) from the drop until all were closed.
 
@@ -65,6 +65,7 @@ SERVER_CMD = (
     f"--metrics-port {{metrics_port}} --log-level WARNING {LIMITS}"
 )
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # any 16 bytes in base64 will do
+ECHO_WAIT = 5.0  # seconds after the window a message may still get its echo
 MIN_WINDOW = 2.0  # seconds of bystander messages the latency figures cover at least
 
 
@@ -349,7 +350,9 @@ async def measure(
         window_end = dropped + max(closed_s or args.timeout, MIN_WINDOW)
         await trio.sleep_until(trio.current_time() + max(0.0, window_end - time.perf_counter()))
         bystander.sending = False
-        await trio.sleep(min(1.0, args.timeout))  # the last echoes
+        with trio.move_on_after(ECHO_WAIT):  # the last echoes
+            while len(bystander.latency) < len(bystander.sent):  # noqa: ASYNC110
+                await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     window = [seq for seq, at in bystander.sent.items() if dropped <= at <= window_end]
     # A message without echo counts as infinitely late: it is in the percentiles.
