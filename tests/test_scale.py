@@ -1,0 +1,126 @@
+"""What a connection event costs does not depend on how many other connections there are.
+
+Costs are counted, not timed: the number of Python and C function calls trio and the relay
+make while one connection opens and subscribes, while it leaves, and while the relay
+evicts one, at two sizes of the same relay in one run. A cost that grew with the number of
+connections (a rebuilt tuple of subscriptions, a statistics snapshot, a scan of all
+connections) would show up as thousands more calls at the larger size. (Calls, so a copy
+made in C in one call would not show: ``benchmarks/mass_disconnect.py`` times the whole.)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from types import FrameType
+
+import trio
+import trio.testing
+from helpers import masked_frame, upgrade_request
+
+from trio_relay import RelayConfig, RelayStatistics
+from trio_relay.testing import MemoryRelay, open_memory_relay
+
+SMALL, LARGE = 20, 2000
+
+# Keepalive off: its sweep is once a second over all connections (not per event), and
+# virtual time passes while the test waits.
+CONFIG = RelayConfig(
+    max_connections=LARGE + 10,
+    max_connections_per_ip=LARGE + 10,
+    max_subscribers_per_topic=LARGE + 10,
+    ping_interval=0,
+    overflow_timeout=0,  # evict a client that is over its budget at once
+    max_queue_bytes=16 * 1024,
+)
+
+
+async def count_calls(action: Callable[[], Awaitable[object]]) -> int:
+    """The function calls (Python and C) made, by every task, while ``action`` runs."""
+    calls = 0
+
+    def profile(_frame: FrameType, event: str, _arg: object) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        await action()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+async def open_idle(relay: MemoryRelay, count: int) -> list[trio.abc.Stream]:
+    """``count`` raw connections that completed the handshake and are subscribed."""
+    streams = []
+    expected = relay.server.statistics().subscribers + count
+    for _ in range(count):
+        stream = await relay.open_stream()
+        await stream.send_all(upgrade_request())
+        streams.append(stream)
+    await relay.server.wait_until(lambda s: s.subscribers == expected)
+    return streams
+
+
+@asynccontextmanager
+async def relay_with(count: int) -> AsyncIterator[MemoryRelay]:
+    async with open_memory_relay(CONFIG) as relay:
+        idle = await open_idle(relay, count)
+        yield relay
+        for stream in idle:
+            await stream.aclose()
+
+
+async def event_costs(count: int) -> dict[str, int]:
+    """Calls made to open one more connection, to close it, and to evict one, with
+    ``count`` other connections open (idle: nobody publishes meanwhile)."""
+    costs: dict[str, int] = {}
+    async with relay_with(count) as relay:
+        server = relay.server
+        stream: trio.abc.Stream | None = None
+
+        def subscribers(n: int) -> Callable[[RelayStatistics], bool]:
+            return lambda s: s.subscribers == n
+
+        async def open_one() -> None:
+            nonlocal stream
+            stream = await relay.open_stream()
+            await stream.send_all(upgrade_request())  # the same topic as the idle ones
+            await server.wait_until(subscribers(count + 1))
+
+        async def close_one() -> None:
+            assert stream is not None
+            await stream.aclose()
+            await server.wait_until(lambda s: s.connections == count)
+
+        costs["open and subscribe"] = await count_calls(open_one)
+        costs["close"] = await count_calls(close_one)
+
+        # A client on its own topic that never reads: publishing there fills its budget
+        # and evicts it (the publish goes to that topic alone, so it costs the same).
+        slow = await relay.open_stream()
+        await slow.send_all(upgrade_request("/slow"))
+        await server.wait_until(subscribers(count + 1))
+
+        async def evict_one() -> None:
+            while server.topics.subscribers("slow"):  # 0 once evicted
+                await slow.send_all(masked_frame(0x2, b"x" * 8000))
+                await trio.testing.wait_all_tasks_blocked()
+
+        costs["evict"] = await count_calls(evict_one)
+        await slow.aclose()
+    return costs
+
+
+async def test_opening_closing_and_evicting_cost_the_same_at_2000_connections_as_at_20(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    small = await event_costs(SMALL)
+    large = await event_costs(LARGE)
+    for event, cost in small.items():
+        # Equal up to noise (a dict resizing, a buffer boundary): nowhere near the 100x
+        # more connections, which would add thousands of calls per event.
+        assert large[event] <= cost * 1.2 + 100, (event, small, large)
