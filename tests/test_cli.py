@@ -198,3 +198,21 @@ def test_workers_refuse_bad_settings_before_starting_any(
     assert "auth_secret must be at least 32 characters" in capsys.readouterr().err
     assert main(["serve", "--workers", "2", "--backplane", "redis://x", "--certfile", "/no"]) == 1
     assert "No such file" in capsys.readouterr().err
+
+
+def test_serve_makes_full_garbage_collections_rare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from trio_relay import _cli
+
+    before = gc.get_threshold()
+    ran: list[object] = []
+    monkeypatch.setattr(_cli.trio, "run", lambda command, args: ran.append(command))
+    try:
+        assert _cli.main(["serve", "--port", "0"]) == 0
+        assert ran == [_cli._serve]
+        assert gc.get_threshold() == _cli.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)

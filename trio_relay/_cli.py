@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -457,6 +458,24 @@ def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The garbage collector's thresholds in a ``trio-relay serve`` process (Python's: 700,
+10, 10)."""
+
+
+def tune_garbage_collector() -> None:
+    """Make full garbage collections rare in the relay process.
+
+    With 19,000 connections the heap holds about a million tracked objects, and each full
+    collection walks all of them: with Python's default thresholds, 19,000 clients dropping
+    at once took 6.1 s to close, 4 s of it in the collector, against 2.1 s with these
+    (``benchmarks/mass_disconnect.py``). Young objects are still collected every 50,000
+    allocations, so the reference cycles trio's cancellations make are freed quickly.
+    Only the command does this: a program embedding the relay keeps its own settings.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-relay``; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -493,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         return _supervise(args, list(sys.argv[1:] if argv is None else argv))
+    if args.command == "serve":
+        tune_garbage_collector()
     try:
         trio.run(command, args)
     except ClientError as exc:
