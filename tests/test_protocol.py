@@ -26,7 +26,7 @@ def opened(config: RelayConfig | None = None, request: bytes | None = None) -> R
     assert isinstance(upgrade, Upgrade), upgrade
     protocol.accept()
     welcome, close = protocol.opening(None, None, 0, now=0.0)
-    assert welcome == b""  # a raw client gets no welcome frame
+    assert (welcome != b"") == protocol.envelope  # only envelope clients get a welcome
     assert close is None
     return protocol
 
