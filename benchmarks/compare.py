@@ -134,7 +134,8 @@ def main() -> int:
     if not bench_ready():
         return 2
     python = shlex.quote(sys.executable)
-    relay = f"{python} -m trio_relay serve --log-level WARNING --host 127.0.0.1 --port {{port}}"
+    # The default log level (INFO), as an operator runs it: per-connection lines are DEBUG.
+    relay = f"{python} -m trio_relay serve --host 127.0.0.1 --port {{port}}"
     servers = {
         "trio_relay": relay,
         "floor": f"{python} {shlex.quote(str(ROOT / 'benchmarks' / 'floor.py'))} --port {{port}}",

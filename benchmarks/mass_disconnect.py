@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the relay runs here: this tree'
 LIMITS = "--max-connections {n} --max-connections-per-ip {n} --max-subscribers-per-topic {n}"
 SERVER_CMD = (
     f"{shlex.quote(sys.executable)} -m trio_relay serve --host 127.0.0.1 --port {{port}} "
-    f"--metrics-port {{metrics_port}} --log-level WARNING {LIMITS}"
+    f"--metrics-port {{metrics_port}} {LIMITS}"
 )
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # any 16 bytes in base64 will do
 ECHO_WAIT = 5.0  # seconds after the window a message may still get its echo
