@@ -1405,3 +1405,70 @@ async def test_the_evict_timeout_counts_from_the_subscribers_last_progress(
         await broadcast.publish(6)  # it has stopped taking: its last take was at 7.5
         assert trio.current_time() == 9.5
         assert steady.evicted
+
+
+# --------------------------------------------------------------------------------------------
+# Push mode: no task waits in receive(); a drainer is asked for only when one is needed
+# --------------------------------------------------------------------------------------------
+
+
+async def test_a_push_mode_subscriber_is_asked_to_drain_only_when_something_is_queued(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broadcast = Broadcast[str](max_buffer=10)
+    socket: list[str] = []  # what write-through placed
+    room = 1  # how many messages the "socket" takes now
+    asked = 0
+
+    def write_through(message: str) -> str | None:
+        nonlocal room
+        if room:
+            room -= 1
+            socket.append(message)
+            return None
+        return message  # the socket is full: queue it
+
+    def on_backlog() -> None:
+        nonlocal asked
+        asked += 1
+
+    async with broadcast.subscribe(write_through=write_through, on_backlog=on_backlog) as sub:
+        await broadcast.publish("written at once")
+        assert (socket, asked) == (["written at once"], 0)
+        await broadcast.publish("queued")
+        await broadcast.publish("queued too")
+        assert asked == 1  # once per backlog, not per message
+        assert [sub.receive_nowait(), sub.receive_nowait()] == ["queued", "queued too"]
+        assert sub.park()  # drained: idle again
+        room = 1
+        await broadcast.publish("written at once again")
+        assert (socket[-1], asked) == ("written at once again", 1)
+        sub.push("a ping of its own")
+        assert asked == 2
+        assert not sub.park()  # something is queued: it stays busy
+        assert sub.receive_nowait() == "a ping of its own"
+        assert sub.park()
+    assert asked == 2  # unsubscribing asks for no drainer: the subscriber knows
+
+
+async def test_an_evicted_push_mode_subscriber_learns_of_it_from_its_drainer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broadcast = Broadcast[str](max_buffer=1, policy="evict", timeout=0)
+    asked = 0
+
+    def on_backlog() -> None:
+        nonlocal asked
+        asked += 1
+
+    async with broadcast.subscribe(write_through=lambda m: m, on_backlog=on_backlog) as sub:
+        await broadcast.publish("fills the buffer")
+        assert asked == 1
+        assert sub.receive_nowait() == "fills the buffer"  # the drainer took it but...
+        await broadcast.publish("queued")  # ...has not parked: this one waits in the queue
+        await broadcast.publish("over the limit")
+        assert broadcast.statistics().evicted == 1
+        with pytest.raises(SlowConsumerError):
+            sub.receive_nowait()
+        assert not sub.park()
+        assert asked == 1  # its drainer was at work all along

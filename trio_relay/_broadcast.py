@@ -262,11 +262,17 @@ class Subscription(trio.abc.ReceiveChannel[T]):
         return item
 
     def _discard(self) -> None:
-        """Close the receive side: queued messages are dropped, a waiting receive() wakes."""
+        """Close the receive side: queued messages are dropped, a waiting receive() wakes.
+
+        A push-mode subscriber is not asked to drain: one that unsubscribed knows, and an
+        evicted one was full, so its drainer is at work and learns of it from
+        :meth:`receive_nowait`."""
         self._discarded = True
         self._items = None
         self._queued = self._queued_bytes = 0
-        self._wake()
+        self._parked = False
+        if self._waiter is not None:
+            self._waiter.set()
 
     def _end(self) -> None:
         """The broadcast closed: the subscriber gets what is queued, then EndOfChannel."""
@@ -457,36 +463,6 @@ class Broadcast(Generic[T]):
         ``on_evict`` is called, synchronously, at the moment the subscription is evicted.
         ``on_backlog`` puts the subscription in push mode (see :class:`Subscription`).
         """
-        subscription = self.open_subscription(
-            max_buffer=max_buffer,
-            policy=policy,
-            timeout=timeout,
-            name=name,
-            max_bytes=max_bytes,
-            write_through=write_through,
-            on_evict=on_evict,
-            on_backlog=on_backlog,
-        )
-        try:
-            yield subscription
-        finally:
-            self.close_subscription(subscription)
-
-    def open_subscription(
-        self,
-        *,
-        max_buffer: int | None = None,
-        policy: OverflowPolicy | None = None,
-        timeout: float | None = None,
-        name: str = "",
-        max_bytes: int | None = None,
-        write_through: Callable[[T], T | None] | None = None,
-        on_evict: Callable[[], None] | None = None,
-        on_backlog: Callable[[], None] | None = None,
-    ) -> Subscription[T]:
-        """:meth:`subscribe` without the ``async with``: the caller must pass the result to
-        :meth:`close_subscription` (in a ``finally``). The relay's connections use it
-        because an async context manager costs 700 bytes for as long as it is open."""
         if self._closed:
             raise trio.ClosedResourceError("the broadcast is closed")
         subscription: Subscription[T] = Subscription(
@@ -502,13 +478,11 @@ class Broadcast(Generic[T]):
         )
         self._subscriptions[subscription] = None
         subscription._broadcast = self
-        return subscription
-
-    def close_subscription(self, subscription: Subscription[T]) -> None:
-        """End a subscription of :meth:`open_subscription`: unsubscribe it at once and
-        discard what was queued. Never blocks; closing twice is harmless."""
-        self._remove(subscription)
-        subscription._discard()
+        try:
+            yield subscription
+        finally:
+            self._remove(subscription)
+            subscription._discard()
 
     def _remove(self, subscription: Subscription[T]) -> None:
         subscription._broadcast = None

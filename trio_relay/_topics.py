@@ -569,7 +569,7 @@ class Topics:
                 name=subscription_name,
                 write_through=write_through,
                 on_evict=on_evict,
-                **({} if on_backlog is None else {"on_backlog": on_backlog}),
+                on_backlog=on_backlog,
             ) as subscription:
                 self._subscribers += 1
                 try:
