@@ -26,7 +26,6 @@ import enum
 import fnmatch
 import http
 import itertools
-from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -488,7 +487,7 @@ class RelayProtocol:
             self.state = State.CLOSED
             return True
         try:
-            events: Sequence[tuple[int, bytes, bool]] = self._parser.feed(data)
+            events = self._parser.feed(data)
         except ProtocolError:
             self.state = State.CLOSED
             return True
