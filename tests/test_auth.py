@@ -13,7 +13,7 @@ from helpers import HOST, RawClient, rejected, upgrade_request
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from trio_relay import SUBPROTOCOL, RelayConfig
-from trio_relay._auth import Grant, mint_token, verify_token
+from trio_relay._auth import Grant, mint_token, topic_matches, verify_token
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
 SECRET = "s" * 40
@@ -50,6 +50,44 @@ def test_a_short_secret_is_refused() -> None:
 def test_a_minted_token_carries_its_patterns() -> None:
     token = mint_token(SECRET, publish=["news/*"], subscribe=["*"], ttl=60)
     assert verify_token(SECRET, token) == Grant(publish=("news/*",), subscribe=("*",))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "covered", "not_covered"),
+    [
+        ("news/*", ["news/a", "news/sport"], ["news", "news/a/b", "news/a/b/c", "sport/a"]),
+        ("news/**", ["news", "news/a", "news/a/b/c"], ["newsroom", "sport/news"]),
+        ("**", ["", "news", "news/a/b/c"], []),
+        ("*", ["", "news"], ["news/a"]),
+        ("", [""], ["news"]),
+        ("news", ["news"], ["news/a", "new"]),
+        ("*/live", ["news/live", "sport/live"], ["live", "news/a/live"]),
+        ("a/**/z", ["a/z", "a/b/z", "a/b/c/z"], ["a", "a/b", "z"]),
+        ("news/sp*", ["news/sport", "news/sp"], ["news/sport/x", "news/other"]),
+    ],
+    ids=[
+        "star",
+        "any-depth",
+        "everything",
+        "one-level",
+        "root",
+        "exact",
+        "lead",
+        "middle",
+        "in-segment",
+    ],
+)
+def test_patterns_match_segment_by_segment(
+    pattern: str, covered: list[str], not_covered: list[str]
+) -> None:
+    assert [topic for topic in covered if not topic_matches(pattern, topic)] == []
+    assert [topic for topic in not_covered if topic_matches(pattern, topic)] == []
+
+
+def test_many_any_depth_segments_match_in_linear_time() -> None:
+    # A table, not backtracking: 40 "**" against 100 segments that almost match.
+    assert not topic_matches("**/" * 40 + "z", "a/" * 99 + "b")
+    assert topic_matches("**/" * 40 + "z", "a/" * 99 + "z")
 
 
 @pytest.mark.parametrize(

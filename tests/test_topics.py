@@ -255,8 +255,17 @@ async def test_a_publish_waits_for_a_full_block_subscriber_as_long_as_it_takes(
         ("/A-z_0.9~", "A-z_0.9~"),
         ("/" + "x" * 200, "x" * 200),
         ("/" + "a/" * 99 + "bc", "a/" * 99 + "bc"),
+        ("/a.b/...", "a.b/..."),
     ],
-    ids=["root", "one-segment", "two-segments", "every-kind-of-character", "200", "200-nested"],
+    ids=[
+        "root",
+        "one-segment",
+        "two-segments",
+        "every-kind-of-character",
+        "200",
+        "200-nested",
+        "dots-beside-others",
+    ],
 )
 def test_topic_from_path_names_the_topic_after_the_leading_slash(path: str, topic: str) -> None:
     assert topic_from_path(path) == topic
@@ -274,6 +283,10 @@ def test_topic_from_path_names_the_topic_after_the_leading_slash(path: str, topi
         ("/é", "letters, digits and '_.~-'"),
         ("/a\n", "letters, digits and '_.~-'"),
         ("/" + "x" * 201, "at most 200 characters"),
+        ("/..", "may not have '.' or '..' segments"),
+        ("/.", "may not have '.' or '..' segments"),
+        ("/news/..", "may not have '.' or '..' segments"),
+        ("/news/./a", "may not have '.' or '..' segments"),
     ],
     ids=[
         "no-leading-slash",
@@ -285,6 +298,10 @@ def test_topic_from_path_names_the_topic_after_the_leading_slash(path: str, topi
         "non-ascii",
         "newline",
         "201",
+        "dot-dot",
+        "dot",
+        "trailing-dot-dot",
+        "inner-dot",
     ],
 )
 def test_topic_from_path_rejects_a_bad_name_with_a_reason(path: str, reason: str) -> None:

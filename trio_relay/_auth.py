@@ -1,8 +1,8 @@
 """Who may connect and do what: signed tokens (JWT, HS256) naming topic patterns.
 
-A token's claims: ``publish`` and ``subscribe``, lists of topic patterns (``fnmatch``
-syntax: ``news/*``, ``*``; the root topic is ``""``, matched by ``*`` or ``""``), and
-``exp``, its expiry. Clients send it as ``Authorization: Bearer <token>`` or, from
+A token's claims: ``publish`` and ``subscribe``, lists of topic patterns matched segment
+by segment (:func:`topic_matches`: ``news/*``, ``news/**``, ``**``), and ``exp``, its
+expiry. Clients send it as ``Authorization: Bearer <token>`` or, from
 browsers, which cannot set headers, as ``?token=<token>``.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jwt
 
-__all__ = ["Grant", "TokenError", "mint_token", "verify_token"]
+__all__ = ["Grant", "TokenError", "mint_token", "topic_matches", "verify_token"]
 
 ALGORITHM = "HS256"
 
@@ -31,14 +31,42 @@ class Grant:
     subscribe: tuple[str, ...]
 
     def may_publish(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.publish)
+        return any(topic_matches(pattern, topic) for pattern in self.publish)
 
     def may_subscribe(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.subscribe)
+        return any(topic_matches(pattern, topic) for pattern in self.subscribe)
 
 
-OPEN = Grant(publish=("*",), subscribe=("*",))
+OPEN = Grant(publish=("**",), subscribe=("**",))
 """What every client may do when the relay has no secret: anything."""
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether a token's topic ``pattern`` covers ``topic``, segment by segment.
+
+    Both are split at ``/``; each pattern segment matches one topic segment, with
+    ``fnmatch`` wildcards inside it (``*`` any characters, ``?`` one, ``[ab]`` a set), never
+    across a ``/``. A segment that is exactly ``**`` matches any number of segments, none
+    included. So ``news/*`` covers ``news/sport`` but not ``news/sport/live`` nor ``news``;
+    ``news/**`` covers ``news``, ``news/sport`` and ``news/sport/live``; ``**`` covers every
+    topic. The root topic ``""`` is one empty segment: ``""``, ``*`` and ``**`` cover it.
+    Segment-wise, so ``*`` can never reach into a deeper level (``fnmatch`` on the whole
+    name would let ``news/*`` cover ``news/a/b``).
+    """
+    segments = topic.split("/")
+    # reached[i]: the pattern's segments so far match the topic's first i segments. The
+    # table keeps the time linear in the segments of both, however many "**" there are.
+    reached = [True] + [False] * len(segments)
+    for part in pattern.split("/"):
+        if part == "**":
+            for i in range(1, len(reached)):
+                reached[i] = reached[i] or reached[i - 1]
+        else:
+            reached = [False] + [
+                reached[i] and fnmatch.fnmatchcase(segment, part)
+                for i, segment in enumerate(segments)
+            ]
+    return reached[-1]
 
 
 def mint_token(

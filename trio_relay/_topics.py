@@ -52,7 +52,9 @@ def topic_from_path(path: str) -> str:
     """The topic a WebSocket path names: ``/`` is the root topic ``""``, ``/a/b`` is ``a/b``.
 
     Raises ``ValueError`` with a reason a client can read: names are at most 200 characters
-    of letters, digits and ``_ . ~ -``, in segments separated by single slashes.
+    of letters, digits and ``_ . ~ -``, in segments separated by single slashes, and no
+    segment is ``.`` or ``..`` (names that mean another path to every URL library and
+    proxy, and that token patterns such as ``news/*`` must not be led to cover).
     """
     if not path.startswith("/"):
         raise ValueError("the path must start with '/'")
@@ -65,6 +67,8 @@ def topic_from_path(path: str) -> str:
         raise ValueError(
             "topic names are letters, digits and '_.~-', in segments separated by single '/'"
         )
+    if "." in name and not {".", ".."}.isdisjoint(name.split("/")):
+        raise ValueError("topic names may not have '.' or '..' segments")
     return name
 
 
