@@ -43,7 +43,7 @@ from ._frames import CloseCode
 from ._protocol import Publish, Reject, RelayProtocol
 from ._topics import Batch, DeliveryReport, Topics
 
-__all__ = ["RelayConnection"]
+__all__ = ["RelayConnection", "refuse_at_once"]
 
 logger = logging.getLogger("trio_relay")
 
@@ -86,6 +86,26 @@ def nowait_sender(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
         return write_now
     send_nowait = getattr(getattr(stream, "send_stream", None), "send_nowait", None)
     return send_nowait if callable(send_nowait) else None
+
+
+async def refuse_at_once(stream: trio.abc.Stream, response: bytes) -> None:
+    """Write ``response`` (a short HTTP response) if the stream takes it without waiting,
+    then close the stream: for a connection refused the moment it is accepted.
+
+    Nothing here waits on the client, so a refusal frees its descriptor at once. A fresh
+    socket's buffer always has room for a few hundred bytes; a TLS stream gets no response
+    (it would need the TLS handshake first). What the client already sent is read and
+    discarded first, where that is possible without waiting, so that the close does not
+    turn into a reset that could destroy the response before the client reads it.
+    """
+    send_nowait = nowait_sender(stream)
+    if send_nowait is not None:
+        if type(stream) is trio.SocketStream:
+            with contextlib.suppress(OSError):
+                os.read(stream.socket.fileno(), 65536)
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            send_nowait(response)
+    await trio.aclose_forcefully(stream)
 
 
 def peer_name(stream: trio.abc.Stream) -> str:

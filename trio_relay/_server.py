@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import ssl
@@ -14,8 +13,11 @@ import trio
 from ._backplane import RedisBackplane
 from ._broadcast import BroadcastStatistics
 from ._config import RelayConfig
-from ._connection import RelayConnection
+from ._connection import RelayConnection, refuse_at_once
 from ._counters import RelayCounters
+from ._limits import ConnectionLimits
+from ._listen import LogThrottle, serve_listeners
+from ._protocol import http_response
 from ._topics import DeliveryReport, Topics, TopicStatistics
 
 __all__ = ["RelayServer", "RelayStatistics", "serve_relay"]
@@ -100,8 +102,13 @@ class RelayServer:
         self._connections: set[RelayConnection] = set()
         self.counters = RelayCounters()
         """Lifetime counters (messages and bytes in and out, rejections by reason)."""
+        self.limits = ConnectionLimits(
+            config.max_connections, config.max_connections_per_ip, config.max_subscribers_per_topic
+        )
+        """The connection slots taken, in all, per client address and per topic."""
+        # The connections holding a slot on their topic.
         self._admitted: set[RelayConnection] = set()
-        self._per_host: collections.Counter[str] = collections.Counter()
+        self._refusals = LogThrottle()
         self._changed = trio.Event()
 
     @property
@@ -157,6 +164,11 @@ class RelayServer:
 
         The listeners call this for each accepted stream; tests and custom transports call it
         directly (with an in-memory stream, say). Never raises except ``Cancelled``.
+
+        The connection takes its slot under ``max_connections`` and
+        ``max_connections_per_ip`` here, before its handshake; past either limit it gets
+        HTTP 503 at once (written only if the socket takes it without waiting) and is
+        closed without its request being read.
         """
         connection = RelayConnection(
             stream,
@@ -166,37 +178,34 @@ class RelayServer:
             admit=self._admit,
             counters=self.counters,
         )
+        refusal = self.limits.reserve_connection(connection.host)
+        if refusal is not None:
+            self.counters.rejections["http-503"] += 1
+            # Throttled: a flood of refused connections must not become a flood of lines.
+            self._refusals.log(
+                logger, logging.INFO, "connection from %s refused: %s", connection.peer, refusal
+            )
+            await refuse_at_once(stream, http_response(503, refusal))
+            return
         self._connections.add(connection)
         self._notify()
         try:
             await connection.serve()
         finally:
             self._connections.discard(connection)
+            self.limits.release_connection(connection.host)
             if connection in self._admitted:
                 self._admitted.discard(connection)
-                self._per_host[connection.host] -= 1
-                if not self._per_host[connection.host]:
-                    del self._per_host[connection.host]
+                self.limits.release_subscriber(connection.topic)
             self._notify()
 
     def _admit(self, connection: RelayConnection) -> str | None:
-        """Count a connection that finished its handshake in, or say why it is refused."""
-        config = self.config
-        if len(self._admitted) >= config.max_connections:
-            return f"the relay is at its limit of {config.max_connections} connections"
-        if self._per_host[connection.host] >= config.max_connections_per_ip:
-            return (
-                f"{connection.host} is at the limit of {config.max_connections_per_ip} "
-                "connections per client address"
-            )
-        if self.topics.subscribers(connection.topic) >= config.max_subscribers_per_topic:
-            return (
-                f"topic {connection.topic!r} is at its limit of "
-                f"{config.max_subscribers_per_topic} subscribers"
-            )
-        self._admitted.add(connection)
-        self._per_host[connection.host] += 1
-        return None
+        """Take a slot on the topic of a connection whose handshake is valid, or say why it
+        is refused (the slot is taken in this same step: no other handshake can slip in)."""
+        refusal = self.limits.reserve_subscriber(connection.topic)
+        if refusal is None:
+            self._admitted.add(connection)
+        return refusal
 
     async def _run(
         self, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED
@@ -205,7 +214,7 @@ class RelayServer:
             if self.backplane is not None:
                 # Before accepting: histories are filled from the log first.
                 await nursery.start(self.backplane.run, self.topics)
-            await nursery.start(trio.serve_listeners, self.serve_stream, list(self.listeners))
+            await nursery.start(serve_listeners, self.serve_stream, self.listeners)
             for listener in self.listeners:
                 logger.info("relay listening on %s", _describe(listener))
             task_status.started(self)
