@@ -42,6 +42,7 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "Topics",
         "consume",
         "encode_frame",
+        "mint_token",
         "produce",
         "serve_metrics",
         "serve_relay",

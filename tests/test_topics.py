@@ -480,6 +480,44 @@ async def test_since_none_gives_only_live_messages(autojump_clock: trio.abc.Cloc
         await assert_nothing_more(subscription)
 
 
+async def test_retained_reads_what_a_subscription_with_since_would_replay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(history_size=2)
+    for text in "abcd":
+        await topics.publish("news", text)
+    await topics.publish("news", b"\x00")
+    # Retained: 4 ("d") and 5 (binary); 1 to 3 are gone.
+    assert await topics.retained("news", since=3) == (5, None, messages("news", 4, ["d", b"\x00"]))
+    assert await topics.retained("news", since=1) == (
+        5,
+        Gap("news", 1, 4),
+        messages("news", 4, ["d", b"\x00"]),
+    )
+    assert await topics.retained("news", since=5) == (5, None, [])
+    # Without since: everything retained, and no gap (the reader claims nothing).
+    assert await topics.retained("news") == (5, None, messages("news", 4, ["d", b"\x00"]))
+    # Beyond the last number (a relay restart, say): the reset gap, then everything retained.
+    assert await topics.retained("news", since=9) == (
+        5,
+        Gap("news", 9, 4),
+        messages("news", 4, ["d", b"\x00"]),
+    )
+    with pytest.raises(ValueError, match="since"):
+        await topics.retained("news", since=-1)
+
+
+async def test_retained_subscribes_nothing_and_leaves_no_topic_behind(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(history_size=0)
+    assert await topics.retained("never-used", since=0) == (0, None, [])
+    await topics.publish("kept-nothing", "a")
+    assert await topics.retained("kept-nothing", since=0) == (1, Gap("kept-nothing", 0, 2), [])
+    assert len(topics) == 0
+    assert topics.subscriber_total == 0
+
+
 async def test_a_subscription_left_behind_raises_closed_resource_error(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -4,6 +4,7 @@ Every message a client sends reaches every connected client, through a broadcast
 that gives each consumer a bounded memory channel and a policy for when it is full.
 """
 
+from ._auth import mint_token as mint_token
 from ._backplane import (
     BackplaneStatistics as BackplaneStatistics,
     RedisBackplane as RedisBackplane,
@@ -86,6 +87,7 @@ __all__ = [
     "Topics",
     "consume",
     "encode_frame",
+    "mint_token",
     "produce",
     "serve_metrics",
     "serve_relay",

@@ -77,7 +77,15 @@ def mint_token(
     ttl: float = 3600.0,
     now: float | None = None,
 ) -> str:
-    """A token for ``publish`` and ``subscribe`` topic patterns, valid ``ttl`` seconds."""
+    """A token (an HS256 JWT signed with the relay's ``secret``) allowing the ``publish``
+    and ``subscribe`` topic patterns (matched segment by segment: ``news/*``, ``news/**``,
+    ``**``; see :func:`topic_matches`), valid ``ttl`` seconds from ``now`` (default: the
+    wall clock).
+
+    What ``trio-relay token`` prints; for a backend that hands tokens to its clients::
+
+        token = trio_relay.mint_token(secret, subscribe=["news/*"], ttl=600)
+    """
     issued = time.time() if now is None else now
     claims = {
         "publish": list(publish),

@@ -16,7 +16,7 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from . import _console
+from . import _console, _httpapi
 from ._metrics import metrics_registry
 
 if TYPE_CHECKING:
@@ -77,6 +77,9 @@ async def _answer(
     if not isinstance(event, h11.Request):
         return
     path = event.target.split(b"?", 1)[0]
+    if _httpapi.is_api_path(path):
+        await _httpapi.answer(server, event, connection, stream)
+        return
     extra: _console.Headers = []
     if event.method not in (b"GET", b"HEAD"):
         status, kind, body = 405, b"text/plain; charset=utf-8", b"use GET\n"

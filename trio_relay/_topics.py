@@ -637,6 +637,33 @@ class Topics:
         ) as (subscription, gap, replay, cursor):
             yield TopicSubscription(subscription, gap, replay, cursor)
 
+    async def retained(
+        self, name: str, since: int | None = None
+    ) -> tuple[int, Gap | None, list[Message]]:
+        """Read topic ``name``'s history without subscribing: its last sequence number, the
+        :class:`Gap` (if any), and the retained messages after ``since`` in order.
+
+        What a subscription with ``since`` would replay (same gap, same messages, the
+        number its ``welcome`` would carry); with ``since=None``, every retained message
+        and no gap. Raises ``ValueError`` for a negative ``since``. Subscribes nothing and
+        leaves no topic behind.
+        """
+        if since is not None and since < 0:
+            raise ValueError("since must be a sequence number >= 0")
+        numbered = 0
+        if since is not None and self.backplane is not None and since > self.last_number(name):
+            # As for open_subscription: only Redis knows whether it is on its way here.
+            numbered = await self.backplane.last_number(name)
+        else:
+            await trio.sleep(0)  # a checkpoint, as every async method makes
+        topic = self._get(name)
+        try:
+            gap, replay, cursor = self._replay(topic, 0 if since is None else since, numbered)
+        finally:
+            self._collect(topic)
+        messages = list(replay.messages()) if replay is not None else []
+        return cursor, gap if since is not None else None, messages
+
     def statistics(self) -> dict[str, TopicStatistics]:
         """A snapshot of every topic, by name."""
         return {

@@ -1,6 +1,6 @@
 """What the side port reads of a relay: :class:`RelayView`, a Protocol of the public
-attributes of :class:`~trio_relay.RelayServer` that ``/healthz``, ``/metrics`` and the
-console's ``/stats`` use.
+attributes of :class:`~trio_relay.RelayServer` that ``/healthz``, ``/metrics``, the
+console's ``/stats`` and the HTTP API (``/api/publish``, ``/api/history``) use.
 
 So the side port (``_sideport``, ``_metrics``, ``_console``) depends on the server's
 public face only, not on ``_server``, and the server knows nothing of the side port.
@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from ._broadcast import BroadcastStatistics
     from ._config import RelayConfig
     from ._counters import RelayCounters
+    from ._topics import DeliveryReport, Gap, Message
 
-__all__ = ["BackplaneView", "RelayView", "StatisticsView"]
+__all__ = ["BackplaneView", "RelayView", "StatisticsView", "TopicsView"]
 
 
 class StatisticsView(Protocol):
@@ -44,6 +45,25 @@ class BackplaneView(Protocol):
     def statistics(self) -> BackplaneStatistics: ...
 
 
+class TopicsView(Protocol):
+    """What the HTTP API uses of a relay's :class:`~trio_relay.Topics`: publishing (through
+    the backplane, if any, as every publish) and reading a topic's history."""
+
+    async def publish_batch(
+        self,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+    ) -> DeliveryReport: ...
+
+    async def retained(
+        self, name: str, since: int | None = None
+    ) -> tuple[int, Gap | None, list[Message]]: ...
+
+
 class RelayView(Protocol):
     """A running relay as the side port sees it (:class:`~trio_relay.RelayServer` is one)."""
 
@@ -52,6 +72,9 @@ class RelayView(Protocol):
 
     @property
     def config(self) -> RelayConfig: ...
+
+    @property
+    def topics(self) -> TopicsView: ...
 
     @property
     def backplane(self) -> BackplaneView | None: ...
