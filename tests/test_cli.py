@@ -46,7 +46,8 @@ def test_serve_defaults() -> None:
         "worker": False,
         "certfile": None,
         "keyfile": None,
-        "metrics_port": None,
+        "http_port": None,
+        "http_host": "127.0.0.1",
         "config": None,
     }
 
@@ -160,6 +161,30 @@ def test_settings_come_from_flags_then_environment_then_file_then_defaults(
     args = build_parser(settings).parse_args(["serve", "--port", "7000"])
     assert (args.port, args.max_queue_bytes, args.overflow_policy) == (7000, 1000, "drop")
     assert args.close_timeout == RelayConfig().close_timeout  # untouched: the default
+
+
+def test_the_side_port_is_http_port_with_metrics_port_its_old_name(tmp_path: Path) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--http-port", "9100"]).http_port == 9100
+    assert parser.parse_args(["serve", "--metrics-port", "9100"]).http_port == 9100
+    # The last one given wins, as --workers relies on when it sets each worker's port.
+    args = parser.parse_args(["serve", "--metrics-port", "9100", "--http-port", "9101"])
+    assert args.http_port == 9101
+    args = parser.parse_args(["serve", "--host", "0.0.0.0", "--http-host", "::1"])
+    assert (args.host, args.http_host) == ("0.0.0.0", "::1")
+    config = tmp_path / "relay.toml"
+    config.write_text("metrics-port = 9100\nhttp_host = '0.0.0.0'\n")
+    assert serve_settings({}, str(config)) == {"http_port": 9100, "http_host": "0.0.0.0"}
+    config.write_text("http_port = 9101\nmetrics_port = 9100\n")  # the current name wins
+    assert serve_settings({}, str(config)) == {"http_port": 9101}
+    assert serve_settings({"TRIO_RELAY_METRICS_PORT": "9102"}, str(config)) == {"http_port": 9102}
+    environ = {"TRIO_RELAY_HTTP_PORT": "9103", "TRIO_RELAY_METRICS_PORT": "9102"}
+    assert serve_settings(environ, None) == {"http_port": 9103}
+    assert serve_settings({"TRIO_RELAY_HTTP_HOST": "10.0.0.1"}, None) == {"http_host": "10.0.0.1"}
+    args = build_parser(serve_settings({"TRIO_RELAY_METRICS_PORT": "9102"}, None)).parse_args(
+        ["serve"]
+    )
+    assert args.http_port == 9102
 
 
 @pytest.mark.parametrize(

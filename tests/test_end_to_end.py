@@ -423,6 +423,25 @@ async def test_cli_serve_reports_a_port_in_use(launch: Launch, busy_port: int) -
     assert line.endswith("ddress already in use"), line
 
 
+async def test_cli_serve_side_port_listens_on_loopback_whatever_the_relay_host(
+    launch: Launch,
+) -> None:
+    server = await launch(
+        PYTHON,
+        *("-m", "trio_relay", "serve", "--host", "127.0.0.2", "--port", "0"),
+        *("--http-port", "0", "--ping-interval", "0"),
+    )
+    await server.expect("stderr", r"relay listening on ws://127\.0\.0\.2:(\d+)/")
+    side = r"metrics on http://(\S+):(\d+)/metrics .* HTTP API on http://\S+:\d+/api/"
+    host, port = (await server.expect("stderr", side)).groups()
+    assert host == "127.0.0.1"
+    with trio.fail_after(DEADLINE):
+        status, _, body = await http_request(int(port), "/api/history?topic=news")
+    assert (status, json.loads(body)) == (200, {"topic": "news", "seq": 0, "messages": []})
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.finish() == 0, server.describe()
+
+
 async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
     with trio.fail_after(DEADLINE):
         result = await trio.run_process(
@@ -456,15 +475,17 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--history-age HISTORY_AGE": "600.0",
         "--receive-buffer-size RECEIVE_BUFFER_SIZE": "65536",
         "--workers WORKERS": "1",
+        "--http-host HTTP_HOST": "127.0.0.1",
     }
     for option, default in expected.items():
         # The option, then its help up to the first parenthesis, without reaching another option.
         pattern = rf"{re.escape(option)} (?:(?!--)[^()])*\(default: {re.escape(default)}\)"
         assert re.search(pattern, help_text), f"{option} (default {default}) not in:\n{help_text}"
     options = set(re.findall(r"\s(--[a-z-]+)", help_text))
-    # Plus the options that are off by default: TLS, metrics, tokens, origins, backplane.
+    # Plus the options that are off by default: TLS, the side port, tokens, origins, backplane.
     tls = {
-        *("--certfile", "--keyfile", "--metrics-port", "--auth-secret", "--allowed-origins"),
+        *("--certfile", "--keyfile", "--http-port", "--metrics-port"),
+        *("--auth-secret", "--allowed-origins"),
         *("--config", "--backplane"),
     }
     assert options == {option.split()[0] for option in expected} | {"--help"} | tls

@@ -134,10 +134,20 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         description="Run the relay on ws://HOST:PORT/ until SIGINT or SIGTERM.",
     )
     serve.add_argument(
-        "--metrics-port",
+        "--http-port",
+        "--metrics-port",  # its name before it served the HTTP API
+        dest="http_port",
         type=int,
-        help="serve /healthz, Prometheus /metrics and the browser console (/) on this HTTP "
-        "port of --host; with --workers, worker i serves it on this port + i; default: off",
+        help="serve the HTTP API (/api/publish, /api/history), /healthz, Prometheus /metrics "
+        "and the browser console (/) on this port of --http-host; with --workers, worker i "
+        "serves it on this port + i; default: off",
+    )
+    serve.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        help="address the HTTP port listens on, whatever the relay's host is: loopback "
+        "unless you say otherwise; expose it only behind a TLS proxy, with an auth secret "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--certfile",
@@ -316,16 +326,14 @@ async def _serve(args: argparse.Namespace) -> None:
             server = await nursery.start(partial(serve_relay, config=config, listeners=listeners))
             if args.worker:
                 nursery.start_soon(stop_with_supervisor, nursery.cancel_scope)
-            if args.metrics_port is not None:
-                metrics = await nursery.start(serve_metrics, server, args.host, args.metrics_port)
+            if args.http_port is not None:
+                metrics = await nursery.start(serve_metrics, server, args.http_host, args.http_port)
                 for listener in metrics:
                     host, port = listener.socket.getsockname()[:2]
                     logger.info(
-                        "metrics on http://%s:%d/metrics and /healthz, console on http://%s:%d/",
-                        host,
-                        port,
-                        host,
-                        port,
+                        "metrics on http://%s:%d/metrics and /healthz, console on http://%s:%d/, "
+                        "HTTP API on http://%s:%d/api/",
+                        *(host, port) * 3,
                     )
             async for signum in signals:
                 logger.info("%s received: shutting down", signal.Signals(signum).name)
@@ -368,9 +376,11 @@ def _patterns(text: str) -> tuple[str, ...]:
     return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
-_TEXT_SETTINGS = ("host", "certfile", "keyfile", "auth_secret", "backplane")
+_TEXT_SETTINGS = ("host", "http_host", "certfile", "keyfile", "auth_secret", "backplane")
+_ALIASES = {"metrics_port": "http_port"}
+"""Settings known by an older name too (file keys and ``TRIO_RELAY_*`` variables)."""
 _SETTINGS = frozenset(
-    {*_TEXT_SETTINGS, "port", "metrics_port", "log_level", "workers"}
+    {*_TEXT_SETTINGS, "port", "http_port", "metrics_port", "log_level", "workers"}
     | {field.name for field in dataclasses.fields(RelayConfig)}
 )
 
@@ -381,7 +391,7 @@ def _convert(name: str, value: object) -> object:
     try:
         if name in _TEXT_SETTINGS:
             return text
-        if name in ("port", "metrics_port"):
+        if name in ("port", "http_port", "metrics_port"):
             return int(text)
         if name == "workers":
             return _positive_int(text)
@@ -417,15 +427,18 @@ def serve_settings(environ: Mapping[str, str], config_file: str | None) -> dict[
         with open(config_file, "rb") as file:
             document = tomllib.load(file)
         table = document.get("serve", document)
-        for key, value in table.items():
+        for key, value in sorted(
+            table.items(), key=lambda item: item[0].replace("-", "_") not in _ALIASES
+        ):
             name = key.replace("-", "_")
             if name not in _SETTINGS:
                 raise ValueError(f"unknown setting {key!r} in {config_file}")
-            settings[name] = _convert(name, value)
-    for name in sorted(_SETTINGS):
+            settings[_ALIASES.get(name, name)] = _convert(name, value)
+    # Old names first: where both are set, the current name wins.
+    for name in sorted(_SETTINGS, key=lambda name: (name not in _ALIASES, name)):
         text = environ.get(f"TRIO_RELAY_{name.upper()}")
         if text is not None:
-            settings[name] = _convert(name, text)
+            settings[_ALIASES.get(name, name)] = _convert(name, text)
     return settings
 
 
@@ -452,7 +465,7 @@ def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
         argv = argv[argv.index("serve") + 1 :] if "serve" in argv else argv
         grace = args.close_timeout + 5.0
         try:
-            trio.run(supervise, args.workers, argv, port, args.metrics_port, grace)
+            trio.run(supervise, args.workers, argv, port, args.http_port, grace)
         except KeyboardInterrupt:
             return 130
     return 0

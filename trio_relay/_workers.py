@@ -128,7 +128,7 @@ async def supervise(
     count: int,
     argv: Sequence[str],
     port: int,
-    metrics_port: int | None,
+    http_port: int | None,
     grace: float,
 ) -> None:
     """Run ``count`` workers (``trio-relay serve`` with ``argv``, on ``port``) until SIGINT
@@ -148,9 +148,9 @@ async def supervise(
                     "1",
                     "--worker",
                 ]
-                if metrics_port is not None:
-                    # One metrics port per worker (each serves its own figures): the next ones.
-                    command += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+                if http_port is not None:
+                    # One side port per worker (each serves its own figures): the next ones.
+                    command += ["--http-port", str(http_port + index if http_port else 0)]
                 nursery.start_soon(_run_worker, index, command, grace)
             logger.info("supervising %d workers on port %d", count, port)
             async for signum in signals:
