@@ -14,6 +14,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 
 from trio_relay import SUBPROTOCOL, RelayConfig
 from trio_relay._auth import Grant, mint_token, topic_matches, verify_token
+from trio_relay._redact import redact, shown
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
 SECRET = "s" * 40
@@ -88,6 +89,66 @@ def test_many_any_depth_segments_match_in_linear_time() -> None:
     # A table, not backtracking: 40 "**" against 100 segments that almost match.
     assert not topic_matches("**/" * 40 + "z", "a/" * 99 + "b")
     assert topic_matches("**/" * 40 + "z", "a/" * 99 + "z")
+
+
+JWT = mint_token(SECRET, subscribe=["news"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"/news?since=x&token={JWT}", "/news?since=x&token=<redacted>"),
+        (f"/news?access_token={JWT}&since=1", "/news?access_token=<redacted>&since=1"),
+        (f"Authorization: Bearer {JWT}", "Authorization: Bearer <redacted>"),
+        (f"bearer  {JWT}x", "bearer  <redacted>"),
+        (f"a token {JWT} in prose", "a token <redacted> in prose"),
+        (f"half a token {JWT[:60]}", "half a token <redacted>"),
+        ("redis://:hunter2@db:6379/0", "redis://:<redacted>@db:6379/0"),
+        ("rediss://user:p@ss@db/0", "rediss://user:<redacted>@db/0"),
+        ("unix://:pw@/run/redis.sock?db=0", "unix://:<redacted>@/run/redis.sock?db=0"),
+        ("redis://db/0?password=pw&db=1", "redis://db/0?password=<redacted>&db=1"),
+        ("redis://user@db:6379/0 and ws://host:80/a", "redis://user@db:6379/0 and ws://host:80/a"),
+    ],
+    ids=[
+        "query",
+        "access-token",
+        "bearer",
+        "bearer-lower",
+        "bare-jwt",
+        "cut-jwt",
+        "redis-password",
+        "user-and-password",
+        "unix-socket",
+        "password-parameter",
+        "nothing-secret",
+    ],
+)
+def test_redact_hides_tokens_and_passwords(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plain text, 'quoted' & \\ kept", "plain text, 'quoted' & \\ kept"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("\x1b[2Kred\x00", "\\x1b[2Kred\\x00"),
+        ("line\u2028sep\x85next", "line\\u2028sep\\x85next"),
+        ("café ✓", "café ✓"),
+    ],
+    ids=["printable", "whitespace", "escape-sequence", "unicode-breaks", "non-ascii"],
+)
+def test_shown_escapes_what_could_end_a_log_line(text: str, expected: str) -> None:
+    assert shown(text) == expected
+
+
+def test_shown_cuts_long_text_and_is_idempotent() -> None:
+    text = "\n" + "x" * 10_000
+    once = shown(text)
+    assert len(once) == 256
+    assert once.startswith("\\nxxx") and once.endswith("... (10001 characters)")
+    assert shown(once) == once
+    assert shown(f"?token={JWT}\n") == shown(shown(f"?token={JWT}\n")) == "?token=<redacted>\\n"
 
 
 @pytest.mark.parametrize(

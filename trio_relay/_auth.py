@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import jwt
 
+from ._redact import shown
+
 __all__ = ["Grant", "TokenError", "mint_token", "topic_matches", "verify_token"]
 
 ALGORITHM = "HS256"
@@ -111,7 +113,8 @@ def verify_token(secret: str, token: str | None, *, now: float | None = None) ->
     except jwt.ExpiredSignatureError:
         raise TokenError("the token has expired") from None
     except jwt.InvalidTokenError as exc:
-        raise TokenError(f"invalid token: {exc}") from None
+        # PyJWT's messages quote the token's header ("Unsupported critical extension: ...").
+        raise TokenError(f"invalid token: {shown(exc, 200)}") from None
     if now is not None and claims["exp"] <= now:
         raise TokenError("the token has expired")
     publish, subscribe = claims.get("publish", []), claims.get("subscribe", [])

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
+from ._redact import shown
 from ._topics import topic_from_path
 
 if TYPE_CHECKING:
@@ -192,6 +193,9 @@ class RedisBackplane:
         self._failures = (OSError, trio.TooSlowError, coredis.exceptions.RedisError)
         """What a Redis command may raise when Redis is unreachable, slow or in trouble."""
         self.url = url
+        """The Redis URL, password included: log :attr:`shown_url` instead."""
+        self.shown_url = shown(url)
+        """The URL without its password (``redis://:<redacted>@host``), for logs and pages."""
         self.prefix = prefix
         self.log_size = log_size
         self.timeout = timeout
@@ -272,9 +276,9 @@ class RedisBackplane:
                     await self._connect()
                     if failures:
                         self._reconnects += 1
-                        logger.warning("backplane %s is back: sharing topics again", self.url)
+                        logger.warning("backplane %s is back: sharing topics again", self.shown_url)
                     else:
-                        logger.info("backplane %s connected", self.url)
+                        logger.info("backplane %s connected", self.shown_url)
                     failures, backoff = 0, INITIAL_BACKOFF
                     self._set_up(True)
                     if not started:
@@ -286,8 +290,8 @@ class RedisBackplane:
                     if self.up or failures == 1:
                         logger.error(
                             "backplane %s unreachable (%s): serving local clients only, retrying",
-                            self.url,
-                            str(exc) or type(exc).__name__,
+                            self.shown_url,
+                            shown(exc) or type(exc).__name__,
                         )
                     self._set_up(False)
                     await self._deliver_pending_locally()
@@ -318,7 +322,9 @@ class RedisBackplane:
         elif run_id != self._run_id:
             # Redis restarted and lost its data: what it held for us is gone. Read its new
             # log from the start (what other relays published since it came back).
-            logger.warning("backplane %s restarted with no data: reading its log anew", self.url)
+            logger.warning(
+                "backplane %s restarted with no data: reading its log anew", self.shown_url
+            )
             self._last_id = b"0-0"
             self._local_only.clear()
         self._run_id = run_id
@@ -371,7 +377,9 @@ class RedisBackplane:
         try:
             name, first_seq, origin, payloads, texts = decode_entry(fields)
         except ValueError as exc:
-            logger.error("backplane log entry %s skipped, not a relay's batch: %s", identifier, exc)
+            logger.error(
+                "backplane log entry %s skipped, not a relay's batch: %s", identifier, shown(exc)
+            )
             return
         relay_id, _, number_text = origin.partition(":")
         pending: _Pending | None = None
@@ -473,7 +481,7 @@ class RedisBackplane:
             logger.warning(
                 "backplane publish on %r failed (%s): delivered locally",
                 name,
-                str(exc) or type(exc).__name__,
+                shown(exc) or type(exc).__name__,
             )
             if self._pending.pop(number, None) is not None:
                 self._remember_local_only(number)

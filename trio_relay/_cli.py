@@ -23,6 +23,7 @@ from ._broadcast import OverflowPolicy
 from ._client import DEFAULT_TIMEOUT, consume, produce
 from ._config import RelayConfig
 from ._exceptions import ClientError
+from ._redact import redact, shown
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._sideport import serve_metrics
 from ._topics import Gap, Message
@@ -347,7 +348,7 @@ async def _consume(args: argparse.Namespace) -> None:
     async with consume(
         url, connect_timeout=args.timeout, since=args.since, resume=args.resume
     ) as messages:
-        logger.info("connected to %s", url)
+        logger.info("connected to %s", shown(url))
         async for item in messages:
             if isinstance(item, Gap):
                 logger.warning(
@@ -496,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = serve_settings(os.environ, args.config)
         except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
-            print(f"trio-relay serve: settings: {exc}", file=sys.stderr)
+            print(f"trio-relay serve: settings: {redact(str(exc))}", file=sys.stderr)
             return 2
         args = build_parser(settings).parse_args(argv)
     if args.command == "token":
@@ -530,14 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(command, args)
     except ClientError as exc:
-        print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
+        print(f"trio-relay {args.command}: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except ValueError as exc:  # e.g. a setting out of range
-        print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
+        print(f"trio-relay {args.command}: {redact(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the port is already in use
-        print(f"trio-relay {args.command}: {exc}", file=sys.stderr)
+        print(f"trio-relay {args.command}: {redact(str(exc))}", file=sys.stderr)
         return 1
     return 0

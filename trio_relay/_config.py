@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import get_args
 
 from ._broadcast import OverflowPolicy
@@ -63,10 +63,11 @@ class RelayConfig:
     above it is not read from until it is back under: TCP slows it down, nothing is lost."""
     publish_burst: int = 1000
     """Messages one connection may publish at once above ``publish_rate`` (the bucket size)."""
-    auth_secret: str | None = None
+    auth_secret: str | None = field(default=None, repr=False)
     """Secret (at least 32 characters) that client tokens must be signed with (HS256 JWT);
     None lets every client publish and subscribe to every topic. Prefer setting it through
-    the environment (TRIO_RELAY_AUTH_SECRET) to a command line others can read."""
+    the environment (TRIO_RELAY_AUTH_SECRET) to a command line others can read. Left out
+    of the settings' ``repr``, so that printing them shows no secret."""
     allowed_origins: tuple[str, ...] = ()
     """Origin patterns (fnmatch) a browser's ``Origin`` header must match, against
     cross-site WebSocket hijacking; empty allows every origin. Clients that send no Origin
@@ -77,9 +78,10 @@ class RelayConfig:
     """Payload bytes each topic retains at most."""
     history_age: float = 600.0
     """Seconds a message stays retained at most."""
-    backplane: str | None = None
+    backplane: str | None = field(default=None, repr=False)
     """``redis://host:port/db`` of a Redis that relay processes share topics through (see
-    :class:`~trio_relay.RedisBackplane`); None keeps topics in this process."""
+    :class:`~trio_relay.RedisBackplane`); None keeps topics in this process. Left out of
+    the ``repr``: it may hold a password (``redis://:PASSWORD@host``)."""
 
     def __post_init__(self) -> None:
         if self.backplane is not None and not self.backplane.startswith(

@@ -41,6 +41,7 @@ from ._counters import RelayCounters
 from ._exceptions import SlowConsumerError
 from ._frames import CloseCode
 from ._protocol import Publish, Reject, RelayProtocol
+from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, DeliveryReport, Topics
 
 __all__ = ["RelayConnection", "refuse_at_once"]
@@ -323,7 +324,7 @@ class RelayConnection:
             self.id,
             self.peer,
             reject.status,
-            reject.reason,
+            shown(reject.reason, 2 * MAX_SHOWN),
         )
         with contextlib.suppress(_PeerGone, _Stalled):
             await self._send(reject.data)

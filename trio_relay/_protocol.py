@@ -56,6 +56,7 @@ from ._frames import (
     split_request_head,
 )
 from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
+from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, DeliveryReport, Gap, topic_from_path
 
 __all__ = [
@@ -252,7 +253,9 @@ class RelayProtocol:
             query = parse_qs(target.query)
             self.since = _since(query.get("since"))
         except ValueError as exc:
-            return self.reject(400, f"bad request {request.target!r}: {exc}")
+            # The path only, cut short: the query may hold the token.
+            path = shown(target.path, 128)
+            return self.reject(400, f"bad request for path {path!r}: {exc}")
         self.envelope = SUBPROTOCOL in request.subprotocols
         headers = {name.lower(): value for name, value in request.extra_headers}
         config = self.config
@@ -260,7 +263,7 @@ class RelayProtocol:
         if origin is not None and config.allowed_origins:
             text = origin.decode("latin-1")
             if not any(fnmatch.fnmatchcase(text, p) for p in config.allowed_origins):
-                return self.reject(403, f"origin {text!r} is not allowed")
+                return self.reject(403, f"origin {shown(text, 128)!r} is not allowed")
         grant: Grant = OPEN
         if config.auth_secret is not None:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
@@ -279,7 +282,12 @@ class RelayProtocol:
         return Upgrade(self.topic, self.since, self.envelope)
 
     def reject(self, status: int, reason: str) -> Reject:
-        """Refuse the handshake with HTTP ``status`` (the server's limits call this too)."""
+        """Refuse the handshake with HTTP ``status`` (the server's limits call this too).
+
+        ``reason`` goes into the response body and the log as :func:`shown` makes it:
+        tokens redacted, control characters escaped, at most 512 characters (the client's
+        own values in it are cut to 128 or 200 where they are quoted)."""
+        reason = shown(reason, 2 * MAX_SHOWN)
         self.state = State.CLOSED
         self._ws = None
         self._counters.rejections[f"http-{status}"] += 1

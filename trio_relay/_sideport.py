@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from . import _console, _httpapi
 from ._metrics import metrics_registry
+from ._redact import shown
 
 if TYPE_CHECKING:
     from ._view import RelayView
@@ -52,7 +53,7 @@ async def serve_metrics(
             with trio.move_on_after(REQUEST_TIMEOUT):
                 await _answer(stream, server, registry)
         except (trio.BrokenResourceError, h11.ProtocolError) as exc:
-            logger.debug("metrics request failed: %s", exc)
+            logger.debug("metrics request failed: %s", shown(exc))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
