@@ -20,6 +20,7 @@ import binascii
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qs
 
@@ -392,7 +393,8 @@ async def answer(
         (b"connection", b"close"),
         *headers,
     ]
-    data = connection.send(h11.Response(status_code=status, headers=head)) or b""
+    reason = HTTPStatus(status).phrase.encode()
+    data = connection.send(h11.Response(status_code=status, headers=head, reason=reason)) or b""
     if request.method != b"HEAD":
         data += connection.send(h11.Data(data=body)) or b""
     data += connection.send(h11.EndOfMessage()) or b""
