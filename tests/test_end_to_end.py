@@ -27,6 +27,8 @@ import trio
 import trio.testing
 from helpers import http_request
 from redis_support import RedisServer, redis_server
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import CloseConnection, Request, TextMessage
 
 import trio_relay
 
@@ -620,3 +622,51 @@ async def test_ctrl_c_to_the_process_group_stops_every_worker_cleanly(
     assert len(re.findall(r"worker \d: SIGTERM received: shutting down", log)) == 2
     assert len(re.findall(r"worker \d: relay stopped", log)) == 2
     assert "SIGINT received: stopping 2 workers" in log
+
+
+async def test_on_shutdown_a_consumer_behind_by_megabytes_gets_every_message_then_1001() -> None:
+    # Over real sockets (the writer's resumable os.write path): a consumer that stopped
+    # reading while 24 MB were published, more than the kernel's buffers hold.
+    config = trio_relay.RelayConfig(
+        queue_size=100_000,
+        max_queue_bytes=32 * 1024 * 1024,
+        slow_consumer_timeout=30.0,
+        close_timeout=30.0,
+    )
+    messages = [f"{i:05d}" + "m" * 995 for i in range(24000)]
+    received: list[str] = []
+    codes: list[int] = []
+
+    async def read_until_close(stream: trio.SocketStream, client: WSConnection) -> None:
+        part = ""
+        while not codes:
+            data = await stream.receive_some()
+            assert data, "the stream ended before the close frame"
+            client.receive_data(data)
+            for event in client.events():
+                if isinstance(event, CloseConnection):
+                    codes.append(event.code)
+                elif isinstance(event, TextMessage):
+                    part += event.data
+                    if event.message_finished:
+                        received.append(part)
+                        part = ""
+        await stream.aclose()
+
+    with trio.fail_after(DEADLINE):
+        # The relay's nursery is inside the reader's: cancelling it stops only the relay.
+        async with trio.open_nursery() as readers, trio.open_nursery() as relay:
+            server = await relay.start(
+                partial(trio_relay.serve_relay, "127.0.0.1", 0, config=config)
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            client = WSConnection(ConnectionType.CLIENT)
+            await stream.send_all(client.send(Request(host="127.0.0.1", target="/")))
+            await server.wait_until(lambda s: s.subscribers == 1)
+            for message in messages:
+                await server.publish(message)
+            assert sum(server.statistics().broadcast.queued) > 0  # it is behind
+            relay.cancel_scope.cancel()  # the relay shuts down, then the client reads
+            readers.start_soon(read_until_close, stream, client)
+    assert received == messages
+    assert codes == [1001]

@@ -366,6 +366,63 @@ async def test_shutdown_waits_at_most_close_timeout_for_a_client_that_never_answ
         assert await raw.read_to_eof() == b""
 
 
+async def _messages_until_the_end(client: RawClient) -> tuple[list[str], int | None]:
+    """Every whole text message a client gets, and the close code that followed them
+    (None if the stream ended without a close frame)."""
+    messages: list[str] = []
+    part = ""
+    while True:
+        try:
+            event = await client.next_event()
+        except EOFError:
+            return messages, None
+        if isinstance(event, CloseConnection):
+            return messages, event.code
+        assert isinstance(event, TextMessage), event
+        part += event.data
+        if event.message_finished:
+            messages.append(part)
+            part = ""
+
+
+async def test_shutdown_writes_out_each_consumers_queue_before_its_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A consumer 100 KB behind (the pipe holds 4 KiB): the relay's writer is mid-frame and
+    # more is queued when the relay shuts down. Every message still arrives, then 1001.
+    messages = [f"{i:04d}" + "m" * 996 for i in range(100)]
+    async with open_memory_relay(RelayConfig(close_timeout=5.0), capacity=4096) as relay:
+        behind = await RawClient.connect(relay)
+        for message in messages:
+            await relay.publish(message)
+        assert sum(relay.server.statistics().broadcast.queued) > 0  # it really is behind
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.shutdown)
+            received, code = await _messages_until_the_end(behind)
+        assert received == messages
+        assert code == CloseCode.GOING_AWAY
+
+
+async def test_on_shutdown_a_consumer_that_cannot_take_its_queue_in_time_loses_only_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    messages = [f"{i:04d}" + "m" * 996 for i in range(50)]
+    async with open_memory_relay(RelayConfig(close_timeout=3.0), capacity=4096) as relay:
+        stuck = await RawClient.connect(relay)  # reads nothing until the relay has stopped
+        for message in messages:
+            await relay.publish(message)
+        start = trio.current_time()
+        await relay.shutdown()
+        assert trio.current_time() - start == 3.0  # bounded by close_timeout
+        assert relay.server.statistics().connections == 0
+        # What it got: whole messages, in order, from the first; then the stream ended
+        # (a close frame cannot follow half a frame).
+        received, code = await _messages_until_the_end(stuck)
+        assert code is None
+        assert 0 < len(received) < len(messages)
+        assert received == messages[: len(received)]
+
+
 @pytest.mark.parametrize(
     ("path", "reason"),
     [

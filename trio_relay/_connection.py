@@ -56,6 +56,13 @@ WRITE_CHUNK = 256 * 1024
 _ids = itertools.count(1)
 
 
+def _only_cancelled(exc: BaseException) -> bool:
+    """``exc`` is trio.Cancelled, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
 class _PeerGone(Exception):
     """The stream broke or was closed under us: nothing more can be written."""
 
@@ -146,10 +153,13 @@ class RelayConnection:
         "_peer_gone",
         "_protocol_error",
         "_read_fd",
+        "_remainder",
         "_send_nowait",
+        "_shutdown_deadline",
         "_stream",
         "_subscription",
         "_topics",
+        "_unsent",
         "_write_broken",
         "_write_slot",
         "_writing",
@@ -202,6 +212,13 @@ class RelayConnection:
         # True while the stream may hold half a frame: a write in progress, or one that was
         # interrupted (then nothing more may be written, not even a close frame).
         self._write_broken = False
+        # Resumable writes (streams with a non-blocking send): the rest of a frame whose
+        # write was interrupted, which must go out before anything else, and whole frames the
+        # writer took from the queue but had not begun. Both are written on shutdown.
+        self._remainder: memoryview | None = None
+        self._unsent: list[bytes] = []
+        # Set when the relay shuts down: the drain and the closing handshake end by then.
+        self._shutdown_deadline: float | None = None
         self.close_code: int | None = None
         """The close code sent or received (1006 if the connection ended without one)."""
 
@@ -231,7 +248,9 @@ class RelayConnection:
                     self._close_request = (CloseCode.INTERNAL_ERROR, "internal error")
             finally:
                 with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + self._config.close_timeout
+                    scope.deadline = self._shutdown_deadline or (
+                        trio.current_time() + self._config.close_timeout
+                    )
                     try:
                         await self._closing_handshake()
                     except Exception:
@@ -249,40 +268,53 @@ class RelayConnection:
     async def _run_open(self) -> None:
         config = self._config
         protocol = self.protocol
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+        async with self._topics.open_subscription(
+            protocol.topic,
+            since=protocol.since,
+            max_buffer=config.queue_size,
+            max_bytes=config.max_queue_bytes,
+            policy=config.overflow_policy,
+            timeout=config.overflow_timeout,
+            subscription_name=f"#{self.id} {self.peer}",
+            write_through=self._write_through if self._send_nowait is not None else None,
+            on_evict=self._evicted,
+            on_backlog=self._start_writer,
+        ) as (subscription, gap, replay, cursor):
+            self._subscription = subscription  # before any backlog can need it
             try:
-                async with self._topics.open_subscription(
-                    protocol.topic,
-                    since=protocol.since,
-                    max_buffer=config.queue_size,
-                    max_bytes=config.max_queue_bytes,
-                    policy=config.overflow_policy,
-                    timeout=config.overflow_timeout,
-                    subscription_name=f"#{self.id} {self.peer}",
-                    write_through=self._write_through if self._send_nowait is not None else None,
-                    on_evict=self._evicted,
-                    on_backlog=self._start_writer,
-                ) as (subscription, gap, replay, cursor):
-                    self._subscription = subscription  # before any backlog can need it
-                    first, close = protocol.opening(gap, replay, cursor, trio.current_time())
-                    if close is not None:
-                        self._request_close(*close)
-                        return
-                    if first:
-                        try:
-                            await self._send(first)
-                        except (_PeerGone, _Stalled):
-                            self._peer_gone = True
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        first, close = protocol.opening(gap, replay, cursor, trio.current_time())
+                        if close is not None:
+                            self._request_close(*close)
                             return
-                    self._on_subscribed()  # after the welcome: a test waiting for it may cut us
-                    await self._read_loop()
+                        if first:
+                            try:
+                                await self._send(first)
+                            except (_PeerGone, _Stalled):
+                                self._peer_gone = True
+                                return
+                        self._on_subscribed()  # after the welcome: a test waiting may cut us
+                        await self._read_loop()
+                    finally:
+                        # No new writer from here on; one still running is cancelled (on a
+                        # resumable stream it keeps what it had not written for the drain).
+                        self._nursery = None
+                        nursery.cancel_scope.cancel()
+            except BaseException as exc:
+                # Cancelled from outside (the relay shuts down), not by a close of our own:
+                # write out what is queued for the client before the 1001 close. (The
+                # nursery reports the writer's and the reader's Cancelled as a group.)
+                if (
+                    _only_cancelled(exc)
+                    and self._close_request is None
+                    and not (self._peer_gone or self._peer_closed)
+                ):
+                    await self._drain(subscription)
+                raise
             finally:
-                # The subscription is gone: nothing can ask for a writer any more. A writer
-                # still running is cancelled (its write, if any, is left broken).
-                self._nursery = None
                 self._subscription = None
-                nursery.cancel_scope.cancel()
 
     # ---------------------------------------------------------------- handshake
 
@@ -331,12 +363,24 @@ class RelayConnection:
 
     # ---------------------------------------------------------------- bytes out
 
-    async def _send(self, data: bytes) -> None:
-        """Write ``data`` whole, after any write in progress (pongs, close frames, HTTP)."""
+    async def _send(self, data: bytes, *, keep: bool = False) -> None:
+        """Write ``data`` whole, after any write in progress (pongs, close frames, HTTP).
+
+        ``keep``: the bytes are messages taken from the client's queue; if cancelled before
+        the write begins, they are kept for the shutdown drain instead of lost.
+        """
         self._writing += 1
         try:
-            async with self._write_slot:
+            try:
+                await self._write_slot.acquire()
+            except trio.Cancelled:
+                if keep:
+                    self._unsent.append(data)
+                raise
+            try:
                 await self._write_all(data)
+            finally:
+                self._write_slot.release()
         finally:
             self._writing -= 1
 
@@ -344,11 +388,71 @@ class RelayConnection:
         """Write ``data``; the caller holds the write slot.
 
         Each chunk of :data:`WRITE_CHUNK` bytes must be accepted within
-        ``slow_consumer_timeout`` seconds, or :class:`_Stalled` is raised. A write that
-        fails, stalls or is cancelled midway leaves ``_write_broken`` set for good.
+        ``slow_consumer_timeout`` seconds, or :class:`_Stalled` is raised. On streams with a
+        non-blocking send (plain sockets, the testing kit's streams) the write is resumable:
+        interrupted midway (cancelled, stalled), the rest of the frame is kept in
+        ``_remainder`` and goes out first with the next write. On other streams (TLS) an
+        interrupted write leaves ``_write_broken`` set for good.
         """
         if self._write_broken and not self._handoff:
             raise _PeerGone("an earlier write was interrupted")
+        send_nowait = self._send_nowait
+        if send_nowait is None:
+            await self._write_all_blocking(data)
+        else:
+            if self._remainder is not None:
+                data = bytes(self._remainder) + data
+                self._remainder = None
+            try:
+                await self._write_resumable(send_nowait, data)
+            except BaseException as exc:
+                # Cancelled: the stream holds whole frames plus _remainder, which can still
+                # be finished. Stalled or gone: the client takes nothing; nothing may follow.
+                self._handoff = False
+                self._write_broken = not isinstance(exc, trio.Cancelled)
+                raise
+        self._handoff = False
+        self._write_broken = False
+
+    async def _write_resumable(self, send_nowait: Callable[[bytes], int], data: bytes) -> None:
+        view = memoryview(data)
+        stream = self._stream
+        timeout = self._config.slow_consumer_timeout
+        position, size = 0, len(view)
+        progress_at = WRITE_CHUNK  # the next chunk boundary: it renews the deadline
+        deadline = trio.current_time() + timeout
+        waited = False
+        try:
+            # As trio's socket send: a cancelled write raises before it begins (the data
+            # then waits in _remainder), and one that completed never raises Cancelled.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while position < size:
+                try:
+                    sent = send_nowait(view[position:])  # type: ignore[arg-type]
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _PeerGone(str(exc)) from exc
+                if sent:
+                    position += sent
+                    self._counters.bytes_out += sent
+                    if position >= progress_at:
+                        progress_at = position + WRITE_CHUNK
+                        deadline = trio.current_time() + timeout
+                    continue
+                waited = True
+                with trio.move_on_at(deadline) as scope:
+                    try:
+                        await stream.wait_send_all_might_not_block()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise _PeerGone(str(exc)) from exc
+                if scope.cancelled_caught:
+                    raise _Stalled
+        finally:
+            if position < size:
+                self._remainder = view[position:]
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _write_all_blocking(self, data: bytes) -> None:
         self._write_broken = True
         timeout = self._config.slow_consumer_timeout
         try:
@@ -367,8 +471,35 @@ class RelayConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _PeerGone(str(exc)) from exc
         self._counters.bytes_out += len(data)
-        self._handoff = False
-        self._write_broken = False
+
+    async def _drain(self, subscription: Subscription[Batch | bytes]) -> None:
+        """The relay is shutting down: write out everything queued for the client (the
+        rest of an interrupted frame, then the queue), within ``close_timeout``. The 1001
+        close follows in the closing handshake, by the same deadline. A client that cannot
+        take it all in time loses the rest: the stream is then aborted."""
+        deadline = trio.current_time() + self._config.close_timeout
+        self._shutdown_deadline = deadline
+        if self._send_nowait is None:
+            return  # not resumable (TLS): an interrupted frame cannot be finished
+        render = self.protocol.render
+        with trio.CancelScope(shield=True, deadline=deadline):
+            try:
+                while True:
+                    frames, self._unsent = self._unsent, []
+                    try:
+                        while True:
+                            rendered = render(subscription.receive_nowait())
+                            if rendered is not None:
+                                frames.append(rendered)
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        pass
+                    except SlowConsumerError:
+                        return
+                    if not frames and self._remainder is None:
+                        return
+                    await self._send(b"".join(frames))
+            except (_PeerGone, _Stalled):
+                self._peer_gone = True
 
     def _write_through(self, item: Batch | bytes) -> Batch | bytes | None:
         """The broadcast's synchronous delivery to an idle consumer: write what the socket
@@ -378,8 +509,10 @@ class RelayConnection:
         data = self.protocol.render(item)
         if data is None:
             return None
-        if self._writing or self._write_broken:
+        if self._writing or self._write_broken or self._remainder is not None:
             return data  # a pong, ack or close frame is being written: queue behind it
+        if self._nursery is None:
+            return data  # closing: the drain (on shutdown) or nobody writes it
         # No task can run until this function returns, so a write that completes needs no
         # slot; only a partial one must hold it, for the writer task to finish the frame.
         try:
@@ -443,7 +576,7 @@ class RelayConnection:
                             self._writing -= 1
                             self._write_slot.release()
                     else:
-                        await self._send(data)
+                        await self._send(data, keep=True)
                 if close is not None:
                     self._request_close(*close)
                     return
