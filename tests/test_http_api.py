@@ -44,6 +44,7 @@ from trio_relay import (
 )
 from trio_relay._auth import OPEN, Grant
 from trio_relay._httpapi import (
+    ANSWER_TIME,
     PUBLISH_TIMEOUT,
     ApiError,
     PublishItem,
@@ -274,7 +275,23 @@ async def test_a_publish_that_cannot_finish_answers_503_after_the_publish_timeou
             await publish(topics, items)
     assert trio.current_time() - start == PUBLISH_TIMEOUT
     assert (refused.value.status, refused.value.code) == (503, "timeout")
+    assert "within 5 s" in refused.value.detail
     assert "1 of 3 messages published" in refused.value.detail
+
+
+async def test_a_publish_stops_waiting_in_time_to_answer_before_the_request_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(max_buffer=1, policy="block")
+    async with topics.subscribe("stuck"):
+        await topics.publish("stuck", "fills the slot")
+        start = trio.current_time()
+        with trio.move_on_after(3.0) as request:  # the side port's request timeout, say
+            with pytest.raises(ApiError) as refused:
+                await publish(topics, [PublishItem("stuck", b"x", True)])
+    assert not request.cancelled_caught
+    assert trio.current_time() - start == 3.0 - ANSWER_TIME
+    assert (refused.value.status, refused.value.code) == (503, "timeout")
 
 
 # --------------------------------------------------------------------------------------------

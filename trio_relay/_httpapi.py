@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._view import RelayView, TopicsView
 
 __all__ = [
+    "ANSWER_TIME",
     "PUBLISH_TIMEOUT",
     "ApiError",
     "PublishItem",
@@ -64,8 +65,10 @@ MAX_QUOTED = 128
 
 PUBLISH_TIMEOUT = 5.0
 """Seconds a publish may wait for room (``--overflow-policy block`` with a stalled
-consumer, or a slow backplane) before the request answers 503 ``timeout``: less than the side
-port's request timeout, so that the client hears why."""
+consumer, or a slow backplane) before the request answers 503 ``timeout``; never closer
+than :data:`ANSWER_TIME` to the request's own deadline, so that the client hears why."""
+ANSWER_TIME = 1.0
+"""Seconds of the request's time kept for writing the answer after a publish times out."""
 DRAIN_TIMEOUT = 2.0
 DRAIN_LIMIT = 16 * 1024 * 1024
 """After answering without reading a body (a 413, a 401), read and discard at most this
@@ -322,11 +325,15 @@ def batches(items: Sequence[PublishItem]) -> list[tuple[str, list[int]]]:
 async def publish(topics: TopicsView, items: Sequence[PublishItem]) -> list[dict[str, object]]:
     """Publish ``items`` (see :func:`batches`) and return each one's report, in order.
 
-    Raises :class:`ApiError` 503 ``timeout`` if it takes over :data:`PUBLISH_TIMEOUT`: the
-    batch being published then may have reached some subscribers (numbered and retained,
-    as a cancelled publish is), and the batches after it were not published."""
+    Raises :class:`ApiError` 503 ``timeout`` if it takes over :data:`PUBLISH_TIMEOUT`, or
+    until :data:`ANSWER_TIME` before the caller's deadline (the side port's request
+    timeout), whichever comes first: the batch being published then may have reached some
+    subscribers (numbered and retained, as a cancelled publish is), and the batches after
+    it were not published."""
     results: list[dict[str, object]] = [{} for _ in items]
-    with trio.move_on_after(PUBLISH_TIMEOUT):
+    now = trio.current_time()
+    deadline = min(now + PUBLISH_TIMEOUT, trio.current_effective_deadline() - ANSWER_TIME)
+    with trio.move_on_at(deadline):
         for topic, indices in batches(items):
             report = await topics.publish_batch(
                 topic, [items[i].payload for i in indices], [items[i].text for i in indices]
@@ -338,7 +345,7 @@ async def publish(topics: TopicsView, items: Sequence[PublishItem]) -> list[dict
     raise ApiError(
         503,
         "timeout",
-        f"publishing did not finish within {PUBLISH_TIMEOUT:g} s (a consumer is not taking "
+        f"publishing did not finish within {deadline - now:g} s (a consumer is not taking "
         f"messages, or the backplane is slow): {done} of {len(items)} messages published, "
         "the next may have reached some subscribers",
     )
