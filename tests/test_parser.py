@@ -193,6 +193,37 @@ def test_an_oversized_message_fails_from_its_header_before_the_payload_arrives()
     assert ours(fragments, limit=1024) == [("error", 1009)]
 
 
+def test_unfinished_counts_the_payload_held_of_the_message_in_progress() -> None:
+    parser = FrameParser(1024)
+    whole = frame(2, b"x" * 1000)  # 4-byte header (2-byte length) and 4-byte mask
+    assert parser.feed(whole[:508]) == []
+    assert parser.unfinished == 508 - 14  # up to 14 header bytes are not counted
+    assert parser.feed(whole[508:]) == [(MESSAGE, b"x" * 1000, False)]
+    assert parser.unfinished == 0
+    # Fragments: what arrived of them, plus the frame still coming, while pings pass.
+    first, ping, rest = frame(2, b"a" * 300, fin=False), frame(9, b"p"), frame(0, b"b" * 300)
+    assert parser.feed(first + ping + rest[:100]) == [(PING, b"p", False)]
+    assert parser.unfinished == 300 + 100 - 14
+    assert parser.feed(rest[100:]) == [(MESSAGE, b"a" * 300 + b"b" * 300, False)]
+    assert parser.unfinished == 0
+
+
+def test_a_message_of_the_largest_size_counts_as_at_most_that_size() -> None:
+    parser = FrameParser(100_000)
+    whole = frame(2, b"x" * 100_000)  # a 14-byte header
+    parser.feed(whole[:-1])
+    assert parser.unfinished == 100_000 - 1
+
+
+def test_abandon_lets_go_of_the_message_and_ignores_what_follows() -> None:
+    parser = FrameParser(1024)
+    parser.feed(frame(2, b"a" * 300, fin=False) + frame(0, b"b" * 300)[:50])
+    assert parser.unfinished > 0
+    parser.abandon()
+    assert parser.unfinished == 0
+    assert parser.feed(frame(1, b"late")) == []
+
+
 def test_events_before_a_violation_are_kept() -> None:
     assert ours(frame(1, b"good") + frame(1, b"bad", masked=False)) == [
         ("message", b"good", True),

@@ -13,7 +13,9 @@ from helpers import masked_frame, upgrade_request
 
 from trio_relay import CloseCode, RelayConfig
 from trio_relay._auth import mint_token
-from trio_relay._protocol import Publish, Reject, RelayProtocol, State, Upgrade
+from trio_relay._budget import ByteBudget
+from trio_relay._parser import MAX_HEADER
+from trio_relay._protocol import OVER_BUDGET, Publish, Reject, RelayProtocol, State, Upgrade
 from trio_relay._topics import Batch, DeliveryReport, Gap
 
 SECRET = "s" * 32
@@ -237,3 +239,82 @@ def test_the_closing_handshake_ends_at_the_clients_close_frame() -> None:
     assert not protocol.receive_closing(masked_frame(0x1, b"late message"))
     assert protocol.receive_closing(masked_frame(0x8, b"\x03\xe9"))
     assert protocol.state is State.CLOSED
+
+
+# ---------------------------------------------------------------------------- unfinished messages
+
+
+def sharing(budget: ByteBudget, config: RelayConfig) -> RelayProtocol:
+    """A protocol past its handshake, holding its unfinished messages against ``budget``."""
+    protocol = RelayProtocol(config, unfinished=budget)
+    assert isinstance(protocol.receive_request(upgrade_request()), Upgrade)
+    protocol.accept()
+    protocol.opening(None, None, 0, now=0.0)
+    return protocol
+
+
+def test_the_connection_whose_message_overruns_the_shared_budget_is_closed_1013() -> None:
+    config = RelayConfig(max_message_size=1000, max_unfinished_bytes=1500)
+    budget = ByteBudget(config.max_unfinished_bytes)
+    first, second = sharing(budget, config), sharing(budget, config)
+    big = masked_frame(0x2, b"x" * 1000)
+    assert first.receive_data(big[:-1], now=0.0).close is None
+    held = len(big) - 1 - MAX_HEADER  # what it holds, less up to 14 bytes of header
+    assert budget.used == held
+    # The second one's message would take the budget past 1500: it alone is failed.
+    received = second.receive_data(masked_frame(0x1, b"done") + big[:600], now=0.0)
+    (publish,) = received.steps  # what it finished before is published all the same
+    assert isinstance(publish, Publish) and publish.payloads == [b"done"]
+    assert received.close == (CloseCode.TRY_AGAIN_LATER, OVER_BUDGET)
+    assert received.protocol_error  # do not wait for its close: it may never stop sending
+    assert budget.used == held
+    # The first one is unharmed: it finishes its message, and what it held goes back.
+    (publish,) = first.receive_data(big[-1:], now=0.0).steps
+    assert isinstance(publish, Publish) and publish.payloads == [b"x" * 1000]
+    assert budget.used == 0
+
+
+def test_fragments_with_pings_between_them_count_and_pings_are_still_answered() -> None:
+    config = RelayConfig(max_message_size=1000, max_unfinished_bytes=1000)
+    budget = ByteBudget(config.max_unfinished_bytes)
+    protocol, other = sharing(budget, config), sharing(budget, config)
+    partial = masked_frame(0x2, b"o" * 800)[:-1]
+    assert other.receive_data(partial, now=0.0).close is None
+    held = len(partial) - MAX_HEADER
+    steps = []
+    for _ in range(3):  # 3 x 60 bytes of fragments, each followed by a ping
+        data = masked_frame(0x2 if not steps else 0x0, b"f" * 60, fin=False)
+        received = protocol.receive_data(data + masked_frame(0x9, b"ping"), now=0.0)
+        assert received.close is None
+        steps += received.steps
+    assert steps == [b"\x8a\x04ping"] * 3
+    assert budget.used == held + 180 == 973
+    received = protocol.receive_data(masked_frame(0x0, b"f" * 60, fin=False), now=0.0)
+    assert received.close == (CloseCode.TRY_AGAIN_LATER, OVER_BUDGET)
+    assert budget.used == held
+
+
+def test_release_gives_back_what_a_connection_held_on_any_path() -> None:
+    budget = ByteBudget(10_000)
+    protocol = sharing(budget, RelayConfig(max_message_size=1000, max_unfinished_bytes=10_000))
+    protocol.receive_data(masked_frame(0x2, b"x" * 1000)[:500], now=0.0)
+    assert budget.used > 0
+    protocol.release()
+    protocol.release()
+    assert budget.used == 0
+
+
+def test_while_closing_a_client_that_keeps_sending_past_the_budget_is_let_go() -> None:
+    config = RelayConfig(max_message_size=1000, max_unfinished_bytes=1000)
+    budget = ByteBudget(config.max_unfinished_bytes)
+    protocol, other = sharing(budget, config), sharing(budget, config)
+    partial = masked_frame(0x2, b"o" * 900)[:-1]
+    other.receive_data(partial, now=0.0)
+    held = len(partial) - MAX_HEADER
+    protocol.close_frame(1001, "relay shutting down")
+    late = masked_frame(0x2, b"x" * 200)
+    assert not protocol.receive_closing(late[:50])
+    assert budget.used == held + 50 - MAX_HEADER
+    assert protocol.receive_closing(late[50:150])  # no room for it: done waiting
+    assert protocol.state is State.CLOSED
+    assert budget.used == held

@@ -37,6 +37,7 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "SlowConsumerError",
         "Subscription",
         "SubscriptionStatistics",
+        "TooManyTopicsError",
         "TopicStatistics",
         "TopicSubscription",
         "Topics",

@@ -19,7 +19,8 @@ import trio
 import trio.testing
 from helpers import masked_frame, upgrade_request
 
-from trio_relay import RelayConfig, RelayStatistics
+from trio_relay import RelayConfig, RelayStatistics, Topics
+from trio_relay._topics import ENTRY_OVERHEAD, TOPIC_OVERHEAD
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
 SMALL, LARGE = 20, 2000
@@ -124,3 +125,36 @@ async def test_opening_closing_and_evicting_cost_the_same_at_2000_connections_as
         # Equal up to noise (a dict resizing, a buffer boundary): nowhere near the 100x
         # more connections, which would add thousands of calls per event.
         assert large[event] <= cost * 1.2 + 100, (event, small, large)
+
+
+async def eviction_cost(count: int) -> int:
+    """Calls made by 10 publishes that each push the oldest message of all, kept by one of
+    ``count`` idle topics, out of the history budget (and forget its topic)."""
+    message = b"x" * 100
+    each = len(message) + ENTRY_OVERHEAD + TOPIC_OVERHEAD
+    topics = Topics(history_total_bytes=count * each, max_topics=count + 10)
+    for n in range(count):
+        await topics.publish(f"idle/{n}", message)
+        await trio.sleep(1.0)  # each one older than the next
+    await topics.publish("busy", message)  # the busy topic's overhead makes room once
+    message_cost = len(message) + ENTRY_OVERHEAD
+
+    async def publish_ten() -> None:
+        for _ in range(10):
+            await topics.publish("busy", message)
+
+    calls = await count_calls(publish_ten)
+    assert topics.retained_bytes <= count * each
+    # The busy topic's first message pushed out one idle topic; ten more, 10 x 268 bytes,
+    # one more (each idle topic frees 2,316).
+    assert 10 * message_cost // each == 1
+    assert len(topics) == count - 2
+    return calls
+
+
+async def test_evicting_the_oldest_retained_message_costs_the_same_at_2000_topics_as_at_20(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    small = await eviction_cost(SMALL)
+    large = await eviction_cost(LARGE)
+    assert large <= small * 1.2 + 100, (small, large)

@@ -24,6 +24,8 @@ Determinism rules for this module:
 from __future__ import annotations
 
 import itertools
+import random
+from collections import deque
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +44,11 @@ from trio_relay import (
     OverflowPolicy,
     PublishReport,
     Subscription,
+    TooManyTopicsError,
     Topics,
     TopicSubscription,
 )
-from trio_relay._topics import Batch, topic_from_path
+from trio_relay._topics import ENTRY_OVERHEAD, TOPIC_OVERHEAD, Batch, topic_from_path
 
 Item = Message | Gap
 
@@ -1124,3 +1127,148 @@ async def test_with_a_backplane_publishes_go_through_it(autojump_clock: trio.abc
     async with topics.subscribe("a", since=10) as subscription:
         await topics.publish("a", "z")
         assert await take(subscription, 1) == [Message("a", 11, "z")]
+
+
+# --------------------------------------------------------------------------------------------
+# Global bounds: history_total_bytes and max_topics
+# --------------------------------------------------------------------------------------------
+
+
+def cost(*histories: tuple[int, int]) -> int:
+    """What histories of (messages, payload bytes) count against ``history_total_bytes``."""
+    return sum(b + n * ENTRY_OVERHEAD + TOPIC_OVERHEAD for n, b in histories if n)
+
+
+async def test_past_history_total_bytes_the_oldest_messages_of_all_topics_go_first(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    budget = cost((2, 200), (1, 100), (1, 100))  # three topics, four messages of 100 bytes
+    topics = Topics(history_total_bytes=budget)
+    for name in ["a", "b", "a", "c"]:
+        await topics.publish(name, name * 100)
+        await trio.sleep(1.0)  # one second apart: "oldest" is unambiguous
+    assert topics.retained_bytes == budget
+    await topics.publish("b", "b" * 100)  # a's first message (at 0 s) makes room
+    await trio.sleep(1.0)
+    await topics.publish("c", "c" * 100)  # then b's first (at 1 s)
+    await trio.sleep(1.0)
+    assert {name: s.history_messages for name, s in topics.statistics().items()} == {
+        "a": 1,
+        "b": 1,
+        "c": 2,
+    }
+    await topics.publish("d", "d" * 100)  # a's last (at 2 s): a is forgotten, number kept
+    assert ("a" in topics, topics.last_number("a")) == (False, 2)
+    assert topics.retained_bytes == cost((1, 100), (2, 200), (1, 100)) <= budget
+    async with topics.subscribe("a", since=0) as a, topics.subscribe("b", since=0) as b:
+        assert await drain(a) == [Gap("a", 0, 3)]
+        assert await drain(b) == [Gap("b", 0, 2), Message("b", 2, "b" * 100)]
+
+
+async def test_the_history_budget_keeps_exactly_the_newest_messages_that_fit(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Against a model: all messages in publish order, the oldest dropped while the rest
+    cost more than the budget (per-topic bounds out of the way)."""
+    budget = 30_000
+    topics = Topics(history_total_bytes=budget, history_size=10_000, history_bytes=1 << 30)
+    rng = random.Random(7)
+    model: deque[tuple[str, int, int]] = deque()  # (topic, seq, size), oldest first
+    for step in range(400):
+        name = f"t{rng.randrange(25)}"
+        size = rng.randrange(600)
+        report = await topics.publish(name, b"x" * size)
+        model.append((name, report.seq, size))
+        while True:
+            histories: dict[str, tuple[int, int]] = {}
+            for topic, _, length in model:
+                count, payload = histories.get(topic, (0, 0))
+                histories[topic] = (count + 1, payload + length)
+            if cost(*histories.values()) <= budget:
+                break
+            model.popleft()
+        assert topics.retained_bytes == cost(*histories.values()), step
+        retained = {
+            name: (s.history_messages, s.history_bytes)
+            for name, s in topics.statistics().items()
+            if s.history_messages
+        }
+        assert retained == histories, step
+        await trio.sleep(0.5)
+    first = {}
+    for topic, seq, _ in reversed(model):
+        first[topic] = seq
+    for topic, seq in first.items():
+        async with topics.subscribe(topic, since=seq - 1) as subscription:
+            items = await drain(subscription)
+        assert [item.seq for item in items if isinstance(item, Message)] == [
+            s for t, s, _ in model if t == topic
+        ]
+
+
+async def test_retained_bytes_follow_trims_by_age_and_count_and_resets(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(history_size=2, history_age=5.0)
+    await topics.publish("a", "1234")
+    await topics.publish("a", "56")
+    await topics.publish("a", "789")  # the count bound drops "1234"
+    assert topics.retained_bytes == cost((2, 5))
+    await trio.sleep(5.001)
+    await topics.publish("b", "x")
+    assert topics.retained_bytes == cost((2, 5), (1, 1))  # nothing trimmed a yet
+    topics.sweep()  # a's messages expire, and a is forgotten
+    assert ("a" in topics, topics.retained_bytes) == (False, cost((1, 1)))
+
+
+async def test_a_new_topic_past_max_topics_forgets_the_idle_topic_used_longest_ago(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(max_topics=2)
+    await topics.publish("a", "1")
+    await topics.publish("b", "1")
+    await topics.publish("a", "2")  # a was used after b
+    await topics.publish("c", "1")
+    assert sorted(topics.statistics()) == ["a", "c"]
+    assert topics.last_number("b") == 1
+    assert topics.retained_bytes == cost((2, 2), (1, 1))
+    async with topics.subscribe("b", since=1) as subscription:  # forgets a, the idle one
+        assert sorted(topics.statistics()) == ["b", "c"]
+        await topics.publish("b", "2")
+        assert await take(subscription, 1) == [Message("b", 2, "2")]
+
+
+async def test_past_max_topics_with_every_topic_in_use_a_new_one_is_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(max_topics=2, history_size=0)
+    async with topics.subscribe("a") as a, topics.subscribe("b"):
+        with pytest.raises(TooManyTopicsError, match="limit of 2 topics"):
+            await topics.publish("c", "refused")
+        with pytest.raises(TooManyTopicsError):
+            topics.publish_nowait("c", [b"refused"], [True])
+        with pytest.raises(TooManyTopicsError):
+            async with topics.subscribe("c"):
+                pass  # pragma: no cover
+        with pytest.raises(TooManyTopicsError):
+            topics.hold("c")
+        assert sorted(topics.statistics()) == ["a", "b"]
+        await topics.publish("a", "existing topics work as before")
+        assert await take(a, 1) == [Message("a", 1, "existing topics work as before")]
+    await topics.publish("c", "room again")  # a and b were forgotten with their clients
+    assert sorted(topics.statistics()) == ["c"]
+
+
+async def test_a_held_topic_stays_until_released_and_counts_toward_max_topics(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(max_topics=1)
+    topics.hold("a")
+    assert "a" in topics
+    topics.sweep()
+    assert "a" in topics
+    with pytest.raises(TooManyTopicsError):
+        await topics.publish("b", "refused")
+    topics.release("a")
+    assert "a" not in topics  # nothing retained, nobody holds it
+    await topics.publish("b", "made")

@@ -35,6 +35,7 @@ from ._exceptions import (
     RelayTimeout as RelayTimeout,
     RelayUnavailable as RelayUnavailable,
     SlowConsumerError as SlowConsumerError,
+    TooManyTopicsError as TooManyTopicsError,
 )
 from ._frames import CloseCode as CloseCode, encode_frame as encode_frame
 from ._server import (
@@ -82,6 +83,7 @@ __all__ = [
     "SlowConsumerError",
     "Subscription",
     "SubscriptionStatistics",
+    "TooManyTopicsError",
     "TopicStatistics",
     "TopicSubscription",
     "Topics",

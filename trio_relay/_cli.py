@@ -80,6 +80,8 @@ _SERVE_HELP = {
     "slow_consumer_timeout": "seconds a consumer's socket may accept nothing before it is "
     "disconnected",
     "max_message_size": "largest accepted message in bytes; larger closes with 1009",
+    "max_unfinished_bytes": "bytes of unfinished incoming messages all connections may hold "
+    "together; a message past it closes its connection with 1013",
     "handshake_timeout": "seconds to complete the HTTP upgrade",
     "close_timeout": "seconds allowed for closing handshakes and shutdown",
     "receive_buffer_size": "bytes asked of a client's socket per read",
@@ -96,6 +98,10 @@ _SERVE_HELP = {
     "history_size": "messages each topic retains for clients resuming with since=",
     "history_bytes": "payload bytes each topic retains at most",
     "history_age": "seconds a message stays retained at most",
+    "history_total_bytes": "bytes all topics retain together, payloads plus overheads; "
+    "past it the oldest messages of all topics go first",
+    "max_topics": "topics at once; a new one forgets the idle topic used longest ago, or "
+    "gets HTTP 503 if all are in use",
     "backplane": "redis://host:port/db of a Redis that relays share topics through",
 }
 """Help of each ``serve`` option; one per :class:`RelayConfig` field (a test checks)."""
@@ -186,7 +192,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
             continue
         if isinstance(default, float):
             kind: Callable[[str], object] = _positive_float
-        elif field.name in ("history_size", "history_bytes"):
+        elif field.name in ("history_size", "history_bytes", "history_total_bytes"):
             kind = _non_negative_int
         else:
             kind = _positive_int
@@ -409,7 +415,7 @@ def _convert(name: str, value: object) -> object:
         default = getattr(_DEFAULTS, name)
         if isinstance(default, float):
             return _positive_float(text)
-        if name in ("history_size", "history_bytes"):
+        if name in ("history_size", "history_bytes", "history_total_bytes"):
             return _non_negative_int(text)
         return _positive_int(text)
     except (ValueError, argparse.ArgumentTypeError) as exc:

@@ -42,6 +42,10 @@ class RelayConfig:
     """Seconds a consumer's socket may accept nothing while the relay writes to it."""
     max_message_size: int = 1024 * 1024
     """Largest message accepted from a client, in bytes (UTF-8 bytes for text); over it: 1009."""
+    max_unfinished_bytes: int = 64 * 1024 * 1024
+    """Bytes of unfinished incoming messages (sent in part, or in fragments still coming) all
+    connections together may make the relay hold; a connection whose message would go past
+    it is closed with 1013 (try again later). At least ``max_message_size``."""
     handshake_timeout: float = 10.0
     """Seconds a new connection has to complete its HTTP upgrade; then it is dropped."""
     close_timeout: float = 5.0
@@ -78,6 +82,12 @@ class RelayConfig:
     """Payload bytes each topic retains at most."""
     history_age: float = 600.0
     """Seconds a message stays retained at most."""
+    history_total_bytes: int = 64 * 1024 * 1024
+    """Bytes all topics' histories retain together (payloads, plus about 170 bytes a message
+    and 2 KiB a topic); past it, the oldest messages of all topics go first."""
+    max_topics: int = 10_000
+    """Topics at once. A new topic past it forgets the idle topic (one kept only for its
+    history) used longest ago; if every topic has clients, the handshake gets HTTP 503."""
     backplane: str | None = field(default=None, repr=False)
     """``redis://host:port/db`` of a Redis that relay processes share topics through (see
     :class:`~trio_relay.RedisBackplane`); None keeps topics in this process. Left out of
@@ -94,7 +104,7 @@ class RelayConfig:
             raise ValueError(
                 f"overflow_policy must be one of {sorted(_POLICIES)}, not {self.overflow_policy!r}"
             )
-        for name in ("history_size", "history_bytes"):
+        for name in ("history_size", "history_bytes", "history_total_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         for name in (
@@ -106,9 +116,15 @@ class RelayConfig:
             "max_connections_per_ip",
             "max_subscribers_per_topic",
             "publish_burst",
+            "max_topics",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_unfinished_bytes < self.max_message_size:
+            raise ValueError(
+                "max_unfinished_bytes must be at least max_message_size, or a message of "
+                "that size sent over several reads could never be received"
+            )
         for name in (
             "overflow_timeout",
             "slow_consumer_timeout",

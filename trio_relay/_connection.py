@@ -36,9 +36,10 @@ import trio
 import trio.lowlevel
 
 from ._broadcast import Subscription
+from ._budget import ByteBudget
 from ._config import RelayConfig
 from ._counters import RelayCounters
-from ._exceptions import SlowConsumerError
+from ._exceptions import SlowConsumerError, TooManyTopicsError
 from ._frames import CloseCode
 from ._protocol import Publish, Reject, RelayProtocol
 from ._redact import MAX_SHOWN, shown
@@ -147,6 +148,7 @@ class RelayConnection:
         "_config",
         "_counters",
         "_handoff",
+        "_held_topic",
         "_nursery",
         "_on_subscribed",
         "_peer_closed",
@@ -178,12 +180,13 @@ class RelayConnection:
         on_subscribed: Callable[[], None] = lambda: None,
         admit: Callable[[RelayConnection], str | None] = lambda _connection: None,
         counters: RelayCounters | None = None,
+        unfinished: ByteBudget | None = None,
     ) -> None:
         self.id = next(_ids)
         self._on_subscribed = on_subscribed
         self._admit = admit
         self._counters = counters or RelayCounters()
-        self.protocol = RelayProtocol(config, self._counters)
+        self.protocol = RelayProtocol(config, self._counters, unfinished)
         """The connection's sans-IO protocol state (topic, envelope, rules)."""
         self.peer = peer_name(stream)
         self.host = self.peer.rpartition(":")[0].strip("[]") or self.peer
@@ -221,6 +224,9 @@ class RelayConnection:
         self._shutdown_deadline: float | None = None
         self.close_code: int | None = None
         """The close code sent or received (1006 if the connection ended without one)."""
+        # The topic held for this client from its handshake until it is subscribed (see
+        # Topics.hold): the topic cap is checked once, and stays true.
+        self._held_topic: str | None = None
 
     def __repr__(self) -> str:
         return f"<RelayConnection #{self.id} {self.peer}>"
@@ -263,6 +269,8 @@ class RelayConnection:
         except Exception:
             logger.exception("connection #%d from %s failed", self.id, self.peer)
         finally:
+            self._release_topic()
+            self.protocol.release()  # its share of the unfinished-message budget
             await trio.aclose_forcefully(self._stream)
 
     async def _run_open(self) -> None:
@@ -280,6 +288,7 @@ class RelayConnection:
             on_evict=self._evicted,
             on_backlog=self._start_writer,
         ) as (subscription, gap, replay, cursor):
+            self._release_topic()  # the subscription keeps the topic now
             self._subscription = subscription  # before any backlog can need it
             try:
                 async with trio.open_nursery() as nursery:
@@ -337,7 +346,7 @@ class RelayConnection:
                 if isinstance(outcome, Reject):
                     await self._reject(outcome)
                     return False
-                refusal = self._admit(self)
+                refusal = self._admit(self) or self._hold_topic()
                 if refusal is not None:
                     await self._reject(protocol.reject(503, refusal))
                     return False
@@ -349,6 +358,20 @@ class RelayConnection:
         logger.info("connection #%d from %s: handshake timed out", self.id, self.peer)
         self._counters.rejections["handshake-timeout"] += 1
         return False
+
+    def _hold_topic(self) -> str | None:
+        """Hold the client's topic until it is subscribed, or say why it cannot be made."""
+        try:
+            self._topics.hold(self.protocol.topic)
+        except TooManyTopicsError as exc:
+            return str(exc)
+        self._held_topic = self.protocol.topic
+        return None
+
+    def _release_topic(self) -> None:
+        if self._held_topic is not None:
+            self._topics.release(self._held_topic)
+            self._held_topic = None
 
     async def _reject(self, reject: Reject) -> None:
         logger.info(

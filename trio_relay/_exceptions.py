@@ -4,6 +4,7 @@ The tree::
 
     RelayError
     ├── SlowConsumerError        a subscription was evicted because it fell behind
+    ├── TooManyTopicsError       a new topic would exceed the topic cap (``max_topics``)
     └── ClientError              a client call (produce / consume) failed; has .url
         ├── RelayUnavailable     no TCP connection could be made (refused, unreachable, DNS)
         ├── HandshakeRejected    the relay answered the upgrade with an HTTP error (.status_code)
@@ -26,6 +27,7 @@ __all__ = [
     "RelayTimeout",
     "RelayUnavailable",
     "SlowConsumerError",
+    "TooManyTopicsError",
 ]
 
 
@@ -38,6 +40,15 @@ class SlowConsumerError(RelayError):
 
     Raised by :meth:`Subscription.receive` from the moment of eviction; messages
     that were still queued for the subscription are discarded.
+    """
+
+
+class TooManyTopicsError(RelayError):
+    """A new topic was asked for while :class:`~trio_relay.Topics` is at its ``max_topics``
+    and every topic is in use (subscribed, or being published to): nothing was published
+    or subscribed. Topics kept only for their history make room instead (the one used
+    longest ago is forgotten), so this means the cap is taken by live topics. The relay
+    answers a handshake for such a topic with HTTP 503.
     """
 
 

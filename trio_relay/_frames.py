@@ -36,6 +36,10 @@ class CloseCode(enum.IntEnum):
     """A message exceeded ``max_message_size`` bytes."""
     INTERNAL_ERROR = 1011
     """The relay hit an unexpected error on this connection; other connections are unaffected."""
+    TRY_AGAIN_LATER = 1013
+    """The relay's budget for unfinished incoming messages (``max_unfinished_bytes``, shared
+    by all connections) had no room for the rest of this client's message. Nothing of that
+    message was published; retrying later may succeed."""
     GAP = 4410
     """A raw client asked for messages (``since``) that are no longer retained. Envelope
     clients get a ``gap`` frame instead and stay connected."""

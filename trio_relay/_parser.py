@@ -20,6 +20,7 @@ from typing import Final
 
 __all__ = [
     "CLOSE",
+    "MAX_HEADER",
     "MESSAGE",
     "PING",
     "PONG",
@@ -33,6 +34,9 @@ MESSAGE: Final = 0
 PING: Final = 1
 PONG: Final = 2
 CLOSE: Final = 3
+
+MAX_HEADER: Final = 14
+"""The longest frame header a client sends: 2 bytes, 8 of extended length, 4 of mask."""
 
 Event = tuple[int, bytes, bool]
 """``(MESSAGE, payload, is_text)``, ``(PING, payload, False)``, ``(PONG, payload, False)``,
@@ -140,6 +144,23 @@ class FrameParser:
         else:
             self._buffer = bytearray(view[consumed:])
         return events
+
+    @property
+    def unfinished(self) -> int:
+        """Payload bytes held of the message in progress: its fragments so far, and the
+        frame that has not fully arrived (less up to 14 bytes of its header, so that a
+        message of ``max_message_size`` counts as at most that)."""
+        return self._fragment_size + max(len(self._buffer) - MAX_HEADER, 0)
+
+    def abandon(self) -> None:
+        """Let go of the message in progress and ignore whatever comes after: the
+        connection is being failed (RFC 6455 7.1.7) and its bytes no longer matter."""
+        self._closed = True
+        self._buffer = bytearray()
+        self._fragments = bytearray()
+        self._fragment_size = 0
+        self._fragmenting = False
+        self._decoder = None
 
     def _parse(self, data: bytes | bytearray, events: list[Event]) -> int:
         size = len(data)

@@ -34,6 +34,7 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
 from ._auth import OPEN, Grant, TokenError, verify_token
+from ._budget import ByteBudget
 from ._config import RelayConfig
 from ._counters import RelayCounters
 from ._envelope import (
@@ -61,6 +62,7 @@ from ._topics import Batch, DeliveryReport, Gap, topic_from_path
 
 __all__ = [
     "MAX_REQUEST_HEAD",
+    "OVER_BUDGET",
     "Publish",
     "Received",
     "Reject",
@@ -74,6 +76,9 @@ MAX_REQUEST_HEAD = 16 * 1024
 """Bytes of HTTP request head accepted before answering 431."""
 
 _ping_payloads = (f"keepalive {n}".encode() for n in itertools.count(1))
+OVER_BUDGET = "the relay has no room for unfinished messages now; try again later"
+"""The reason of the 1013 close of a connection whose message would overrun
+``max_unfinished_bytes``."""
 
 
 class State(enum.Enum):
@@ -126,8 +131,9 @@ class Received:
     ``steps`` are bytes to send and batches to publish (an envelope client's acks follow
     its batch); then, if ``close`` is set, the connection ends with that close frame:
     ``peer_closed`` when it answers the client's own close, ``protocol_error`` when the
-    client broke the protocol (send it, do not wait for an answer). ``pause`` is how long
-    to read nothing more from this client (the publish rate limit).
+    client broke the protocol or its message has no room (1013): send it, do not wait for
+    an answer. ``pause`` is how long to read nothing more from this client (the publish
+    rate limit).
     """
 
     __slots__ = ("close", "pause", "peer_closed", "protocol_error", "steps")
@@ -175,6 +181,7 @@ class RelayProtocol:
     # Slots: with tens of thousands of connections, a __dict__ each costs a kilobyte each.
     __slots__ = (
         "_buffer",
+        "_claim",
         "_counters",
         "_cursor",
         "_next_ping",
@@ -193,7 +200,12 @@ class RelayProtocol:
         "topic",
     )
 
-    def __init__(self, config: RelayConfig, counters: RelayCounters | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        counters: RelayCounters | None = None,
+        unfinished: ByteBudget | None = None,
+    ) -> None:
         self.config = config
         self._counters = counters if counters is not None else RelayCounters()
         self.state = State.HANDSHAKE
@@ -211,6 +223,10 @@ class RelayProtocol:
         # and live batches meet here without duplicates.
         self._cursor = 0
         self._parser = FrameParser(config.max_message_size)
+        # This connection's share of the relay's budget for unfinished incoming messages
+        # (shared by all its connections; a budget of its own when none is given).
+        budget = unfinished or ByteBudget(config.max_unfinished_bytes)
+        self._claim = budget.claim()
         self._ping_payload: bytes | None = None  # of the keepalive ping awaiting its pong
         self._ping_sent = 0.0
         self._next_ping = float("inf")
@@ -344,6 +360,14 @@ class RelayProtocol:
             events = self._parser.feed(data)
         except ProtocolError as exc:
             events, error = exc.events, exc
+        if (
+            error is None
+            and self._parser.unfinished != self._claim.held
+            and not self._hold_unfinished()
+        ):
+            # Failed as a protocol error is (no waiting for the client's close), though
+            # the client did nothing wrong: its message does not fit now.
+            error = ProtocolError(CloseCode.TRY_AGAIN_LATER, OVER_BUDGET)
         payloads: list[bytes] = []
         texts: list[bool] = []
         steps = received.steps
@@ -388,6 +412,22 @@ class RelayProtocol:
             received.close = (error.code, error.reason)
             received.protocol_error = True
         return received
+
+    def _hold_unfinished(self) -> bool:
+        """Hold what the parser keeps of an unfinished message against the relay's budget
+        for them; False if that would go past it: the parser then lets the message go, and
+        the connection is to be failed with 1013 (others keep what they hold)."""
+        if self._claim.resize(self._parser.unfinished):
+            return True
+        self._parser.abandon()
+        self._claim.release()
+        return False
+
+    def release(self) -> None:
+        """Give back what this connection holds of the relay's budgets: called once it
+        ended, on every path (safe to call again)."""
+        self._parser.abandon()
+        self._claim.release()
 
     def _spend(self, count: int, now: float) -> float:
         """Take ``count`` messages from the rate's token bucket; return how long to wait."""
@@ -498,6 +538,9 @@ class RelayProtocol:
             events = self._parser.feed(data)
         except ProtocolError:
             self.state = State.CLOSED
+            return True
+        if self._parser.unfinished != self._claim.held and not self._hold_unfinished():
+            self.state = State.CLOSED  # no room for what it still sends: stop waiting
             return True
         if any(kind == CLOSE for kind, _, _ in events):
             self.state = State.CLOSED

@@ -12,6 +12,7 @@ import trio
 
 from ._backplane import RedisBackplane
 from ._broadcast import BroadcastStatistics
+from ._budget import ByteBudget
 from ._config import RelayConfig
 from ._connection import RelayConnection, refuse_at_once
 from ._counters import RelayCounters
@@ -110,6 +111,9 @@ class RelayServer:
         self._admitted: set[RelayConnection] = set()
         self._refusals = LogThrottle()
         self._changed = trio.Event()
+        self.unfinished = ByteBudget(config.max_unfinished_bytes)
+        """The bytes of unfinished incoming messages all connections hold
+        (``unfinished.used``), against ``config.max_unfinished_bytes``."""
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -177,6 +181,7 @@ class RelayServer:
             self._notify,
             admit=self._admit,
             counters=self.counters,
+            unfinished=self.unfinished,
         )
         refusal = self.limits.reserve_connection(connection.host)
         if refusal is not None:
@@ -337,6 +342,8 @@ async def serve_relay(
             history_size=config.history_size,
             history_bytes=config.history_bytes,
             history_age=config.history_age,
+            history_total_bytes=config.history_total_bytes,
+            max_topics=config.max_topics,
             max_buffer=config.queue_size,
             max_bytes=config.max_queue_bytes,
             policy=config.overflow_policy,

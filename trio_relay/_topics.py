@@ -6,10 +6,20 @@ number of that topic (from 1) and a place in the topic's :class:`History`, bound
 bytes and age. ``subscribe(topic, since=seq)`` first replays what is retained after ``seq``,
 then goes on live, with no duplicate and no gap at the seam; if some of those messages are
 no longer retained, the subscriber gets a :class:`Gap` first.
+
+Two global bounds hold over all topics together. ``history_total_bytes`` bounds what every
+history retains (payloads plus :data:`ENTRY_OVERHEAD` a message and :data:`TOPIC_OVERHEAD`
+a topic kept for its history): past it, the oldest retained messages of all topics go
+first, found through a heap of topics keyed by their oldest message (O(log topics) per
+message evicted, never a scan). ``max_topics`` bounds how many topics exist: a new topic
+past it makes room by forgetting the topic kept only for its history that was used
+longest ago, or, if every topic is in use, raises :class:`TooManyTopicsError`.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +37,7 @@ from ._broadcast import (
     Subscription,
 )
 from ._envelope import encode_message
+from ._exceptions import TooManyTopicsError
 from ._frames import frame_header
 
 __all__ = [
@@ -45,6 +56,14 @@ __all__ = [
 MAX_TOPIC_LENGTH = 200
 MAX_RETIRED_TOPICS = 100_000
 """Forgotten topics whose last sequence number is remembered (about 100 bytes each)."""
+ENTRY_OVERHEAD = 168
+"""Bytes a retained message costs beyond its payload (its entry tuple, time, number, the
+payload's object header and its slot in the deque; measured with tracemalloc), counted
+against ``history_total_bytes``: a flood of empty messages is bounded too."""
+TOPIC_OVERHEAD = 2048
+"""Bytes a topic costs besides its messages (its broadcast, lock and history; about 2 KB
+measured with tracemalloc), counted against ``history_total_bytes`` while it retains
+anything: a topic kept only for its history is paid for by the history budget."""
 _TOPIC = re.compile(r"[A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*")
 
 
@@ -217,6 +236,27 @@ class History:
     def first_seq(self) -> int | None:
         return self._entries[0][0] if self._entries else None
 
+    @property
+    def first_time(self) -> float:
+        """When the oldest retained message was added (``inf`` when there is none)."""
+        return self._entries[0][1] if self._entries else float("inf")
+
+    @property
+    def cost(self) -> int:
+        """What this history counts against a global budget: its payload bytes, plus
+        :data:`ENTRY_OVERHEAD` a message and :data:`TOPIC_OVERHEAD` while not empty."""
+        count = len(self._entries)
+        return self.bytes + count * ENTRY_OVERHEAD + TOPIC_OVERHEAD if count else 0
+
+    def pop_oldest(self) -> None:
+        """Forget the oldest retained message (the history must not be empty)."""
+        self.bytes -= len(self._entries.popleft()[2])
+
+    def clear(self) -> None:
+        """Forget every retained message."""
+        self._entries.clear()
+        self.bytes = 0
+
     def add(self, batch: Batch, now: float) -> None:
         if self.max_messages <= 0 or self.max_bytes <= 0:
             return
@@ -263,7 +303,7 @@ class TopicStatistics:
 
 
 class _Topic:
-    __slots__ = ("broadcast", "history", "last_seq", "lock", "name")
+    __slots__ = ("broadcast", "history", "idle", "last_seq", "lock", "name", "queued", "users")
 
     def __init__(self, name: str, broadcast: MessageBus[Batch | bytes], history: History) -> None:
         self.name = name
@@ -271,6 +311,9 @@ class _Topic:
         self.history = history
         self.last_seq = 0
         self.lock = trio.Lock()
+        self.users = 0  # subscriptions and holds: while any, the topic is not forgotten
+        self.idle = False  # in Topics._idle: kept only for its history (or not used yet)
+        self.queued = False  # has an entry in Topics._oldest
 
 
 class Backplane(Protocol):
@@ -300,10 +343,13 @@ class Topics:
     """The relay's topics, each a :class:`~trio_relay.Broadcast` plus a sequence and a history.
 
     ``history_size`` (messages), ``history_bytes`` and ``history_age`` (seconds) bound each
-    topic's history; the other arguments are the defaults of each topic's subscriptions, as
-    for :class:`~trio_relay.Broadcast` (queues are bounded by the size of raw frames).
-    ``broadcast_factory(topic_name)`` replaces the in-process broadcast of a topic (tests,
-    or a backplane).
+    topic's history; ``history_total_bytes`` bounds all histories together (past it, the
+    oldest messages of all topics go first) and ``max_topics`` the number of topics (past
+    it, a topic kept only for its history makes room, or :class:`TooManyTopicsError` is
+    raised: see the module's docstring). The other arguments are the defaults of each
+    topic's subscriptions, as for :class:`~trio_relay.Broadcast` (queues are bounded by
+    the size of raw frames). ``broadcast_factory(topic_name)`` replaces the in-process
+    broadcast of a topic (tests, or a backplane).
     """
 
     def __init__(
@@ -312,17 +358,23 @@ class Topics:
         history_size: int = 1000,
         history_bytes: int = 1024 * 1024,
         history_age: float = 600.0,
+        history_total_bytes: int = 64 * 1024 * 1024,
+        max_topics: int = 10_000,
         max_buffer: int = 4096,
         max_bytes: int | None = 256 * 1024,
         policy: OverflowPolicy = "evict",
         timeout: float = 1.0,
         broadcast_factory: Callable[[str], MessageBus[Batch | bytes]] | None = None,
     ) -> None:
-        if history_size < 0 or history_bytes < 0 or not history_age >= 0:
+        if history_size < 0 or history_bytes < 0 or history_total_bytes < 0 or not history_age >= 0:
             raise ValueError("history bounds must not be negative")
+        if max_topics < 1:
+            raise ValueError("max_topics must be at least 1")
         self.history_size = history_size
         self.history_bytes = history_bytes
         self.history_age = history_age
+        self.history_total_bytes = history_total_bytes
+        self.max_topics = max_topics
         self._factory = broadcast_factory or (
             lambda _name: Broadcast[Batch | bytes](
                 max_buffer=max_buffer,
@@ -340,12 +392,28 @@ class Topics:
         # again goes on numbering where it stopped: a client resuming with an old `since`
         # must not mistake new messages for ones it has seen. Bounded: the oldest go first.
         self._retired: OrderedDict[str, int] = OrderedDict()
+        # The global bounds. `_retained` is the sum of every history's cost (a running
+        # total); `_oldest` a heap of (time of its oldest message, tie-breaker, topic) with
+        # one entry per topic that has retained something since it entered, keyed by a
+        # time at or before its oldest message (histories only ever lose their oldest, so
+        # a key goes stale low, never high: eviction re-keys it lazily). `_idle` holds the
+        # topics nobody uses, longest unused first: what the topic cap may forget.
+        self._retained = 0
+        self._oldest: list[tuple[float, int, _Topic]] = []
+        self._order = itertools.count()
+        self._idle: OrderedDict[str, _Topic] = OrderedDict()
 
     def __contains__(self, name: str) -> bool:
         return name in self._topics
 
     def __len__(self) -> int:
         return len(self._topics)
+
+    @property
+    def retained_bytes(self) -> int:
+        """What all histories count against ``history_total_bytes`` now (payloads plus
+        overheads; a running total: constant time)."""
+        return self._retained
 
     @property
     def subscriber_total(self) -> int:
@@ -362,32 +430,153 @@ class Topics:
         return topic.broadcast.statistics().subscribers
 
     def _get(self, name: str) -> _Topic:
+        """Topic ``name``, made if new (idle until used); raises TooManyTopicsError."""
         topic = self._topics.get(name)
         if topic is None:
+            if len(self._topics) >= self.max_topics:
+                self._make_room()
             history = History(self.history_size, self.history_bytes, self.history_age)
             topic = self._topics[name] = _Topic(name, self._factory(name), history)
             topic.last_seq = self._retired.pop(name, 0)
+            topic.idle = True
+            self._idle[name] = topic
         return topic
 
+    def _make_room(self) -> None:
+        """At ``max_topics``: forget the idle topic used longest ago, history and all (its
+        subscribers-to-be resume with a gap), or raise TooManyTopicsError."""
+        idle = self._idle
+        for _ in range(len(idle)):
+            name, topic = idle.popitem(last=False)
+            if topic.lock.locked():  # a publish to it is in progress: it stays
+                idle[name] = topic
+                continue
+            topic.idle = False
+            self._retained -= topic.history.cost
+            topic.history.clear()
+            self._forget(topic)
+            return
+        raise TooManyTopicsError(
+            f"a new topic would exceed the limit of {self.max_topics} topics, all in use"
+        )
+
+    def _forget(self, topic: _Topic) -> None:
+        """Drop ``topic`` (idle, its history empty), remembering its last number."""
+        del self._topics[topic.name]
+        if topic.idle:
+            topic.idle = False
+            del self._idle[topic.name]
+        if topic.last_seq:
+            self._retired[topic.name] = topic.last_seq
+            while len(self._retired) > MAX_RETIRED_TOPICS:
+                self._retired.popitem(last=False)
+
+    def _use(self, topic: _Topic) -> None:
+        topic.users += 1
+        if topic.idle:
+            topic.idle = False
+            del self._idle[topic.name]
+
+    def _trim(self, topic: _Topic, now: float) -> None:
+        history = topic.history
+        before = history.cost
+        history.trim(now)
+        self._retained += history.cost - before
+
     def _collect(self, topic: _Topic) -> None:
-        """Forget ``topic`` if it has neither subscribers nor history (it costs nothing)."""
-        topic.history.trim(trio.current_time())
+        """Forget ``topic`` if it has neither users nor history (it costs nothing); mark it
+        idle if it has history only."""
+        self._trim(topic, trio.current_time())
         if (
-            not len(topic.history)
-            and not topic.lock.locked()
-            and self.subscribers(topic.name) == 0
-            and self._topics.get(topic.name) is topic
+            topic.users
+            or topic.lock.locked()
+            or self._topics.get(topic.name) is not topic
+            or self.subscribers(topic.name)
         ):
-            del self._topics[topic.name]
-            if topic.last_seq:
-                self._retired[topic.name] = topic.last_seq
-                while len(self._retired) > MAX_RETIRED_TOPICS:
-                    self._retired.popitem(last=False)
+            return
+        if not len(topic.history):
+            self._forget(topic)
+        elif not topic.idle:
+            topic.idle = True
+            self._idle[topic.name] = topic
 
     def sweep(self) -> None:
         """Trim every history by age and forget the topics left with nothing."""
         for topic in list(self._topics.values()):
             self._collect(topic)
+        self._rekey()
+
+    def hold(self, name: str) -> None:
+        """Keep topic ``name`` (made now if new) until :meth:`release`, as a subscription
+        would: the relay holds a client's topic from its handshake on, so that the topic
+        cap is checked once and stays true. Raises :class:`TooManyTopicsError`."""
+        self._use(self._get(name))
+
+    def release(self, name: str) -> None:
+        """Undo one :meth:`hold` of topic ``name``."""
+        topic = self._topics[name]
+        topic.users -= 1
+        self._collect(topic)
+
+    # ------------------------------------------------------------------ the history budget
+
+    def _retain(self, topic: _Topic, batch: Batch, now: float) -> None:
+        """Add ``batch`` to the topic's history; then, past ``history_total_bytes``, the
+        oldest messages of all topics go."""
+        history = topic.history
+        before = history.cost
+        history.add(batch, now)
+        self._retained += history.cost - before
+        if not topic.queued and len(history):
+            self._enqueue(topic)
+        if self._retained > self.history_total_bytes:
+            self._evict()
+
+    def _enqueue(self, topic: _Topic) -> None:
+        if len(self._oldest) > 2 * len(self._topics) + 64:
+            self._rekey()  # entries of forgotten topics: O(topics), once per as many pushes
+        topic.queued = True
+        heapq.heappush(self._oldest, (topic.history.first_time, next(self._order), topic))
+
+    def _rekey(self) -> None:
+        """Rebuild the heap from the topics that retain something (drops stale entries)."""
+        for _, _, topic in self._oldest:
+            topic.queued = False
+        order = self._order
+        heap = [
+            (topic.history.first_time, next(order), topic)
+            for topic in self._topics.values()
+            if len(topic.history)
+        ]
+        heapq.heapify(heap)
+        for _, _, topic in heap:
+            topic.queued = True
+        self._oldest = heap
+
+    def _evict(self) -> None:
+        """Drop the oldest retained messages of all topics until within the budget."""
+        heap = self._oldest
+        limit = self.history_total_bytes
+        while self._retained > limit and heap:
+            key, _, topic = heap[0]
+            history = topic.history
+            if not len(history) or self._topics.get(topic.name) is not topic:
+                heapq.heappop(heap)  # emptied (or forgotten) since it was keyed
+                topic.queued = False
+                continue
+            if history.first_time > key:  # its oldest went since: key it anew
+                heapq.heapreplace(heap, (history.first_time, next(self._order), topic))
+                continue
+            before = history.cost
+            history.pop_oldest()
+            self._retained += history.cost - before
+            if len(history):
+                heapq.heapreplace(heap, (history.first_time, next(self._order), topic))
+                continue
+            heapq.heappop(heap)
+            topic.queued = False
+            if topic.idle and not topic.lock.locked():
+                self._forget(topic)
 
     # ------------------------------------------------------------------ publishing
 
@@ -398,7 +587,9 @@ class Topics:
 
     def _commit(self, topic: _Topic, batch: Batch) -> None:
         topic.last_seq = batch.last_seq
-        topic.history.add(batch, trio.current_time())
+        if topic.idle:
+            self._idle.move_to_end(topic.name)  # used now: the last an idle topic to go
+        self._retain(topic, batch, trio.current_time())
 
     def publish_nowait(
         self,
@@ -411,7 +602,8 @@ class Topics:
     ) -> DeliveryReport:
         """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
         having published nothing (see :meth:`Broadcast.publish_nowait`). With a backplane
-        it always raises ``WouldBlock``: publishing there means a trip to Redis."""
+        it always raises ``WouldBlock``: publishing there means a trip to Redis. Raises
+        :class:`TooManyTopicsError` for a new topic past ``max_topics``."""
         topic = self._topics.get(name) or self._get(name)
         if topic.lock.locked() or self.backplane is not None:
             raise trio.WouldBlock
@@ -432,8 +624,11 @@ class Topics:
         source: object = None,
         echo: bool = True,
     ) -> DeliveryReport:
-        """Publish encoded messages (UTF-8 bytes where ``texts`` says text), as one batch."""
+        """Publish encoded messages (UTF-8 bytes where ``texts`` says text), as one batch.
+
+        Raises :class:`TooManyTopicsError` for a new topic past ``max_topics``."""
         if self.backplane is not None:
+            self._get(name)  # a new topic is refused here, before it reaches other relays
             return await self.backplane.publish(
                 self, name, payloads, texts, source=source, echo=echo
             )
@@ -470,7 +665,21 @@ class Topics:
         this relay's own publishes included), so that every relay numbers a topic alike.
 
         Returns its report and whether it was renumbered: this relay numbered the topic
-        beyond ``first_seq`` alone, during an outage, and numbers never go back."""
+        beyond ``first_seq`` alone, during an outage, and numbers never go back.
+
+        A new topic past ``max_topics`` is not made: nobody here subscribes to it, so the
+        batch reaches nobody (its number is remembered, as for a forgotten topic)."""
+        if name not in self._topics:
+            try:
+                self._get(name)
+            except TooManyTopicsError:
+                last = first_seq + len(payloads) - 1
+                if last > self._retired.get(name, 0):
+                    self._retired[name] = last
+                    while len(self._retired) > MAX_RETIRED_TOPICS:
+                        self._retired.popitem(last=False)
+                report = DeliveryReport(name, first_seq, len(payloads), 0, 0, 0, True)
+                return report, False
         return await self._deliver(name, first_seq, payloads, texts, source=source, echo=echo)
 
     async def _deliver(
@@ -497,7 +706,8 @@ class Topics:
                 elif first_seq > topic.last_seq + 1 and len(topic.history):
                     # Messages this relay never saw (trimmed from the log while it was
                     # away): its history must not pretend to be complete across them.
-                    topic.history = History(self.history_size, self.history_bytes, self.history_age)
+                    self._retained -= topic.history.cost
+                    topic.history.clear()
             batch = Batch(name, first_seq, payloads, texts, source, echo)
             # Numbered and retained before delivery: a subscriber that joins while this
             # publish waits for room finds the batch in the history (and drops the copy
@@ -564,6 +774,7 @@ class Topics:
             # never numbered at all (a restart). Only Redis can tell.
             numbered = await self.backplane.last_number(name)
         topic = self._get(name)
+        self._use(topic)
         try:
             async with topic.broadcast.subscribe(
                 max_buffer=max_buffer,
@@ -584,6 +795,7 @@ class Topics:
                 finally:
                     self._subscribers -= 1
         finally:
+            topic.users -= 1
             self._collect(topic)
 
     def _replay(
@@ -600,12 +812,12 @@ class Topics:
         if since > topic.last_seq:
             # Beyond anything this topic numbered: the relay restarted (or forgot the topic
             # longer ago than it remembers). Say so, and give everything retained.
+            self._trim(topic, trio.current_time())
             history = topic.history
-            history.trim(trio.current_time())
             first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
             return Gap(topic.name, since, first), history.after(0, topic.name), topic.last_seq
+        self._trim(topic, trio.current_time())
         history = topic.history
-        history.trim(trio.current_time())
         first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
         gap = Gap(topic.name, since, first) if since + 1 < first else None
         return gap, history.after(since, topic.name), topic.last_seq
