@@ -294,6 +294,19 @@ async def test_a_publish_stops_waiting_in_time_to_answer_before_the_request_dead
     assert (refused.value.status, refused.value.code) == (503, "timeout")
 
 
+async def test_a_publish_to_a_new_topic_past_max_topics_answers_503_too_many_topics(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(max_topics=1)
+    async with topics.subscribe("busy"):  # the one topic there may be, in use
+        items = [PublishItem("busy", b"a", True), PublishItem("new", b"b", True)]
+        with pytest.raises(ApiError) as refused:
+            await publish(topics, items)
+    assert (refused.value.status, refused.value.code) == (503, "too-many-topics")
+    assert "limit of 1 topics" in refused.value.detail
+    assert "1 of 2 messages published" in refused.value.detail
+
+
 # --------------------------------------------------------------------------------------------
 # A real relay and its side port
 # --------------------------------------------------------------------------------------------

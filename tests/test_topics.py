@@ -1259,6 +1259,18 @@ async def test_past_max_topics_with_every_topic_in_use_a_new_one_is_refused(
     assert sorted(topics.statistics()) == ["c"]
 
 
+async def test_reading_a_history_makes_no_topic_and_forgets_none_at_max_topics(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics(max_topics=1)
+    await topics.publish("kept", "for resuming")  # an idle topic: one a new one may replace
+    await topics.publish("gone", "once")  # replaces "kept" (its number is remembered)
+    assert await topics.retained("kept", since=0) == (1, Gap("kept", 0, 2), [])
+    assert await topics.retained("never", since=0) == (0, None, [])
+    assert sorted(topics.statistics()) == ["gone"]
+    assert await topics.retained("gone") == (1, None, [Message("gone", 1, "once")])
+
+
 async def test_a_held_topic_stays_until_released_and_counts_toward_max_topics(
     autojump_clock: trio.abc.Clock,
 ) -> None:

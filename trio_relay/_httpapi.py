@@ -28,6 +28,7 @@ import h11
 import trio
 
 from ._auth import OPEN, Grant, TokenError, verify_token
+from ._exceptions import TooManyTopicsError
 from ._topics import DeliveryReport, Gap, Message, topic_from_path
 
 if TYPE_CHECKING:
@@ -329,15 +330,25 @@ async def publish(topics: TopicsView, items: Sequence[PublishItem]) -> list[dict
     until :data:`ANSWER_TIME` before the caller's deadline (the side port's request
     timeout), whichever comes first: the batch being published then may have reached some
     subscribers (numbered and retained, as a cancelled publish is), and the batches after
-    it were not published."""
+    it were not published. Raises 503 ``too-many-topics`` for a new topic while the relay
+    is at ``max_topics`` with every topic in use: that batch and the ones after it were
+    not published."""
     results: list[dict[str, object]] = [{} for _ in items]
     now = trio.current_time()
     deadline = min(now + PUBLISH_TIMEOUT, trio.current_effective_deadline() - ANSWER_TIME)
     with trio.move_on_at(deadline):
         for topic, indices in batches(items):
-            report = await topics.publish_batch(
-                topic, [items[i].payload for i in indices], [items[i].text for i in indices]
-            )
+            try:
+                report = await topics.publish_batch(
+                    topic, [items[i].payload for i in indices], [items[i].text for i in indices]
+                )
+            except TooManyTopicsError as exc:
+                done = sum(1 for result in results if result)
+                raise ApiError(
+                    503,
+                    "too-many-topics",
+                    f"{exc}: {done} of {len(items)} messages published, the rest not",
+                ) from None
             for offset, index in enumerate(indices):
                 results[index] = report_document(report, offset)
         return results

@@ -868,7 +868,12 @@ class Topics:
             numbered = await self.backplane.last_number(name)
         else:
             await trio.sleep(0)  # a checkpoint, as every async method makes
-        topic = self._get(name)
+        topic = self._topics.get(name)
+        if topic is None:
+            # Not in use: read it as it would be made, without making it (at max_topics,
+            # making a topic forgets another to make room, or is refused).
+            topic = _Topic(name, Broadcast[Batch | bytes](), History(0, 0, 0))
+            topic.last_seq = self._retired.get(name, 0)
         try:
             gap, replay, cursor = self._replay(topic, 0 if since is None else since, numbered)
         finally:
