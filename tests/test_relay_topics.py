@@ -936,7 +936,8 @@ async def test_cli_produce_report_and_consume_on_a_topic(launch: Launch) -> None
     assert await consumer.finish() == 1, consumer.describe()
     assert consumer.output["stdout"] == "hello\n"
     url = f"ws://127.0.0.1:{port}/news"
-    assert consumer.lines("stderr")[0].endswith(f"INFO trio_relay: connected to {url}")
+    assert consumer.lines("stderr")[0].endswith(f"INFO trio_relay.client: connecting to {url}")
+    assert consumer.lines("stderr")[1].endswith(f"INFO trio_relay.client: connected to {url}")
     assert consumer.lines("stderr")[-1] == (
         f"trio-relay consume: {url}: connection closed with code 1001 (relay shutting down)"
     )

@@ -19,9 +19,13 @@ from ._broadcast import (
     SubscriptionStatistics as SubscriptionStatistics,
 )
 from ._client import (
+    DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_TIMEOUT as DEFAULT_TIMEOUT,
+    ConsumerState as ConsumerState,
     MessageStream as MessageStream,
+    Producer as Producer,
     consume as consume,
+    open_producer as open_producer,
     produce as produce,
 )
 from ._config import RelayConfig as RelayConfig
@@ -56,6 +60,7 @@ from ._topics import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_TIMEOUT",
     "SUBPROTOCOL",
     "BackplaneStatistics",
@@ -63,6 +68,7 @@ __all__ = [
     "BroadcastStatistics",
     "ClientError",
     "CloseCode",
+    "ConsumerState",
     "DeliveryReport",
     "Gap",
     "HandshakeRejected",
@@ -70,6 +76,7 @@ __all__ = [
     "MessageBus",
     "MessageStream",
     "OverflowPolicy",
+    "Producer",
     "PublishRejected",
     "PublishReport",
     "RedisBackplane",
@@ -90,6 +97,7 @@ __all__ = [
     "consume",
     "encode_frame",
     "mint_token",
+    "open_producer",
     "produce",
     "serve_metrics",
     "serve_relay",

@@ -2,17 +2,23 @@
 
 Every failure surfaces as a :class:`ClientError` subclass that names the URL; trio-websocket's
 exceptions are wrapped at this boundary (the original is the ``__cause__``).
+
+:func:`consume` reports its connection state at INFO on the ``trio_relay.client`` logger
+("connecting to URL", "connected to URL", and with ``resume=True`` "connection lost
+(REASON); retrying in X s"), and to an ``on_state`` callback as :class:`ConsumerState`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
@@ -35,12 +41,32 @@ from ._exceptions import (
 )
 from ._topics import DeliveryReport, Gap, Message
 
-__all__ = ["DEFAULT_TIMEOUT", "MessageStream", "consume", "produce"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_TIMEOUT",
+    "ConsumerState",
+    "MessageStream",
+    "Producer",
+    "consume",
+    "open_producer",
+    "produce",
+]
+
+logger = logging.getLogger("trio_relay.client")
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds allowed to connect and handshake, and for :func:`produce` to be acknowledged."""
 
-_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+"""The largest message a client takes from the relay, as trio-websocket counts it: ``len()``
+of the payload, so characters for text and bytes for binary. A larger one ends the
+connection with a :class:`RelayConnectionClosed` (code 1009) saying so."""
+
+# trio-websocket's close reason when a received message exceeds its max_message_size
+# (trio_websocket/_impl.py, _handle_message_event): its only sign that the client, not the
+# relay, closed the connection with 1009. Pinned by
+# tests/test_client.py::test_a_message_over_the_clients_limit_is_a_clear_error.
+_TOO_BIG = "Exceeded maximum message size: {} bytes"
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -64,12 +90,35 @@ def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError 
     if isinstance(exc, ConnectionClosed):
         reason = exc.reason
         code = reason.code if reason is not None else 1006
-        return RelayConnectionClosed(url, code, reason.reason if reason is not None else None)
+        text = reason.reason if reason is not None else None
+        if code == 1006 and not text:  # no close frame: the connection just ended
+            text = "connection lost"
+        return RelayConnectionClosed(url, code, text)
     if isinstance(exc, OSError) and not connected:
         return RelayUnavailable(url, f"cannot connect: {exc}")
     if isinstance(exc, trio.BrokenResourceError):
         return RelayConnectionClosed(url, 1006, "connection lost")
     return None
+
+
+def _closed(url: str, exc: ConnectionClosed, max_message_size: int) -> ClientError:
+    """The error for a connection that closed under a receive or a send."""
+    reason = exc.reason
+    if (
+        reason is not None
+        and reason.code == 1009
+        and reason.reason == _TOO_BIG.format(max_message_size)
+    ):
+        return RelayConnectionClosed(
+            url,
+            1009,
+            f"the relay sent a message over this client's max_message_size of "
+            f"{max_message_size} (characters for text, bytes for binary): raise "
+            "max_message_size",
+        )
+    translated = _translate(url, exc, connected=True)
+    assert translated is not None
+    return translated
 
 
 async def _open_stream(url: str, ssl_context: ssl.SSLContext | None = None) -> trio.abc.Stream:
@@ -96,43 +145,127 @@ async def _open_stream(url: str, ssl_context: ssl.SSLContext | None = None) -> t
     return stream
 
 
+class _WatchedStream(trio.abc.Stream):
+    """A stream that notes when the peer ends it (end of stream, or broken).
+
+    trio-websocket 0.12.2 waits for the handshake's response forever when the server closes
+    the connection instead (a TLS port spoken to in plain text, say): its reader sees the
+    end but the handshake wait is never told. The client watches for the end itself.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.ended = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:  # pragma: no cover - trio-websocket never half-closes
+        raise trio.BrokenResourceError("half-close is not supported")
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _handshake(
+    url: str,
+    nursery: trio.Nursery,
+    stream: _WatchedStream,
+    resource: str,
+    *,
+    envelope: bool,
+    message_queue_size: int,
+    max_message_size: int,
+) -> WebSocketConnection:
+    """The WebSocket handshake over ``stream``; the connection's reader runs in ``nursery``.
+
+    Raises :class:`RelayUnavailable` at once if the server ends the stream first.
+    """
+    ws: WebSocketConnection | None = None
+    async with trio.open_nursery() as race:
+
+        async def end_on_eof() -> None:
+            await stream.ended.wait()
+            race.cancel_scope.cancel()
+
+        race.start_soon(end_on_eof)
+        ws = await trio_websocket.wrap_client_stream(
+            nursery,
+            # Typed for sockets, documented for "an arbitrary stream".
+            stream,  # type: ignore[arg-type]
+            urlsplit(url).hostname or "localhost",
+            resource,
+            subprotocols=[SUBPROTOCOL] if envelope else None,
+            message_queue_size=message_queue_size,
+            max_message_size=max_message_size,
+        )
+        race.cancel_scope.cancel()
+    if ws is None:
+        hint = " (a TLS port? try wss://)" if urlsplit(url).scheme == "ws" else ""
+        raise RelayUnavailable(
+            url, f"the server closed the connection during the WebSocket handshake{hint}"
+        )
+    return ws
+
+
 @asynccontextmanager
 async def _open_connection(
     url: str,
     *,
-    timeout: float,  # noqa: ASYNC109 - bounds connecting, the handshake and the close
+    timeout: float,  # noqa: ASYNC109 - bounds connecting and the handshake together, and the close
     stream: trio.abc.Stream | None,
     message_queue_size: int = 1,
     envelope: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> AsyncIterator[WebSocketConnection]:
     """A trio-websocket client connection to ``url``, over ``stream`` if one is given.
 
-    The stream is always closed on exit. We open (and close) the TCP stream ourselves rather
-    than use ``open_websocket_url``: trio-websocket 0.12.2 never closes a client's socket
-    when the server closes first (tests/test_end_to_end.py pins this).
+    Connecting and the handshake together take at most ``timeout`` seconds:
+    :class:`RelayTimeout` says which one ran out. The stream is always closed on exit. We
+    open (and close) the TCP stream ourselves rather than use ``open_websocket_url``:
+    trio-websocket 0.12.2 never closes a client's socket when the server closes first
+    (tests/test_end_to_end.py pins this).
     """
     connected = False
     failure: BaseException | None = None
     parts = urlsplit(url)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    deadline = trio.current_time() + timeout
     try:
-        with trio.fail_after(timeout):
+        with trio.move_on_at(deadline):
             if stream is None:
                 stream = await _open_stream(url, ssl_context)
+        if stream is None:
+            raise RelayTimeout(url, f"could not connect within {timeout} s")
         try:
             async with trio.open_nursery() as nursery:
-                with trio.fail_after(timeout):
-                    ws = await trio_websocket.wrap_client_stream(
+                ws = None
+                with trio.move_on_at(deadline):
+                    ws = await _handshake(
+                        url,
                         nursery,
-                        # Typed for sockets, documented for "an arbitrary stream".
-                        stream,  # type: ignore[arg-type]
-                        parts.hostname or "localhost",
+                        _WatchedStream(stream),
                         resource,
-                        subprotocols=[SUBPROTOCOL] if envelope else None,
+                        envelope=envelope,
                         message_queue_size=message_queue_size,
-                        max_message_size=_MAX_MESSAGE_SIZE,
+                        max_message_size=max_message_size,
                     )
+                if ws is None:
+                    raise RelayTimeout(url, f"no handshake response within {timeout} s")
                 connected = True
                 if envelope and ws.subprotocol != SUBPROTOCOL:
                     raise ClientError(url, f"the relay does not speak {SUBPROTOCOL}")
@@ -147,7 +280,7 @@ async def _open_connection(
         finally:
             await trio.aclose_forcefully(stream)
     except BaseException as exc:
-        failure = _failure(url, exc, timeout=timeout, connected=connected)
+        failure = _failure(url, exc, connected=connected)
     if failure is not None:
         # Raised outside the except block, so the exception group our internal nursery
         # wrapped it in does not become its __context__: callers see what their own code
@@ -158,16 +291,135 @@ async def _open_connection(
             failure = None
 
 
-def _failure(url: str, exc: BaseException, *, timeout: float, connected: bool) -> BaseException:
+def _failure(url: str, exc: BaseException, *, connected: bool) -> BaseException:
     """What a client call raises for ``exc``: a ClientError, or the bare exception."""
     leaf = _leaf(exc)
-    if isinstance(leaf, trio.TooSlowError):
-        error: BaseException = RelayTimeout(url, f"could not connect within {timeout} s")
-    else:
-        error = _translate(url, leaf, connected=connected) or leaf
+    error = _translate(url, leaf, connected=connected) or leaf
     if error is not leaf:
         error.__cause__ = leaf
     return error
+
+
+def _publish_frame(message: str | bytes, request_id: str | None, echo: bool = True) -> str:
+    """A ``trio-relay.v1`` publish frame carrying ``message``."""
+    frame: dict[str, object] = {"type": "publish"}
+    if request_id is not None:
+        frame["id"] = request_id
+    if not echo:
+        frame["echo"] = False
+    if isinstance(message, str):
+        frame["text"] = message
+    else:
+        frame["binary"] = base64.b64encode(message).decode("ascii")
+    return json.dumps(frame)
+
+
+class Producer:
+    """An open connection that publishes messages one at a time, each acknowledged.
+
+    Get one from :func:`open_producer`; :func:`produce` is one of these for one message.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        connection: WebSocketConnection,
+        *,
+        envelope: bool,
+        echo: bool,
+        timeout: float,
+        max_message_size: int,
+    ) -> None:
+        self.url = url
+        self.connection = connection
+        self.envelope = envelope
+        self.echo = echo
+        self.timeout = timeout
+        self._max_message_size = max_message_size
+
+    async def produce(self, message: str | bytes) -> DeliveryReport | None:
+        """Send ``message`` and return once the relay acknowledges it, as :func:`produce`
+        does: None raw, the :class:`DeliveryReport` with the envelope protocol.
+
+        Raises :class:`RelayTimeout` after ``timeout`` seconds without the acknowledgement,
+        :class:`PublishRejected` if the relay refuses it, :class:`RelayConnectionClosed` if
+        the connection ends.
+        """
+        return await self._produce(message, trio.current_time() + self.timeout)
+
+    async def _produce(self, message: str | bytes, deadline: float) -> DeliveryReport | None:
+        with trio.move_on_at(deadline):
+            try:
+                return await self._acknowledged(message)
+            except ConnectionClosed as exc:
+                raise _closed(self.url, exc, self._max_message_size) from exc
+        raise RelayTimeout(self.url, f"message not acknowledged within {self.timeout} s")
+
+    async def _acknowledged(self, message: str | bytes) -> DeliveryReport | None:
+        ws = self.connection
+        if not self.envelope:
+            await ws.send_message(message)
+            while await ws.get_message() != message:
+                pass
+            return None
+        request_id = uuid.uuid4().hex
+        await ws.send_message(_publish_frame(message, request_id, self.echo))
+        while True:
+            reply = _decode(self.url, await ws.get_message())
+            if reply.get("id") != request_id:
+                continue
+            if reply.get("type") == "ack":
+                return DeliveryReport(
+                    str(reply["topic"]),
+                    int(reply["seq"]),
+                    1,
+                    int(reply["queued"]),
+                    int(reply["dropped"]),
+                    int(reply["evicted"]),
+                    reply.get("remote"),
+                )
+            raise PublishRejected(self.url, str(reply.get("code")), str(reply.get("detail")))
+
+
+@asynccontextmanager
+async def open_producer(
+    url: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - turned into RelayTimeout with the URL
+    stream: trio.abc.Stream | None = None,
+    envelope: bool = False,
+    echo: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> AsyncIterator[Producer]:
+    """Connect to the relay at ``url`` for publishing several messages on one connection.
+
+    ::
+
+        async with trio_relay.open_producer("ws://localhost:4000/news") as producer:
+            for line in lines:
+                await producer.produce(line)  # returns once acknowledged
+
+    Connecting and the handshake take at most ``timeout`` seconds, and so does each
+    acknowledgement. The arguments are :func:`produce`'s; ``max_message_size`` bounds what
+    the connection takes from the relay (see :data:`DEFAULT_MAX_MESSAGE_SIZE`).
+    """
+    async with _open_connection(
+        url,
+        timeout=timeout,
+        stream=stream,
+        envelope=envelope,
+        ssl_context=ssl_context,
+        max_message_size=max_message_size,
+    ) as ws:
+        yield Producer(
+            url,
+            ws,
+            envelope=envelope,
+            echo=echo,
+            timeout=timeout,
+            max_message_size=max_message_size,
+        )
 
 
 async def produce(
@@ -190,44 +442,23 @@ async def produce(
     message); ``echo=False`` asks the relay not to send the message back.
 
     Raises :class:`RelayTimeout` if connecting, the handshake, or the acknowledgement takes
-    longer than ``timeout`` seconds in total, :class:`PublishRejected` if the relay refuses
-    the message, and another :class:`ClientError` if the relay is unreachable, refuses the
-    handshake, or closes the connection. ``stream`` runs the connection over an already-open
-    stream (see :mod:`trio_relay.testing`); ``ssl_context`` verifies a ``wss://`` relay.
+    longer than ``timeout`` seconds in total (saying which), :class:`PublishRejected` if the
+    relay refuses the message, and another :class:`ClientError` if the relay is unreachable,
+    refuses the handshake, is not a WebSocket endpoint, or closes the connection. ``stream``
+    runs the connection over an already-open stream (see :mod:`trio_relay.testing`);
+    ``ssl_context`` verifies a ``wss://`` relay. For several messages on one connection,
+    see :func:`open_producer`.
     """
-    with trio.move_on_after(timeout) as scope:
-        async with _open_connection(
-            url, timeout=timeout, stream=stream, envelope=envelope, ssl_context=ssl_context
-        ) as ws:
-            if not envelope:
-                await ws.send_message(message)
-                while await ws.get_message() != message:
-                    pass
-                return None
-            request_id = uuid.uuid4().hex
-            frame: dict[str, object] = {"type": "publish", "id": request_id, "echo": echo}
-            if isinstance(message, str):
-                frame["text"] = message
-            else:
-                frame["binary"] = base64.b64encode(message).decode("ascii")
-            await ws.send_message(json.dumps(frame))
-            while True:
-                reply = _decode(url, await ws.get_message())
-                if reply.get("id") != request_id:
-                    continue
-                if reply.get("type") == "ack":
-                    return DeliveryReport(
-                        str(reply["topic"]),
-                        int(reply["seq"]),
-                        1,
-                        int(reply["queued"]),
-                        int(reply["dropped"]),
-                        int(reply["evicted"]),
-                        reply.get("remote"),
-                    )
-                raise PublishRejected(url, str(reply.get("code")), str(reply.get("detail")))
-    assert scope.cancelled_caught
-    raise RelayTimeout(url, f"message not acknowledged within {timeout} s")
+    deadline = trio.current_time() + timeout
+    async with open_producer(
+        url,
+        timeout=timeout,
+        stream=stream,
+        envelope=envelope,
+        echo=echo,
+        ssl_context=ssl_context,
+    ) as producer:
+        return await producer._produce(message, deadline)
 
 
 def _decode(url: str, frame: str | bytes) -> dict[str, Any]:
@@ -259,15 +490,22 @@ class MessageStream:
 
     Iteration ends when the relay closes normally (1000); any other close raises
     :class:`RelayConnectionClosed` with its code (1001 when the relay shuts down,
-    1008 when this consumer was evicted as too slow).
+    1008 when this consumer was evicted as too slow, 1009 when a message was over this
+    client's ``max_message_size``).
     """
 
     def __init__(
-        self, url: str, connection: WebSocketConnection, *, envelope: bool = False
+        self,
+        url: str,
+        connection: WebSocketConnection,
+        *,
+        envelope: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.url = url
         self.connection = connection
         self.envelope = envelope
+        self.max_message_size = max_message_size
         self.welcome_seq: int | None = None
         """Envelope only: the topic's last sequence number when this connection subscribed."""
 
@@ -292,25 +530,40 @@ class MessageStream:
             reason = exc.reason
             if reason is not None and reason.code == 1000:
                 raise StopAsyncIteration from None
-            translated = _translate(self.url, exc, connected=True)
-            assert translated is not None
-            raise translated from exc
+            raise _closed(self.url, exc, self.max_message_size) from exc
 
     async def send(self, message: str | bytes) -> None:
         """Publish ``message`` on this same connection (it comes back like any other)."""
         if self.envelope:
-            frame: dict[str, object] = {"type": "publish"}
-            if isinstance(message, str):
-                frame["text"] = message
-            else:
-                frame["binary"] = base64.b64encode(message).decode("ascii")
-            message = json.dumps(frame)
+            message = _publish_frame(message, None)
         try:
             await self.connection.send_message(message)
         except ConnectionClosed as exc:
-            translated = _translate(self.url, exc, connected=True)
-            assert translated is not None
-            raise translated from exc
+            raise _closed(self.url, exc, self.max_message_size) from exc
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """What a :func:`consume` connection is doing, as its ``on_state`` callback hears it.
+
+    ``state`` is ``"connecting"`` (an attempt begins), ``"connected"`` (the handshake
+    succeeded), or, with ``resume=True`` only, ``"retrying"``: the connection was lost or
+    could not be made (``reason`` says why) and the next attempt comes in ``delay`` seconds.
+    """
+
+    state: Literal["connecting", "connected", "retrying"]
+    url: str
+    reason: str | None = None
+    delay: float | None = None
+
+
+def _report(state: ConsumerState, on_state: Callable[[ConsumerState], None] | None) -> None:
+    if state.state == "retrying":
+        logger.info("connection lost (%s); retrying in %s s", state.reason, f"{state.delay:.3g}")
+    else:
+        logger.info("%s to %s", state.state, state.url)
+    if on_state is not None:
+        on_state(state)
 
 
 @asynccontextmanager
@@ -325,6 +578,8 @@ async def consume(
     backoff: tuple[float, float] = (0.1, 5.0),
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    on_state: Callable[[ConsumerState], None] | None = None,
 ) -> AsyncIterator[AsyncIterator[Any]]:
     """Connect to the relay at ``url`` and yield an async iterator of the messages it sends.
 
@@ -342,10 +597,20 @@ async def consume(
     ``resume=True`` (envelope implied) keeps going across dropped connections: it
     reconnects with exponential ``backoff`` (first delay, cap) and resumes after the last
     sequence number it yielded, so every message arrives exactly once, in order, or a Gap
-    says which are lost. It stops only on a handshake refusal (4xx), which would not heal.
+    says which are lost. The backoff starts over only once a connection has delivered
+    something (a relay that accepts and then drops every connection is retried ever more
+    slowly). It stops, raising the error from the iterator, on what would not heal: a
+    handshake answered with anything but 101 or a 5xx status (a refusal, or a server that
+    is not a WebSocket endpoint), and a message over ``max_message_size``.
     ``connector`` (an async function returning a connected stream) replaces opening a TCP
     connection for each attempt (see :mod:`trio_relay.testing`). ``ssl_context`` verifies a
     ``wss://`` relay (default: the system's trusted CAs).
+
+    ``max_message_size`` is the largest message taken from the relay (see
+    :data:`DEFAULT_MAX_MESSAGE_SIZE`); a larger one raises :class:`RelayConnectionClosed`
+    with code 1009 and a reason saying so. ``on_state`` is called with a
+    :class:`ConsumerState` on every change of the connection's state (it must not block);
+    the same changes are logged at INFO on the ``trio_relay.client`` logger.
 
     The connection lives exactly as long as the ``async with`` block (structured
     concurrency: no background task outlives it), which is why this is a context manager
@@ -360,9 +625,12 @@ async def consume(
             async def connector() -> trio.abc.Stream:
                 return await _open_stream(url, context)
 
-        async with _resuming(url, connect_timeout, since, backoff, connector) as items:
+        async with _resuming(
+            url, connect_timeout, since, backoff, connector, max_message_size, on_state
+        ) as items:
             yield items
         return
+    _report(ConsumerState("connecting", url), on_state)
     async with _open_connection(
         _with_since(url, since),
         timeout=connect_timeout,
@@ -370,8 +638,10 @@ async def consume(
         message_queue_size=64,
         envelope=envelope,
         ssl_context=ssl_context,
+        max_message_size=max_message_size,
     ) as ws:
-        yield MessageStream(url, ws, envelope=envelope)
+        _report(ConsumerState("connected", url), on_state)
+        yield MessageStream(url, ws, envelope=envelope, max_message_size=max_message_size)
 
 
 def _with_since(url: str, since: int | None) -> str:
@@ -382,6 +652,17 @@ def _with_since(url: str, since: int | None) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def _fatal(exc: ClientError) -> bool:
+    """Whether a resuming consumer gives up on ``exc``: retrying would meet it again."""
+    if isinstance(exc, HandshakeRejected):
+        return exc.status_code < 500
+    return isinstance(exc, RelayConnectionClosed) and exc.code == 1009
+
+
+def _without_url(exc: ClientError) -> str:
+    return str(exc).removeprefix(f"{exc.url}: ")
+
+
 @asynccontextmanager
 async def _resuming(
     url: str,
@@ -389,6 +670,8 @@ async def _resuming(
     since: int | None,
     backoff: tuple[float, float],
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None,
+    max_message_size: int,
+    on_state: Callable[[ConsumerState], None] | None,
 ) -> AsyncIterator[AsyncIterator[Any]]:
     """A background task keeps an envelope connection open and feeds a bounded channel."""
     send, receive = trio.open_memory_channel[Any](64)
@@ -396,22 +679,32 @@ async def _resuming(
     async def keep_consuming() -> None:
         last = since
         delay = backoff[0]
-        async with send:
+        # Closed without a checkpoint: with `async with`, aclose()'s checkpoint could turn an
+        # exception on its way out (KeyboardInterrupt raised in this task) into Cancelled
+        # once the reader, woken by the close, cancels this task; the exception were lost.
+        with send:
             while True:
                 connection: MessageStream | None = None
+                reason = "closed by the relay"
+                _report(ConsumerState("connecting", url), on_state)
                 try:
-                    stream = None if connector is None else await connector()
-                    async with consume(
-                        url,
-                        connect_timeout=connect_timeout,
+                    stream = None
+                    if connector is not None:
+                        with trio.fail_after(connect_timeout):
+                            stream = await connector()
+                    async with _open_connection(
+                        _with_since(url, last),
+                        timeout=connect_timeout,
                         stream=stream,
+                        message_queue_size=64,
                         envelope=True,
-                        since=last,
-                    ) as items:
-                        assert isinstance(items, MessageStream)
-                        connection = items
-                        delay = backoff[0]
-                        async for item in items:
+                        max_message_size=max_message_size,
+                    ) as ws:
+                        _report(ConsumerState("connected", url), on_state)
+                        connection = MessageStream(
+                            url, ws, envelope=True, max_message_size=max_message_size
+                        )
+                        async for item in connection:
                             if isinstance(item, Message):
                                 if last is not None and item.seq <= last:
                                     continue
@@ -419,25 +712,41 @@ async def _resuming(
                             elif isinstance(item, Gap):
                                 last = item.first - 1
                             await send.send(item)
-                except HandshakeRejected as exc:
-                    if 400 <= exc.status_code < 500:
+                            delay = backoff[0]  # it delivered: the backoff starts over
+                except ClientError as exc:
+                    if _fatal(exc):
                         await send.send(exc)
                         return
-                except (ClientError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the relay is unreachable or the connection dropped: retry
+                    reason = _without_url(exc)
+                except trio.TooSlowError:
+                    reason = f"could not connect within {connect_timeout} s"
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    reason = f"cannot connect: {exc or type(exc).__name__}"
                 if last is None and connection is not None:
                     # Dropped before any message: go on from where that connection started,
                     # as its welcome frame said, so nothing published meanwhile is lost.
                     last = connection.welcome_seq
+                _report(ConsumerState("retrying", url, reason, delay), on_state)
                 await trio.sleep(delay)
                 delay = min(delay * 2, backoff[1])
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(keep_consuming)
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_consuming)
+            try:
+                yield _Resumed(receive)
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        failure = _leaf(group)
+    if failure is not None:
+        # Raised outside the except block, as in _open_connection: the caller sees what its
+        # own code raised (KeyboardInterrupt at Ctrl-C, say), never our nursery's group.
         try:
-            yield _Resumed(receive)
+            raise failure
         finally:
-            nursery.cancel_scope.cancel()
+            failure = None
 
 
 class _Resumed:

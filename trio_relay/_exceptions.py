@@ -65,12 +65,27 @@ class RelayUnavailable(ClientError):
 
 
 class HandshakeRejected(ClientError):
-    """The relay refused the WebSocket handshake with an HTTP status."""
+    """The server answered the WebSocket handshake with an HTTP status other than 101.
+
+    The message is one line: a 4xx or 5xx status with the first line of a plain-text body
+    (the relay's reason; at most 200 characters, an HTML page left out), any other status
+    as "not a WebSocket endpoint" (an HTTP server, such as the relay's side port). The
+    whole body is :attr:`body`.
+    """
 
     def __init__(self, url: str, status_code: int, body: bytes | None) -> None:
-        text = (body or b"").decode("utf-8", "replace").strip()
-        detail = f": {text}" if text else ""
-        super().__init__(url, f"handshake rejected with HTTP {status_code}{detail}")
+        if status_code < 400:
+            message = f"not a WebSocket endpoint (HTTP {status_code})"
+        else:
+            text = (body or b"").decode("utf-8", "replace").strip()
+            first, *more = text.splitlines() or [""]
+            if first.startswith("<"):  # markup: an HTTP server's error page, not a reason
+                first, more = "", []
+            if len(first) > 200 or more:
+                first = first[:200] + " ..."
+            detail = f": {first}" if first else ""
+            message = f"handshake rejected with HTTP {status_code}{detail}"
+        super().__init__(url, message)
         self.status_code = status_code
         self.body = body
 

@@ -102,11 +102,21 @@ class Message:
 
 @dataclass(frozen=True)
 class Gap:
-    """Messages ``since + 1`` to ``first - 1`` of ``topic`` are no longer retained."""
+    """Messages ``since + 1`` to ``first - 1`` of ``topic`` are no longer retained.
+
+    Or, when :attr:`reset`, the topic was reset: ``since`` is beyond its numbering, which
+    restarted (the relay restarted or forgot the topic); what it retains follows, from
+    ``first``.
+    """
 
     topic: str
     since: int
     first: int
+
+    @property
+    def reset(self) -> bool:
+        """Whether the topic's numbering restarted: ``first`` is not above ``since``."""
+        return self.first <= self.since
 
 
 @dataclass(frozen=True)
