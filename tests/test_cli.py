@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
+from redis_support import RedisServer, redis_server
+from test_end_to_end import (
+    DEADLINE,
+    PYTHON,
+    Launch,
+    at,
+    launch as launch,  # the fixture: it starts and kills programs
+    refused_port as refused_port,  # a fixture: a port nothing listens on
+)
 
-from trio_relay import DEFAULT_TIMEOUT, RelayConfig
-from trio_relay._cli import build_parser, main, serve_settings
+import trio_relay
+from trio_relay import DEFAULT_TIMEOUT, Gap, RelayConfig
+from trio_relay._cli import build_parser, configure_logging, describe_gap, main, serve_settings
+from trio_relay.testing import open_memory_relay
+
+__all__ = ["redis_server"]  # a fixture, used by name
 
 
 def test_serve_defaults() -> None:
@@ -75,6 +98,9 @@ def test_client_defaults() -> None:
         "topic": "",
         "since": None,
         "resume": False,
+        "show_seq": False,
+        "json": False,
+        "max_message_size": 16 * 1024 * 1024,
     }
     assert vars(produce) == {
         "command": "produce",
@@ -85,6 +111,8 @@ def test_client_defaults() -> None:
         "topic": "",
         "message": "hi",
         "report": False,
+        "whole": False,
+        "binary": False,
     }
     assert DEFAULT_TIMEOUT == 10.0
 
@@ -118,7 +146,6 @@ def test_options_are_parsed() -> None:
         ),
         (["serve", "--queue-size", "0"], "argument --queue-size: must be at least 1: 0"),
         (["serve", "--overflow-policy", "wait"], "argument --overflow-policy: invalid choice"),
-        (["produce"], "the following arguments are required: message"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )
@@ -140,7 +167,7 @@ def test_python_m_trio_relay_help() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: trio-relay [-h] COMMAND ...")
+    assert result.stdout.startswith("usage: trio-relay [-h] [--version] COMMAND ...")
     for command in ("serve", "consume", "produce"):
         assert f"\n    {command} " in result.stdout, result.stdout
     assert result.stderr == ""
@@ -193,7 +220,10 @@ def test_the_side_port_is_http_port_with_metrics_port_its_old_name(tmp_path: Pat
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"TRIO_RELAY_MAX_QUEUE_BYTES": "0"}, "max_queue_bytes: must be at least 1"),
+        (
+            {"TRIO_RELAY_MAX_QUEUE_BYTES": "0"},
+            "environment variable TRIO_RELAY_MAX_QUEUE_BYTES: must be at least 1",
+        ),
         ({"TRIO_RELAY_OVERFLOW_POLICY": "hope"}, "unknown policy"),
     ],
 )
@@ -205,7 +235,7 @@ def test_bad_settings_are_refused_with_their_name(environ: dict[str, str], messa
 def test_an_unknown_key_in_the_settings_file_is_an_error(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text("max_queue_byte = 1\n")
-    with pytest.raises(ValueError, match="unknown setting 'max_queue_byte'"):
+    with pytest.raises(ValueError, match=f"{config}: unknown setting 'max_queue_byte'"):
         serve_settings({}, str(config))
 
 
@@ -225,7 +255,9 @@ def test_workers_refuse_bad_settings_before_starting_any(
     assert main(["serve", "--workers", "2", "--backplane", "redis://x", "--auth-secret", "s"]) == 2
     assert "auth_secret must be at least 32 characters" in capsys.readouterr().err
     assert main(["serve", "--workers", "2", "--backplane", "redis://x", "--certfile", "/no"]) == 1
-    assert "No such file" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "trio-relay serve: --certfile /no: [Errno 2] No such file or directory\n"
+    )
 
 
 def test_serve_makes_full_garbage_collections_rare(
@@ -244,3 +276,344 @@ def test_serve_makes_full_garbage_collections_rare(
         assert gc.get_threshold() == _cli.GC_THRESHOLDS
     finally:
         gc.set_threshold(*before)
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """main() configures logging for its process; put the test process's back after."""
+    root = logging.getLogger()
+    coredis = logging.getLogger("coredis")
+    saved = (root.level, list(root.handlers), coredis.level)
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    coredis.setLevel(saved[2])
+
+
+# ------------------------------------------------------------------------ issue 14, item 5
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--port", "70000"],
+        ["serve", "--port", "-1"],
+        ["serve", "--metrics-port", "65536"],
+        ["consume", "--port", "70000"],
+        ["produce", "--port", "-1", "hi"],
+    ],
+)
+def test_a_port_out_of_range_is_refused_up_front(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    value = argv[argv.index(next(a for a in argv if a.endswith("port"))) + 1]
+    assert f"must be a port number, 0 to 65535: {value}" in capsys.readouterr().err
+
+
+def test_a_port_out_of_range_in_the_settings_names_its_variable() -> None:
+    with pytest.raises(ValueError) as raised:
+        serve_settings({"TRIO_RELAY_PORT": "70000"}, None)
+    assert str(raised.value) == (
+        "environment variable TRIO_RELAY_PORT: must be a port number, 0 to 65535: 70000"
+    )
+
+
+# ------------------------------------------------------------------------ issue 14, item 6
+
+
+def test_an_http_port_in_use_is_one_line_naming_the_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--http-port", str(port)]
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"trio-relay serve: --http-port: cannot listen on 127.0.0.1:{port}: "
+        "[Errno 98] Address already in use"
+    )
+    assert "Traceback" not in err
+
+
+def test_certificate_files_that_cannot_be_read_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--port", "0", "--certfile", "/nonexistent.pem"]) == 1
+    assert capsys.readouterr().err == (
+        "trio-relay serve: --certfile /nonexistent.pem: [Errno 2] No such file or directory\n"
+    )
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate\n")
+    argv = ["serve", "--port", "0", "--certfile", str(garbage), "--keyfile", "/no/key.pem"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        "trio-relay serve: --keyfile /no/key.pem: [Errno 2] No such file or directory\n"
+    )
+    assert main(["serve", "--port", "0", "--certfile", str(garbage)]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"trio-relay serve: cannot load the certificate and key from --certfile {garbage}: [SSL"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port = \n", "not valid TOML: Invalid value (at line 1, column 8)"),
+        ("max_queue_bytes = 'lots'\n", "max_queue_bytes: not a number: 'lots'"),
+        ("[serve]\nport = true\n", "port: not a valid value: true"),
+        ("overflow_timeout = 'soon'\n", "overflow_timeout: not a number: 'soon'"),
+    ],
+)
+def test_a_bad_settings_file_is_named_with_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(text)
+    assert main(["serve", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"trio-relay serve: settings: {config}: {message}\n"
+
+
+def test_a_missing_settings_file_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--config", "/no/relay.toml"]) == 2
+    assert capsys.readouterr().err == (
+        "trio-relay serve: settings: --config /no/relay.toml: [Errno 2] No such file or directory\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TRIO_RELAY_MAX_QUEUE_BYTES", "lots", "not a number: 'lots'"),
+        ("TRIO_RELAY_OVERFLOW_TIMEOUT", "soon", "not a number: 'soon'"),
+        ("TRIO_RELAY_PORT", "http", "not a port number: 'http'"),
+    ],
+)
+def test_a_bad_environment_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == (
+        f"trio-relay serve: settings: environment variable {variable}: {message}\n"
+    )
+
+
+# ------------------------------------------------------------------------ issue 14, item 14
+
+
+def test_a_topic_may_be_given_with_its_leading_slash() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["consume", "--topic", "/news"]).topic == "news"
+    assert parser.parse_args(["produce", "--topic", "/news", "hi"]).topic == "news"
+    assert parser.parse_args(["consume", "--topic", "news/a"]).topic == "news/a"
+    assert parser.parse_args(["consume", "--topic", "/"]).topic == ""
+
+
+# ------------------------------------------------------------------------ issue 14, item 15
+
+
+def test_version_and_token_help() -> None:
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "TRIO_RELAY_AUTH_SECRET"}
+        return subprocess.run(
+            [sys.executable, "-m", "trio_relay", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**env, "COLUMNS": "200"},
+        )
+
+    version = run("--version")
+    assert (version.returncode, version.stdout) == (0, f"trio-relay {trio_relay.__version__}\n")
+    help_text = " ".join(run("token", "--help").stdout.split())
+    assert "--publish PATTERN topic pattern it may publish to; repeat for more" in help_text
+    assert "--subscribe PATTERN topic pattern it may subscribe to; repeat for more" in help_text
+    assert "lifetime: 3600, 90s, 30m, 1h, 7d (default: 1h)" in help_text
+    assert "(default: the TRIO_RELAY_AUTH_SECRET environment variable" in help_text
+    missing = run("token", "--publish", "news")
+    assert missing.returncode == 2
+    assert missing.stderr == (
+        "trio-relay token: no secret: give --secret or set TRIO_RELAY_AUTH_SECRET "
+        "(the relay's --auth-secret)\n"
+    )
+    short = run("token", "--secret", "short", "--publish", "news")
+    assert (
+        short.stderr == "trio-relay token: the secret must be at least 32 characters (it has 5)\n"
+    )
+
+
+# ------------------------------------------------------------------------ issue 14, item 4
+
+
+async def test_a_reset_topic_reads_as_a_reset(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_relay() as relay:
+        for text in ("a", "b", "c"):
+            await relay.publish(text, "news")
+        # A consumer that had seen up to 100 before the relay restarted.
+        async with relay.consume("news", envelope=True, since=100) as items:
+            gap = await anext(items)
+    assert gap == Gap("news", 100, 1)
+    assert gap.reset
+    assert describe_gap(gap) == "topic /news was reset; numbering restarted at 1"
+    lost = Gap("news", 2, 10)
+    assert not lost.reset
+    assert describe_gap(lost) == "messages 3 to 9 are no longer retained"
+    assert describe_gap(Gap("news", 2, 4)) == "message 3 is no longer retained"
+
+
+# ------------------------------------------------------------------------ issue 14, item 16
+
+
+def test_coredis_lines_stay_out_of_the_commands_log(capsys: pytest.CaptureFixture[str]) -> None:
+    logging.getLogger().handlers[:] = []  # as in a fresh process
+    configure_logging("INFO")
+    logging.getLogger("coredis").info("Connection closed unexpectedly!", exc_info=True)
+    logging.getLogger("coredis").error("Connection attempt failed unexpectedly!")
+    logging.getLogger("trio_relay").info("the relay's own line")
+    err = capsys.readouterr().err
+    assert "coredis" not in err
+    assert err.endswith("INFO trio_relay: the relay's own line\n")
+    logging.getLogger().handlers[:] = []
+    configure_logging("DEBUG")  # for a closer look, they are there
+    logging.getLogger("coredis").info("Connection closed unexpectedly!")
+    assert "INFO coredis: Connection closed unexpectedly!" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ as subprocesses
+
+
+async def test_consume_resume_against_nothing_says_so_and_exits_130_on_ctrl_c(
+    launch: Launch, refused_port: int
+) -> None:
+    # Items 2 and 3: nothing listens; the log says what happens, and Ctrl-C is a clean 130.
+    url = f"ws://127.0.0.1:{refused_port}/"
+    consumer = await launch(PYTHON, "-m", "trio_relay", "consume", *at(refused_port), "--resume")
+    await consumer.expect("stderr", r"retrying in 0\.2 s\n")
+    consumer.process.send_signal(signal.SIGINT)
+    assert await consumer.finish() == 130, consumer.describe()
+    lines = [line.split(" ", 2)[2] for line in consumer.lines("stderr")]  # without the time
+    refused = f"cannot connect: all attempts to connect to 127.0.0.1:{refused_port} failed"
+    assert lines[:4] == [
+        f"INFO trio_relay.client: connecting to {url}",
+        f"INFO trio_relay.client: connection lost ({refused}); retrying in 0.1 s",
+        f"INFO trio_relay.client: connecting to {url}",
+        f"INFO trio_relay.client: connection lost ({refused}); retrying in 0.2 s",
+    ]
+    assert not any("connected to" in line or "Traceback" in line for line in lines), lines
+    assert consumer.output["stdout"] == ""
+
+
+async def test_consume_prints_sequence_numbers_or_json_lines(
+    launch: Launch, nursery: trio.Nursery
+) -> None:
+    # Item 13, and item 14 on the way: --topic /news.
+    server = await nursery.start(partial(trio_relay.serve_relay, "127.0.0.1", 0))
+    await server.publish("héllo", "news")
+    await server.publish(b"\x00\xff", "news")
+    await server.publish("third", "news")
+    common = ("consume", *at(server.port), "--topic", "/news", "--since", "1")
+    shown = await launch(PYTHON, "-m", "trio_relay", *common, "--show-seq")
+    lines = await launch(PYTHON, "-m", "trio_relay", *common, "--json")
+    await shown.expect("stdout", "third\n")
+    await lines.expect("stdout", "third")
+    assert shown.lines("stdout") == ["/news #2: <2 bytes> 00ff", "/news #3: third"]
+    assert [json.loads(line) for line in lines.lines("stdout")] == [
+        {"type": "message", "topic": "news", "seq": 2, "binary": "AP8="},
+        {"type": "message", "topic": "news", "seq": 3, "text": "third"},
+    ]
+    gap = await launch(PYTHON, "-m", "trio_relay", *common[:-1], "100", "--json")
+    await gap.expect("stdout", "third")
+    assert json.loads(gap.lines("stdout")[0]) == {
+        "type": "gap",
+        "topic": "news",
+        "since": 100,
+        "first": 1,
+        "reset": True,
+    }
+    await gap.expect(
+        "stderr", "WARNING trio_relay: gap: topic /news was reset; numbering restarted at 1"
+    )
+    for program in (shown, lines, gap):
+        program.process.send_signal(signal.SIGINT)
+        assert await program.finish() == 130, program.describe()
+    nursery.cancel_scope.cancel()
+
+
+async def _produce_from(port: int, stdin: bytes | int, *options: str) -> tuple[int, str, str]:
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process(
+            [PYTHON, "-m", "trio_relay", "produce", *at(port), "--topic", "/news", *options],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_produce_reads_standard_input(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # Item 12: a 1.1 MB message did not fit on the command line.
+    config = RelayConfig(max_message_size=2 * 1024 * 1024)
+    server = await nursery.start(partial(trio_relay.serve_relay, "127.0.0.1", 0, config=config))
+    url = f"ws://127.0.0.1:{server.port}/news"
+    async with trio_relay.consume(url) as messages:
+        await server.wait_until(lambda s: s.subscribers == 1)
+        # From a pipe, one message per line (an empty line is an empty message), through one
+        # connection.
+        code, out, err = await _produce_from(server.port, b"one\r\ntwo\n\nthree")
+        assert (code, err) == (0, "")
+        assert out.splitlines() == [f"acknowledged: {t}" for t in ("one", "two", "", "three")]
+        assert [await anext(messages) for _ in range(4)] == ["one", "two", "", "three"]
+        assert server.statistics().broadcast.published == 4
+
+        big = "x" * 550_000 + "\n" + "x" * 549_999  # 1.1 MB with its line break
+        path = tmp_path / "big.txt"
+        path.write_text(big)  # from a file, all of it as one message
+        with path.open("rb") as file:
+            code, out, err = await _produce_from(server.port, file.fileno(), "--whole")
+        assert (code, err) == (0, "")
+        assert out == f"acknowledged: {'x' * 80}... (1100000 characters)\n"
+        assert await anext(messages) == big
+
+        code, out, err = await _produce_from(server.port, b"\x00\xff", "-", "--whole", "--binary")
+        assert (code, out, err) == (0, "acknowledged: <2 bytes> 00ff\n", "")
+        assert await anext(messages) == b"\x00\xff"
+
+        code, out, err = await _produce_from(server.port, b"fine\n\xff\n")
+        assert (code, out) == (1, "acknowledged: fine\n")
+        assert err == (
+            "trio-relay produce: standard input line 2 is not UTF-8 text (--binary sends bytes)\n"
+        )
+        assert await anext(messages) == "fine"
+    nursery.cancel_scope.cancel()
+
+
+async def test_the_relays_log_has_its_own_lines_only_through_a_redis_outage(
+    launch: Launch, redis_server: RedisServer
+) -> None:
+    # Item 16: coredis's own lines ("Connection closed unexpectedly!", "NoneType: None")
+    # stay out, and the relay's "is back" is INFO: it is good news.
+    server = await launch(
+        PYTHON, "-m", "trio_relay", "serve", *at(0), "--backplane", redis_server.url
+    )
+    await server.expect("stderr", "backplane .* connected")
+    redis_server.kill()
+    await server.expect("stderr", "ERROR trio_relay: backplane .* unreachable")
+    redis_server.start()
+    back = await server.expect("stderr", r"(\w+) trio_relay: backplane \S+ is back")
+    assert back[1] == "INFO"
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.finish() == 0, server.describe()
+    for line in server.lines("stderr"):
+        assert re.fullmatch(r"[\d-]+ [\d:,]+ (INFO|WARNING|ERROR) trio_relay: .*", line), line

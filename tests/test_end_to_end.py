@@ -421,7 +421,9 @@ async def test_cli_serve_reports_a_port_in_use(launch: Launch, busy_port: int) -
     assert await server.finish() == 1, server.describe()
     assert server.output["stdout"] == ""
     [line] = server.lines("stderr")
-    assert line.startswith("trio-relay serve: [Errno "), line
+    assert line.startswith(f"trio-relay serve: cannot listen on 127.0.0.1:{busy_port}: [Errno "), (
+        line
+    )
     assert line.endswith("ddress already in use"), line
 
 

@@ -276,7 +276,7 @@ class RedisBackplane:
                     await self._connect()
                     if failures:
                         self._reconnects += 1
-                        logger.warning("backplane %s is back: sharing topics again", self.shown_url)
+                        logger.info("backplane %s is back: sharing topics again", self.shown_url)
                     else:
                         logger.info("backplane %s connected", self.shown_url)
                     failures, backoff = 0, INITIAL_BACKOFF

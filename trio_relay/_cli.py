@@ -1,32 +1,41 @@
-"""The ``trio-relay`` command: ``serve``, ``consume`` and ``produce``."""
+"""The ``trio-relay`` command: ``serve``, ``consume``, ``produce`` and ``token``.
+
+Every failure the user can fix is one line on stderr, ``trio-relay COMMAND: ...``, naming
+what failed (the address, file, option, key or environment variable), and exit status 1
+(2 for a bad setting or argument); Ctrl-C is exit status 130, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import signal
 import ssl
+import stat
 import sys
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from functools import partial
-from typing import get_args
+from typing import Any, get_args
 
 import trio
 
+from . import __version__
 from ._auth import mint_token
 from ._broadcast import OverflowPolicy
-from ._client import DEFAULT_TIMEOUT, consume, produce
+from ._client import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_TIMEOUT, consume, open_producer
 from ._config import RelayConfig
 from ._exceptions import ClientError
-from ._redact import redact, shown
+from ._redact import redact
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._sideport import serve_metrics
-from ._topics import Gap, Message
+from ._topics import DeliveryReport, Gap, Message
 from ._workers import reserve_port, stop_with_supervisor, supervise
 
 __all__ = ["main"]
@@ -34,6 +43,30 @@ __all__ = ["main"]
 logger = logging.getLogger("trio_relay")
 
 _DEFAULTS = RelayConfig()
+
+
+class CommandError(Exception):
+    """A failure the command reports in one line, ``trio-relay COMMAND: message``, before
+    exiting with ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0 to 65535: {text}")
+    return value
+
+
+def _topic(text: str) -> str:
+    """A topic as given to ``--topic``: ``news`` or ``/news`` (the path) alike."""
+    return text.removeprefix("/")
 
 
 def _positive_float(text: str) -> float:
@@ -118,7 +151,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         "--host", default=DEFAULT_HOST, help="relay host name or address (default: %(default)s)"
     )
     common.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="relay TCP port (default: %(default)s)"
+        "--port", type=_port, default=DEFAULT_PORT, help="relay TCP port (default: %(default)s)"
     )
     common.add_argument(
         "--log-level",
@@ -132,6 +165,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         prog="trio-relay",
         description="A WebSocket relay: every message a client sends reaches every client.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -144,7 +178,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         "--http-port",
         "--metrics-port",  # its name before it served the HTTP API
         dest="http_port",
-        type=int,
+        type=_port,
         help="serve the HTTP API (/api/publish, /api/history), /healthz, Prometheus /metrics "
         "and the browser console (/) on this port of --http-host; with --workers, worker i "
         "serves it on this port + i; default: off",
@@ -225,21 +259,34 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
     token = commands.add_parser(
         "token",
         help="mint an access token",
-        description="Print a token (HS256 JWT) allowing the given topic patterns.",
+        description="Print a token (HS256 JWT) allowing the given topic patterns, e.g. "
+        "trio-relay token --publish 'news/*' --subscribe '*' --ttl 7d",
     )
     token.add_argument(
         "--secret",
         default=os.environ.get("TRIO_RELAY_AUTH_SECRET"),
-        help="the relay's --auth-secret (default: $TRIO_RELAY_AUTH_SECRET)",
+        help="the relay's --auth-secret, at least 32 characters (default: the "
+        "TRIO_RELAY_AUTH_SECRET environment variable, which keeps it out of the process list)",
     )
     token.add_argument(
-        "--publish", action="append", default=[], help="topic pattern it may publish to"
+        "--publish",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="topic pattern it may publish to; repeat for more",
     )
     token.add_argument(
-        "--subscribe", action="append", default=[], help="topic pattern it may subscribe to"
+        "--subscribe",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="topic pattern it may subscribe to; repeat for more",
     )
     token.add_argument(
-        "--ttl", type=_duration, default=3600.0, help="lifetime: 3600, 90s, 30m, 1h, 7d"
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        help="lifetime: 3600, 90s, 30m, 1h, 7d (default: 1h)",
     )
 
     consume_cmd = commands.add_parser(
@@ -249,7 +296,10 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         description="Connect and print every message, one per line, until interrupted.",
     )
     consume_cmd.add_argument(
-        "--topic", default="", help="the topic to consume (default: the root topic, path /)"
+        "--topic",
+        type=_topic,
+        default="",
+        help="the topic to consume, news or /news (default: the root topic, path /)",
     )
     consume_cmd.add_argument(
         "--since",
@@ -269,16 +319,55 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         default=DEFAULT_TIMEOUT,
         help="seconds allowed to connect (default: %(default)s)",
     )
+    output = consume_cmd.add_mutually_exclusive_group()
+    output.add_argument(
+        "--show-seq",
+        action="store_true",
+        help="print each message as '/TOPIC #SEQ: MESSAGE' (uses trio-relay.v1)",
+    )
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per line: each message and gap as its trio-relay.v1 frame "
+        '({"type": "message", "topic": ..., "seq": ..., "text" or "binary": ...}; a gap also '
+        'has "reset"); uses trio-relay.v1',
+    )
+    consume_cmd.add_argument(
+        "--max-message-size",
+        type=_positive_int,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help="largest message taken from the relay, in characters for text and bytes for "
+        "binary (default: %(default)s)",
+    )
 
     produce_cmd = commands.add_parser(
         "produce",
         parents=[common],
-        help="send one message and wait for its echo",
-        description="Send MESSAGE and exit once the relay echoes it back (the acknowledgement).",
+        help="send messages, each acknowledged",
+        description="Send MESSAGE, or each line of standard input, and exit once the relay "
+        "has acknowledged every one (raw: echoed it back).",
     )
-    produce_cmd.add_argument("message", help="the text message to send")
     produce_cmd.add_argument(
-        "--topic", default="", help="the topic to publish to (default: the root topic, path /)"
+        "message",
+        nargs="?",
+        default="-",
+        help="the text message to send; - or none: read standard input, one message per line",
+    )
+    produce_cmd.add_argument(
+        "--whole",
+        action="store_true",
+        help="send all of standard input as one message, not one per line",
+    )
+    produce_cmd.add_argument(
+        "--binary",
+        action="store_true",
+        help="send standard input as binary messages (text, UTF-8, by default)",
+    )
+    produce_cmd.add_argument(
+        "--topic",
+        type=_topic,
+        default="",
+        help="the topic to publish to, news or /news (default: the root topic, path /)",
     )
     produce_cmd.add_argument(
         "--report",
@@ -303,25 +392,58 @@ def _show(message: str | bytes) -> str:
     return message if isinstance(message, str) else f"<{len(message)} bytes> {message.hex()}"
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError's text without the file name some carry (the caller names it)."""
+    if exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context; a :class:`CommandError` naming the file that failed."""
+    if not certfile:
+        if keyfile:
+            raise CommandError("--keyfile needs --certfile")
+        return None
+    for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise CommandError(f"{option} {path}: {_os_error(exc)}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        files = f"--certfile {certfile}" + (f" and --keyfile {keyfile}" if keyfile else "")
+        raise CommandError(f"cannot load the certificate and key from {files}: {exc}") from None
+    return context
+
+
 def _server_settings(args: argparse.Namespace) -> tuple[RelayConfig, ssl.SSLContext | None]:
     """The relay's settings and TLS context from ``serve``'s options: ``ValueError`` for a
-    setting out of range, ``OSError`` for a certificate that cannot be loaded."""
+    setting out of range, :class:`CommandError` for a certificate that cannot be loaded."""
     config = RelayConfig(
         **{field.name: getattr(args, field.name) for field in dataclasses.fields(RelayConfig)}
     )
-    context = None
-    if args.certfile:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(args.certfile, args.keyfile)
-    elif args.keyfile:
-        raise OSError("--keyfile needs --certfile")
-    return config, context
+    return config, _tls_context(args.certfile, args.keyfile)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     config, context = _server_settings(args)
-    # Bind before starting the nursery, so that a port in use is a plain OSError for main().
-    listeners = await open_listeners(args.host, args.port, context, reuse_port=args.worker)
+    # Bind before starting the nursery, so that a port in use is one line from main().
+    try:
+        listeners = await open_listeners(args.host, args.port, context, reuse_port=args.worker)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot listen on {_address(args.host, args.port)}: {_os_error(exc)}"
+        ) from None
     stop_signals = [signal.SIGINT, signal.SIGTERM]
     if args.worker:
         # Ctrl-C reaches the whole process group; the supervisor then stops each worker with
@@ -334,7 +456,15 @@ async def _serve(args: argparse.Namespace) -> None:
             if args.worker:
                 nursery.start_soon(stop_with_supervisor, nursery.cancel_scope)
             if args.http_port is not None:
-                metrics = await nursery.start(serve_metrics, server, args.http_host, args.http_port)
+                try:
+                    metrics = await nursery.start(
+                        serve_metrics, server, args.http_host, args.http_port
+                    )
+                except OSError as exc:
+                    where = _address(args.http_host, args.http_port)
+                    raise CommandError(
+                        f"--http-port: cannot listen on {where}: {_os_error(exc)}"
+                    ) from None
                 for listener in metrics:
                     host, port = listener.socket.getsockname()[:2]
                     logger.info(
@@ -349,34 +479,140 @@ async def _serve(args: argparse.Namespace) -> None:
     logger.info("relay stopped")
 
 
+def describe_gap(gap: Gap) -> str:
+    """What a :class:`Gap` means, in words: a reset, or the messages lost."""
+    if gap.reset:
+        return f"topic /{gap.topic} was reset; numbering restarted at {gap.first}"
+    if gap.first - 1 == gap.since + 1:
+        return f"message {gap.since + 1} is no longer retained"
+    return f"messages {gap.since + 1} to {gap.first - 1} are no longer retained"
+
+
+def _json_line(item: Message | Gap) -> str:
+    """``item`` as its ``trio-relay.v1`` frame, on one line (a gap also says ``reset``)."""
+    if isinstance(item, Gap):
+        frame: dict[str, object] = {"type": "gap", **dataclasses.asdict(item)}
+        frame["reset"] = item.reset
+    else:
+        frame = {"type": "message", "topic": item.topic, "seq": item.seq}
+        if isinstance(item.data, str):
+            frame["text"] = item.data
+        else:
+            frame["binary"] = base64.b64encode(item.data).decode("ascii")
+    return json.dumps(frame, ensure_ascii=False)
+
+
 async def _consume(args: argparse.Namespace) -> None:
     url = _url(args.host, args.port, args.topic)
+    envelope = args.show_seq or args.json
     async with consume(
-        url, connect_timeout=args.timeout, since=args.since, resume=args.resume
+        url,
+        connect_timeout=args.timeout,
+        since=args.since,
+        resume=args.resume,
+        envelope=envelope,
+        max_message_size=args.max_message_size,
     ) as messages:
-        logger.info("connected to %s", shown(url))
         async for item in messages:
             if isinstance(item, Gap):
-                logger.warning(
-                    "gap: messages %d to %d are no longer retained", item.since + 1, item.first - 1
-                )
+                logger.warning("gap: %s", describe_gap(item))
+                if args.json:
+                    print(_json_line(item), flush=True)
             elif isinstance(item, Message):
-                print(_show(item.data), flush=True)
+                if args.json:
+                    print(_json_line(item), flush=True)
+                elif args.show_seq:
+                    print(f"/{item.topic} #{item.seq}: {_show(item.data)}", flush=True)
+                else:
+                    print(_show(item.data), flush=True)
             else:
                 print(_show(item), flush=True)
 
 
+async def _input_chunks() -> AsyncGenerator[bytes, None]:
+    """Standard input, as it comes."""
+    fd = sys.stdin.fileno()
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)):
+        # A file (or /dev/null): always readable, and epoll refuses to watch it.
+        while chunk := os.read(fd, 1 << 16):
+            yield chunk
+            await trio.sleep(0)
+        return
+    # A pipe or a terminal: read without blocking the connection (its pings and closes)
+    # and without a thread. trio.lowlevel.FdStream is trio's one way to do that; it puts
+    # the descriptor in non-blocking mode and back when closed (tests/test_cli.py reads
+    # from a pipe through it).
+    async with trio.lowlevel.FdStream(os.dup(fd)) as stream:
+        while chunk := await stream.receive_some():
+            yield chunk
+
+
+async def _input_messages(*, whole: bool, binary: bool) -> AsyncGenerator[str | bytes, None]:
+    """The messages on standard input: each line (without its end), or all of it."""
+
+    def message(data: bytes, where: str) -> str | bytes:
+        if binary:
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError(f"{where} is not UTF-8 text (--binary sends bytes)") from None
+
+    buffer = bytearray()
+    number = 0
+    async with contextlib.aclosing(_input_chunks()) as chunks:
+        async for chunk in chunks:
+            buffer += chunk
+            if whole:
+                continue
+            *lines, rest = bytes(buffer).split(b"\n")
+            buffer = bytearray(rest)
+            for line in lines:
+                number += 1
+                yield message(line.removesuffix(b"\r"), f"standard input line {number}")
+    if whole:
+        yield message(bytes(buffer), "standard input")
+    elif buffer:
+        yield message(bytes(buffer).removesuffix(b"\r"), f"standard input line {number + 1}")
+
+
+def _acknowledged(message: str | bytes, report: DeliveryReport | None) -> str:
+    if report is not None:
+        return (
+            f"acknowledged: seq={report.seq} queued={report.queued} "
+            f"dropped={report.dropped} evicted={report.evicted}"
+        )
+    shown = _show(message)
+    if len(shown) > 100:
+        unit = "characters" if isinstance(message, str) else "bytes"
+        shown = f"{shown[:80]}... ({len(message)} {unit})"
+    return f"acknowledged: {shown}"
+
+
 async def _produce(args: argparse.Namespace) -> None:
     url = _url(args.host, args.port, args.topic)
-    report = await produce(url, args.message, timeout=args.timeout, envelope=args.report)
-    if report is None:
-        print(f"acknowledged: {args.message}", flush=True)
-    else:
-        print(
-            f"acknowledged: seq={report.seq} queued={report.queued} "
-            f"dropped={report.dropped} evicted={report.evicted}",
-            flush=True,
-        )
+    async with open_producer(url, timeout=args.timeout, envelope=args.report) as producer:
+        if args.message != "-":
+            message = args.message.encode() if args.binary else args.message
+            report = await producer.produce(message)
+            print(_acknowledged(message, report), flush=True)
+            return
+        if os.isatty(sys.stdin.fileno()):
+            print(
+                "reading messages from standard input, "
+                + (
+                    "all of it as one (Ctrl-D ends)" if args.whole else "one per line (Ctrl-D ends)"
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+        async with contextlib.aclosing(
+            _input_messages(whole=args.whole, binary=args.binary)
+        ) as messages:
+            async for message in messages:
+                report = await producer.produce(message)
+                print(_acknowledged(message, report), flush=True)
 
 
 def _patterns(text: str) -> tuple[str, ...]:
@@ -392,14 +628,19 @@ _SETTINGS = frozenset(
 )
 
 
-def _convert(name: str, value: object) -> object:
-    """A setting from a file or the environment, checked as its option checks it."""
+def _convert(name: str, value: object, source: str) -> object:
+    """A setting from a file or the environment, checked as its option checks it; a
+    ``ValueError`` names ``source`` (the file and key, or the variable)."""
     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     try:
+        if isinstance(value, bool | dict) or (
+            isinstance(value, list) and name != "allowed_origins"
+        ):
+            raise ValueError(f"not a valid value: {json.dumps(value, default=str)}")
         if name in _TEXT_SETTINGS:
             return text
         if name in ("port", "http_port", "metrics_port"):
-            return int(text)
+            return _port(text)
         if name == "workers":
             return _positive_int(text)
         if name == "log_level":
@@ -419,7 +660,10 @@ def _convert(name: str, value: object) -> object:
             return _non_negative_int(text)
         return _positive_int(text)
     except (ValueError, argparse.ArgumentTypeError) as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        detail = str(exc)
+        if detail.startswith(("invalid literal for int()", "could not convert")):
+            detail = f"not a number: {text!r}"
+        raise ValueError(f"{source}: {detail}") from None
 
 
 def serve_settings(environ: Mapping[str, str], config_file: str | None) -> dict[str, object]:
@@ -431,21 +675,31 @@ def serve_settings(environ: Mapping[str, str], config_file: str | None) -> dict[
     """
     settings: dict[str, object] = {}
     if config_file is not None:
-        with open(config_file, "rb") as file:
-            document = tomllib.load(file)
+        try:
+            with open(config_file, "rb") as file:
+                document = tomllib.load(file)
+        except OSError as exc:
+            raise ValueError(f"--config {config_file}: {_os_error(exc)}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{config_file}: not valid TOML: {exc}") from None
         table = document.get("serve", document)
+        if not isinstance(table, dict):
+            raise ValueError(f"{config_file}: [serve] must be a table")
         for key, value in sorted(
             table.items(), key=lambda item: item[0].replace("-", "_") not in _ALIASES
         ):
             name = key.replace("-", "_")
             if name not in _SETTINGS:
-                raise ValueError(f"unknown setting {key!r} in {config_file}")
-            settings[_ALIASES.get(name, name)] = _convert(name, value)
+                raise ValueError(f"{config_file}: unknown setting {key!r}")
+            settings[_ALIASES.get(name, name)] = _convert(name, value, f"{config_file}: {key}")
     # Old names first: where both are set, the current name wins.
     for name in sorted(_SETTINGS, key=lambda name: (name not in _ALIASES, name)):
-        text = environ.get(f"TRIO_RELAY_{name.upper()}")
+        variable = f"TRIO_RELAY_{name.upper()}"
+        text = environ.get(variable)
         if text is not None:
-            settings[_ALIASES.get(name, name)] = _convert(name, text)
+            settings[_ALIASES.get(name, name)] = _convert(
+                name, text, f"environment variable {variable}"
+            )
     return settings
 
 
@@ -457,13 +711,14 @@ def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as exc:
         print(f"trio-relay serve: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except CommandError as exc:
         print(f"trio-relay serve: {exc}", file=sys.stderr)
-        return 1
+        return exc.status
     try:
         reserved = reserve_port(args.host, args.port)
     except OSError as exc:
-        print(f"trio-relay serve: {exc}", file=sys.stderr)
+        where = _address(args.host, args.port)
+        print(f"trio-relay serve: cannot listen on {where}: {_os_error(exc)}", file=sys.stderr)
         return 1
     with contextlib.ExitStack() as stack:
         for sock in reserved:
@@ -496,32 +751,74 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _token(args: argparse.Namespace) -> int:
+    if not args.secret:
+        print(
+            "trio-relay token: no secret: give --secret or set TRIO_RELAY_AUTH_SECRET "
+            "(the relay's --auth-secret)",
+            file=sys.stderr,
+        )
+        return 2
+    if len(args.secret) < 32:
+        print(
+            f"trio-relay token: the secret must be at least 32 characters "
+            f"(it has {len(args.secret)})",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.publish and not args.subscribe:
+        print("trio-relay token: give --publish and/or --subscribe", file=sys.stderr)
+        return 2
+    print(mint_token(args.secret, publish=args.publish, subscribe=args.subscribe, ttl=args.ttl))
+    return 0
+
+
+def configure_logging(level: str, worker: str | None = None) -> None:
+    """The command's log: lines of the ``trio_relay`` loggers at ``level`` and above, on stderr.
+
+    coredis (the Redis backplane's client) logs its own view of a Redis outage ("Connection
+    closed unexpectedly!" with a traceback, at INFO and ERROR) beside the relay's own lines
+    about it; its logger is kept to CRITICAL unless ``level`` is DEBUG.
+    """
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s"
+        + (f" worker {worker}" if worker else "")
+        + ": %(message)s",
+    )
+    logging.getLogger("coredis").setLevel(logging.NOTSET if level == "DEBUG" else logging.CRITICAL)
+
+
+def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """``trio.run(command, args)``, raising the one exception inside an exception group
+    (a nursery's) bare, so that main() can report it."""
+    failure: BaseException | None = None
+    try:
+        trio.run(command, args)
+    except BaseExceptionGroup as group:
+        failure = group
+        while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+            failure = failure.exceptions[0]
+    if failure is not None:
+        try:
+            raise failure
+        finally:
+            failure = None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-relay``; returns the process exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         try:
             settings = serve_settings(os.environ, args.config)
-        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        except ValueError as exc:
             print(f"trio-relay serve: settings: {redact(str(exc))}", file=sys.stderr)
             return 2
         args = build_parser(settings).parse_args(argv)
     if args.command == "token":
-        if not args.secret or len(args.secret) < 32:
-            print("trio-relay token: --secret of at least 32 characters needed", file=sys.stderr)
-            return 2
-        if not args.publish and not args.subscribe:
-            print("trio-relay token: give --publish and/or --subscribe", file=sys.stderr)
-            return 2
-        print(mint_token(args.secret, publish=args.publish, subscribe=args.subscribe, ttl=args.ttl))
-        return 0
-    worker = os.environ.get("TRIO_RELAY_WORKER")
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s"
-        + (f" worker {worker}" if worker else "")
-        + ": %(message)s",
-    )
+        return _token(args)
+    configure_logging(args.log_level, os.environ.get("TRIO_RELAY_WORKER"))
     command = {"serve": _serve, "consume": _consume, "produce": _produce}[args.command]
     if args.command == "serve" and args.workers > 1:
         if args.backplane is None:
@@ -535,10 +832,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         tune_garbage_collector()
     try:
-        trio.run(command, args)
-    except ClientError as exc:
+        _run(command, args)
+    except (ClientError, CommandError) as exc:
         print(f"trio-relay {args.command}: {redact(str(exc))}", file=sys.stderr)
-        return 1
+        return exc.status if isinstance(exc, CommandError) else 1
     except KeyboardInterrupt:
         return 130
     except ValueError as exc:  # e.g. a setting out of range

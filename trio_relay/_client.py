@@ -39,6 +39,7 @@ from ._exceptions import (
     RelayTimeout,
     RelayUnavailable,
 )
+from ._redact import shown
 from ._topics import DeliveryReport, Gap, Message
 
 __all__ = [
@@ -558,10 +559,13 @@ class ConsumerState:
 
 
 def _report(state: ConsumerState, on_state: Callable[[ConsumerState], None] | None) -> None:
+    # shown(): a URL may carry ?token=, and a reason may quote what a server sent.
     if state.state == "retrying":
-        logger.info("connection lost (%s); retrying in %s s", state.reason, f"{state.delay:.3g}")
+        logger.info(
+            "connection lost (%s); retrying in %s s", shown(state.reason), f"{state.delay:.3g}"
+        )
     else:
-        logger.info("%s to %s", state.state, state.url)
+        logger.info("%s to %s", state.state, shown(state.url))
     if on_state is not None:
         on_state(state)
 
