@@ -193,6 +193,11 @@ def test_client_text_in_an_error_is_quoted_and_cut() -> None:
         parse_publish(json.dumps({"topic": topic, "text": "hi"}).encode(), 100)
     assert "\n" not in refused.value.detail
     assert "x" * 129 not in refused.value.detail
+    token = trio_relay.mint_token(SECRET, publish=["**"])  # pasted as a topic by mistake
+    with pytest.raises(ApiError) as refused:
+        parse_publish(json.dumps({"topic": f"{token} ", "text": "hi"}).encode(), 100)
+    assert refused.value.code == "bad-topic"
+    assert token[:20] not in refused.value.detail
 
 
 @pytest.mark.parametrize(

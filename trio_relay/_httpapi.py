@@ -29,6 +29,7 @@ import trio
 
 from ._auth import OPEN, Grant, TokenError, verify_token
 from ._exceptions import TooManyTopicsError
+from ._redact import shown
 from ._topics import DeliveryReport, Gap, Message, topic_from_path
 
 if TYPE_CHECKING:
@@ -112,8 +113,9 @@ class ApiError(Exception):
 
 
 def _quote(text: str) -> str:
-    """Client text for an error's detail: repr'd (escaped) and cut to :data:`MAX_QUOTED`."""
-    return repr(text[:MAX_QUOTED] + ("..." if len(text) > MAX_QUOTED else ""))
+    """Client text for an error's detail, quoted: as :func:`~trio_relay._redact.shown`
+    gives it (escaped, tokens redacted), cut to :data:`MAX_QUOTED` characters."""
+    return f'"{shown(text, MAX_QUOTED)}"'
 
 
 def is_api_path(path: bytes) -> bool:
