@@ -10,6 +10,7 @@ way to see that no task leaked).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import tracemalloc
@@ -137,19 +138,21 @@ async def test_a_fragment_flood_is_cut_at_the_message_size_with_1009(
         del flood  # ours, not the relay's: out of the memory comparison
 
 
-async def test_a_ping_flood_from_a_client_that_reads_no_pongs_is_cut_off(
+async def test_a_ping_flood_from_a_client_that_reads_no_pongs_is_throttled_then_cut_off(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with bystanding() as (relay, _):
+    async with bystanding(dataclasses.replace(CONFIG, control_rate=1000)) as (relay, _):
         client = await RawClient.connect(relay)
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_until_cut, client, masked_frame(0x9, b"ping!") * 100_000)
-            # Its pongs fill its socket: the relay stops reading it (backpressure), and once
-            # a pong write makes no progress for slow_consumer_timeout, cuts it off.
+            # The relay parses pings at control_rate (pongs to those of one read coalesce):
+            # its 7-byte pongs fill the 64 KiB it does not read, the relay stops reading it
+            # (backpressure), and once a pong write makes no progress for
+            # slow_consumer_timeout, cuts it off.
             await relay.server.wait_until(lambda s: s.connections == 1)
             nursery.cancel_scope.cancel()
-        assert trio.current_time() - start == 3.0
+        assert trio.current_time() - start == pytest.approx(65536 // 7 / 1000 + 3.0)
 
 
 async def test_half_a_frame_then_silence_ends_with_the_keepalive(

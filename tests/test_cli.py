@@ -60,6 +60,8 @@ def test_serve_defaults() -> None:
         "max_subscribers_per_topic": 10_000,
         "publish_rate": 0.0,
         "publish_burst": 1000,
+        "control_rate": 20.0,
+        "control_burst": 100,
         "auth_secret": None,
         "allowed_origins": (),
         "history_size": 1000,

@@ -475,6 +475,8 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--max-subscribers-per-topic MAX_SUBSCRIBERS_PER_TOPIC": "10000",
         "--publish-rate PUBLISH_RATE": "0.0",
         "--publish-burst PUBLISH_BURST": "1000",
+        "--control-rate CONTROL_RATE": "20.0",
+        "--control-burst CONTROL_BURST": "100",
         "--history-size HISTORY_SIZE": "1000",
         "--history-bytes HISTORY_BYTES": "1048576",
         "--history-age HISTORY_AGE": "600.0",

@@ -14,6 +14,7 @@ from helpers import masked_frame, upgrade_request
 from trio_relay import CloseCode, RelayConfig
 from trio_relay._auth import mint_token
 from trio_relay._budget import ByteBudget
+from trio_relay._envelope import MESSAGE_FRAME_OVERHEAD, encode_message, max_message_frame
 from trio_relay._parser import MAX_HEADER
 from trio_relay._protocol import OVER_BUDGET, Publish, Reject, RelayProtocol, State, Upgrade
 from trio_relay._topics import Batch, DeliveryReport, Gap
@@ -62,7 +63,7 @@ def test_a_request_in_pieces_is_decided_once_its_head_is_complete() -> None:
     [
         (upgrade_request("/a//b"), 400, "topic names"),
         (upgrade_request("/?since=-1"), 400, "'since' must be one sequence number"),
-        (upgrade_request().replace(b"Version: 13", b"Version: 7"), 426, "upgrade"),
+        (upgrade_request().replace(b"Version: 13", b"Version: 7"), 426, "Version"),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad WebSocket upgrade request"),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 3000, 431, "request head too large"),
     ],
@@ -77,6 +78,14 @@ def test_a_bad_request_is_refused_with_a_status_and_a_reason(
     assert reason in refusal.reason
     assert refusal.data.startswith(f"HTTP/1.1 {status} ".encode())
     assert protocol.state is State.CLOSED
+
+
+def test_an_unsupported_version_is_told_which_one_is_supported() -> None:
+    request = upgrade_request().replace(b"Version: 13", b"Version: 8")
+    refusal = RelayProtocol(RelayConfig()).receive_request(request)
+    assert isinstance(refusal, Reject) and refusal.status == 426
+    head, _, _ = refusal.data.partition(b"\r\n\r\n")
+    assert b"\r\nSec-WebSocket-Version: 13" in head  # RFC 6455 4.4
 
 
 def test_origins_and_tokens_are_checked_before_admission() -> None:
@@ -114,15 +123,89 @@ def test_frames_that_came_with_the_request_are_read_first() -> None:
     assert (step.payloads, step.texts, step.requests) == ([b"early"], [True], None)
 
 
-def test_everything_one_read_brings_is_one_batch_and_pings_get_pongs() -> None:
+def test_everything_one_read_brings_is_one_batch_split_only_where_a_pong_goes_first() -> None:
     protocol = opened()
-    data = masked_frame(0x1, b"a") + masked_frame(0x9, b"are you there") + masked_frame(0x2, b"b")
-    received = protocol.receive_data(data, now=1.0)
-    pong, publish = received.steps
-    assert pong == b"\x8a\x0dare you there"
+    data = masked_frame(0x1, b"a") + masked_frame(0x2, b"b")
+    (publish,) = protocol.receive_data(data, now=1.0).steps
     assert isinstance(publish, Publish)
     assert (publish.payloads, publish.texts) == ([b"a", b"b"], [True, False])
+    # Frames are answered in the order they arrive: the pong before the echo of "d".
+    data = masked_frame(0x1, b"c") + masked_frame(0x9, b"are you there") + masked_frame(0x2, b"d")
+    received = protocol.receive_data(data, now=1.0)
+    first, pong, second = received.steps
+    assert pong == b"\x8a\x0dare you there"
+    assert isinstance(first, Publish) and isinstance(second, Publish)
+    assert (first.payloads, second.payloads) == ([b"c"], [b"d"])
     assert received.close is None
+
+
+def test_a_ping_between_the_fragments_of_a_message_is_answered_before_it() -> None:
+    protocol = opened()
+    data = (
+        masked_frame(0x1, b"hel", fin=False)
+        + masked_frame(0x9, b"ping")
+        + masked_frame(0x0, b"lo", fin=True)
+    )
+    pong, publish = protocol.receive_data(data, now=1.0).steps
+    assert pong == b"\x8a\x04ping"
+    assert isinstance(publish, Publish) and publish.payloads == [b"hello"]
+
+
+def test_pongs_to_a_burst_of_pings_coalesce_to_the_latest() -> None:
+    protocol = opened()
+    data = b"".join(masked_frame(0x9, b"%d" % n) for n in range(50)) + masked_frame(0x1, b"m")
+    pong, publish = protocol.receive_data(data, now=1.0).steps
+    assert pong == b"\x8a\x0249"  # RFC 6455 5.5.3: only the most recent ping is answered
+    assert isinstance(publish, Publish)
+
+
+def test_control_frames_are_parsed_only_as_fast_as_the_control_rate() -> None:
+    protocol = opened(RelayConfig(control_rate=20, control_burst=100))
+    data = b"".join(masked_frame(0x9, b"%d" % n) for n in range(1000))
+    received = protocol.receive_data(data, now=0.0)
+    assert received.steps == [b"\x8a\x0299"]  # the burst, answered once
+    assert received.held and received.pause == pytest.approx(0.05)
+    # One ping per token from then on; the rest of the read stays held, unparsed.
+    for n in range(100, 110):
+        received = protocol.receive_data(b"", now=(n - 99) * 0.05)
+        assert received.steps == [b"\x8a" + bytes([len(b"%d" % n)]) + b"%d" % n]
+        assert received.held and received.pause == pytest.approx(0.05)
+    # After a quiet while, a full burst (100 pings, one pong) per call, to the latest ping.
+    pongs = []
+    for now in range(1000, 1100, 10):
+        received = protocol.receive_data(b"", now=now)
+        pongs += received.steps
+        if not received.held:
+            break
+    assert pongs == [b"\x8a\x03" + b"%d" % n for n in (209, 309, 409, 509, 609, 709, 809, 909, 999)]
+    assert received.pause == 0
+    # A pong (unsolicited, or to our keepalive) is a control frame too.
+    pongs = masked_frame(0xA, b"") * 150
+    assert protocol.receive_data(pongs, now=now + 100).held
+
+
+def test_no_control_rate_means_no_limit() -> None:
+    protocol = opened(RelayConfig(control_rate=0))
+    received = protocol.receive_data(masked_frame(0x9, b"") * 10_000, now=0.0)
+    assert received.steps == [b"\x8a\x00"] and not received.held
+
+
+def test_a_client_over_a_rate_is_not_timed_out_by_the_keepalive() -> None:
+    config = RelayConfig(publish_rate=1, publish_burst=1, ping_interval=20, ping_timeout=20)
+    protocol = opened(config)
+    ping = protocol.keepalive(20.0)
+    assert isinstance(ping, bytes)
+    # Its pong is behind 100 messages the relay reads at 1 a second.
+    data = masked_frame(0x1, b"x") * 100 + masked_frame(0xA, ping[2:])
+    now = 21.0
+    received = protocol.receive_data(data, now)
+    while received.held:
+        assert protocol.keepalive(now) is None  # not reading it on purpose: no timeout
+        now += received.pause
+        received = protocol.receive_data(b"", now)
+    assert now == pytest.approx(120.0)
+    assert protocol.keepalive(now) is None  # the pong was read: answered, next ping later
+    assert isinstance(protocol.keepalive(now + 20), bytes)
 
 
 def test_a_client_close_is_answered_with_its_own_code() -> None:
@@ -153,14 +236,43 @@ def test_a_raw_client_with_a_subscribe_only_token_is_closed_1008_when_it_publish
     )
 
 
-def test_publishing_over_the_rate_pauses_reading_for_exactly_the_debt() -> None:
+def test_publishing_over_the_rate_stops_at_the_burst_then_follows_the_rate() -> None:
     protocol = opened(RelayConfig(publish_rate=10, publish_burst=10))
-    within = protocol.receive_data(masked_frame(0x1, b"x") * 10, now=0.0)
-    assert within.pause == 0
-    over = protocol.receive_data(masked_frame(0x1, b"x") * 5, now=0.0)
-    assert over.pause == pytest.approx(0.5)  # 5 messages at 10/s
-    later = protocol.receive_data(masked_frame(0x1, b"x"), now=10.0)
-    assert later.pause == 0  # the bucket refilled (to its burst, no more)
+    data = masked_frame(0x1, b"x") * 5000  # 35,000 bytes: one read
+    published: list[tuple[float, int]] = []
+    now = 0.0
+    received = protocol.receive_data(data, now)
+    while True:
+        count = sum(len(s.payloads) for s in received.steps if isinstance(s, Publish))
+        published.append((round(now, 6), count))
+        if not received.held or now >= 2.0:
+            break
+        now += received.pause
+        received = protocol.receive_data(b"", now)
+    # The burst at once, then one message every 0.1 s; the rest stays held, unparsed.
+    assert published[:3] == [(0.0, 10), (0.1, 1), (0.2, 1)]
+    assert published[-1] == (2.0, 1)
+    assert sum(count for _, count in published) == 30
+    assert len(published) == 21
+    # After a quiet while, the bucket holds its burst, no more.
+    received = protocol.receive_data(b"", now=10_000.0)
+    assert sum(len(s.payloads) for s in received.steps if isinstance(s, Publish)) == 10
+    assert received.held
+
+
+def test_after_a_pause_the_rest_of_a_read_is_published_in_batches_as_tokens_allow() -> None:
+    protocol = opened(RelayConfig(publish_rate=100, publish_burst=50))
+    received = protocol.receive_data(masked_frame(0x1, b"x") * 120, now=0.0)
+    (batch,) = received.steps
+    assert isinstance(batch, Publish) and len(batch.payloads) == 50
+    assert received.held and received.pause == pytest.approx(0.01)
+    received = protocol.receive_data(b"", now=0.5)  # 50 tokens more by now
+    (batch,) = received.steps
+    assert isinstance(batch, Publish) and len(batch.payloads) == 50
+    received = protocol.receive_data(b"", now=1.0)
+    (batch,) = received.steps
+    assert isinstance(batch, Publish) and len(batch.payloads) == 20
+    assert not received.held and received.pause == 0
 
 
 # ---------------------------------------------------------------------------- envelopes
@@ -202,6 +314,101 @@ def test_an_envelope_client_is_welcomed_and_told_of_a_gap_a_raw_one_is_closed_44
     first, close = raw.opening(Gap("news", 2, 8), replay, 8, now=0.0)
     assert first == b""
     assert close == (CloseCode.GAP, "messages 3 to 7 are no longer retained")
+
+
+def error_frames(steps: list[bytes | Publish]) -> list[dict[str, object]]:
+    """The error frames among ``steps`` (each a header step, then its JSON)."""
+    bodies = [step for step in steps if isinstance(step, bytes) and step.startswith(b"{")]
+    return [json.loads(body) for body in bodies]
+
+
+def test_error_replies_are_bounded_by_the_control_rate_without_a_publish_rate() -> None:
+    protocol = opened(RelayConfig(control_rate=20, control_burst=100), envelope_request())
+    flood = masked_frame(0x1, b"") * (64 * 1024 // 6)  # 10,922 empty frames: not JSON
+    received = protocol.receive_data(flood, now=0.0)
+    errors = error_frames(received.steps)
+    assert len(errors) == 100 and errors[0]["code"] == "not-json"
+    assert received.held and received.pause == pytest.approx(0.05)
+    received = protocol.receive_data(b"", now=0.05)
+    assert len(error_frames(received.steps)) == 1
+
+
+def test_error_replies_count_toward_the_publish_rate() -> None:
+    config = RelayConfig(publish_rate=10, publish_burst=10, control_rate=0)
+    protocol = opened(config, envelope_request())
+    data = masked_frame(0x1, b"nope") * 4 + b"".join(publish_frame(f"{n}") for n in range(20))
+    received = protocol.receive_data(data, now=0.0)
+    assert len(error_frames(received.steps)) == 4
+    (batch,) = [step for step in received.steps if isinstance(step, Publish)]
+    assert batch.payloads == [b"0", b"1", b"2", b"3", b"4", b"5"]  # 10 tokens, 4 for errors
+    assert received.held
+
+
+def test_valid_envelope_frames_go_on_past_the_control_allowance_in_one_call() -> None:
+    # Each envelope frame might be refused, so they are parsed control_burst at a time;
+    # frames that are valid cost nothing of it, and parsing goes on.
+    protocol = opened(RelayConfig(control_burst=10), envelope_request())
+    data = b"".join(publish_frame(f"{n}", id=n) for n in range(95))
+    received = protocol.receive_data(data, now=0.0)
+    (batch,) = received.steps
+    assert isinstance(batch, Publish) and len(batch.payloads) == 95
+    assert not received.held
+
+
+def test_an_error_frame_echoes_no_client_value_longer_than_128_characters() -> None:
+    protocol = opened(request=envelope_request("/news"))
+    data = publish_frame("x", id="m-1", topic="t" * 100_000) + masked_frame(
+        0x1, json.dumps({"type": ["y" * 100_000], "id": 7}).encode()
+    )
+    wrong_topic, unknown_type = error_frames(protocol.receive_data(data, now=0.0).steps)
+    assert (wrong_topic["code"], wrong_topic["id"]) == ("wrong-topic", "m-1")
+    assert (unknown_type["code"], unknown_type["id"]) == ("unknown-type", 7)
+    assert wrong_topic["detail"] == (
+        "this connection publishes to topic 'news', not '" + "t" * 104 + "... (100002 characters)"
+    )
+    assert unknown_type["detail"] == ('unknown "type": [\'' + "y" * 103 + "... (100004 characters)")
+
+
+def test_a_forbidden_publish_gets_an_error_with_its_id() -> None:
+    config = RelayConfig(auth_secret=SECRET)
+    token = mint_token(SECRET, subscribe=["news"])
+    protocol = opened(config, envelope_request(f"/news?token={token}"))
+    data = publish_frame("hi", id="m-17") + publish_frame("again") + masked_frame(0x1, b"{")
+    forbidden, anonymous, not_json = error_frames(protocol.receive_data(data, now=0.0).steps)
+    assert forbidden == {
+        "type": "error",
+        "code": "forbidden",
+        "detail": "the token does not allow publishing to topic 'news'",
+        "id": "m-17",
+    }
+    assert anonymous["code"] == "forbidden" and "id" not in anonymous
+    assert not_json["code"] == "not-json"
+
+
+def test_an_envelope_frame_over_the_size_limit_says_what_was_counted() -> None:
+    protocol = opened(RelayConfig(max_message_size=1000), envelope_request())
+    header = masked_frame(0x1, b"x" * 1334)[:8]  # the header announces 1,334 bytes
+    received = protocol.receive_data(header, now=0.0)
+    assert received.close == (
+        CloseCode.MESSAGE_TOO_BIG,
+        "envelope frame of 1334 bytes (JSON, base64 payload) over the 1000-byte limit",
+    )
+    raw = opened(RelayConfig(max_message_size=1000))
+    fragments = masked_frame(0x2, b"x" * 600, fin=False) + masked_frame(0x0, b"x" * 600)
+    assert raw.receive_data(fragments, now=0.0).close == (
+        CloseCode.MESSAGE_TOO_BIG,
+        "message of at least 1200 bytes over the 1000-byte limit",
+    )
+
+
+def test_the_largest_envelope_frame_is_six_times_the_largest_payload() -> None:
+    # Text of control characters is the worst case of the JSON encoding: \u0001 for each.
+    payload = b"\x01" * 1000
+    body = encode_message("t" * 200, 2**63 - 1, payload, text=True)
+    assert len(body) <= max_message_frame(1000) == 6 * 1000 + MESSAGE_FRAME_OVERHEAD
+    assert max_message_frame(1000) - len(body) == 2  # tight: "binary" is 2 longer than "text"
+    binary = encode_message("t" * 200, 2**63 - 1, bytes(range(256)) * 4, text=False)
+    assert len(binary) < max_message_frame(1024)
 
 
 # ---------------------------------------------------------------------------- bytes out

@@ -126,6 +126,9 @@ _SERVE_HELP = {
     "publish_rate": "messages per second one connection may publish, 0 for no limit; a "
     "faster client is read from more slowly",
     "publish_burst": "messages one connection may publish at once above the rate",
+    "control_rate": "pings, pongs and refused envelope frames per second one connection may "
+    "send, 0 for no limit; a faster client is read from more slowly",
+    "control_burst": "such frames one connection may send at once above the control rate",
     "auth_secret": "secret of the HS256 tokens clients must present, at least 32 characters",
     "allowed_origins": "comma-separated Origin patterns browsers must match, e.g. https://*.example.com",
     "history_size": "messages each topic retains for clients resuming with since=",

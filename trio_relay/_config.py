@@ -64,9 +64,18 @@ class RelayConfig:
     """Clients one topic accepts; more get HTTP 503 at the handshake."""
     publish_rate: float = 0.0
     """Messages per second one connection may publish, on average (0: no limit). A client
-    above it is not read from until it is back under: TCP slows it down, nothing is lost."""
+    above it is not read from until it is back under: TCP slows it down, nothing is lost.
+    Envelope frames the relay refuses (answered with an ``error`` frame) count too."""
     publish_burst: int = 1000
     """Messages one connection may publish at once above ``publish_rate`` (the bucket size)."""
+    control_rate: float = 20.0
+    """Frames per second one connection may send that the relay answers or handles itself
+    rather than publishing, on average: pings, pongs, and envelope frames refused with an
+    ``error`` frame (0: no limit). On by default, unlike ``publish_rate``: a flood of
+    these costs the relay CPU and reply bytes and serves nobody. A client above it is
+    not read from until it is back under, like one over ``publish_rate``."""
+    control_burst: int = 100
+    """Frames of those kinds one connection may send at once above ``control_rate``."""
     auth_secret: str | None = field(default=None, repr=False)
     """Secret (at least 32 characters) that client tokens must be signed with (HS256 JWT);
     None lets every client publish and subscribe to every topic. Prefer setting it through
@@ -117,6 +126,7 @@ class RelayConfig:
             "max_subscribers_per_topic",
             "publish_burst",
             "max_topics",
+            "control_burst",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -134,6 +144,7 @@ class RelayConfig:
             "ping_interval",
             "ping_timeout",
             "publish_rate",
+            "control_rate",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0")

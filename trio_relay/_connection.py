@@ -697,23 +697,26 @@ class RelayConnection:
         while True:
             received = protocol.receive_data(data, trio.current_time())
             replies: list[bytes] = []
-            for step in received.steps:
-                if type(step) is bytes:
-                    replies.append(step)
-                    continue
-                assert isinstance(step, Publish)
-                if step.requests is None:
-                    try:  # the hot path: publish synchronously when nobody must be waited for
-                        topics.publish_nowait(topic, step.payloads, step.texts, source=protocol)
-                    except trio.WouldBlock:
-                        await topics.publish_batch(
-                            topic, step.payloads, step.texts, source=protocol
-                        )
-                else:
-                    report = await self._publish(step)
-                    replies.append(protocol.acknowledge(step, report))
             close = received.close
             try:
+                for step in received.steps:
+                    if type(step) is bytes:
+                        replies.append(step)
+                        continue
+                    assert isinstance(step, Publish)
+                    if replies:  # pongs and errors go out before later messages' echoes
+                        await self._send(b"".join(replies))
+                        replies = []
+                    if step.requests is None:
+                        try:  # the hot path: publish synchronously when nobody must wait
+                            topics.publish_nowait(topic, step.payloads, step.texts, source=protocol)
+                        except trio.WouldBlock:
+                            await topics.publish_batch(
+                                topic, step.payloads, step.texts, source=protocol
+                            )
+                    else:
+                        report = await self._publish(step)
+                        replies.append(protocol.acknowledge(step, report))
                 if replies:
                     await self._send(b"".join(replies))
                 if close is not None and received.peer_closed:
@@ -730,6 +733,9 @@ class RelayConnection:
                 return
             if received.pause:
                 await trio.sleep(received.pause)
+            if received.held:
+                data = b""  # over a rate: what this read brought first, then read again
+                continue
             try:
                 data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError):

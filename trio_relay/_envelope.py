@@ -12,15 +12,21 @@ import binascii
 import json
 from dataclasses import dataclass
 
+from ._redact import shown
+
 __all__ = [
+    "MAX_ECHOED",
+    "MESSAGE_FRAME_OVERHEAD",
     "SUBPROTOCOL",
     "EnvelopeError",
     "PublishRequest",
+    "clip",
     "encode_ack",
     "encode_error",
     "encode_gap",
     "encode_message",
     "encode_welcome",
+    "max_message_frame",
     "parse_client_frame",
 ]
 
@@ -28,6 +34,15 @@ SUBPROTOCOL = "trio-relay.v1"
 """The WebSocket subprotocol a client asks for to speak the envelope protocol."""
 
 MAX_ID_LENGTH = 128
+MAX_ECHOED = 128
+"""Most characters of a client's value that an error frame quotes back; the rest is cut."""
+
+
+def clip(value: object) -> str:
+    """``repr(value)`` as :func:`~trio_relay._redact.shown` gives it, at most
+    :data:`MAX_ECHOED` characters (the rest cut, with a note of the length): error frames
+    quote what the client sent, but never amplify it (a 100 KB topic, say)."""
+    return shown(repr(value), MAX_ECHOED)
 
 
 @dataclass(frozen=True)
@@ -83,11 +98,11 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
         )
     kind = frame.get("type")
     if kind != "publish":
-        raise EnvelopeError("unknown-type", f'unknown "type": {kind!r}', request_id)
+        raise EnvelopeError("unknown-type", f'unknown "type": {clip(kind)}', request_id)
     if "topic" in frame and frame["topic"] != topic:
         raise EnvelopeError(
             "wrong-topic",
-            f"this connection publishes to topic {topic!r}, not {frame['topic']!r}",
+            f"this connection publishes to topic {clip(topic)}, not {clip(frame['topic'])}",
             request_id,
         )
     echo = frame.get("echo", True)
@@ -121,7 +136,8 @@ def _dump(frame: dict[str, object]) -> bytes:
 
 
 def encode_message(topic: str, seq: int, payload: bytes, *, text: bool) -> bytes:
-    """The JSON of a ``message`` frame (UTF-8 bytes, to be sent as a text frame)."""
+    """The JSON of a ``message`` frame (UTF-8 bytes, to be sent as a text frame); at most
+    :func:`max_message_frame` of ``len(payload)`` bytes."""
     if text:
         return _dump({"type": "message", "topic": topic, "seq": seq, "text": payload.decode()})
     encoded = base64.b64encode(payload).decode("ascii")
@@ -164,3 +180,22 @@ def encode_error(code: str, detail: str, request_id: str | int | None = None) ->
     if request_id is not None:
         frame["id"] = request_id
     return _dump(frame)
+
+
+MESSAGE_FRAME_OVERHEAD = len(
+    _dump({"type": "message", "topic": "t" * 200, "seq": 2**63 - 1, "binary": ""})
+)
+"""Bytes of a ``message`` frame's JSON around its payload, at most: a topic of 200
+characters (names are ASCII: nothing in them is escaped) and a 19-digit sequence number."""
+
+
+def max_message_frame(max_payload: int) -> int:
+    """The largest ``message`` frame (its JSON, in bytes, which is also the most characters)
+    the relay sends for a payload of at most ``max_payload`` bytes.
+
+    The worst case is text of control characters: JSON escapes each of U+0000 to U+001F
+    (but for ``\\n``, ``\\t`` and three more) as ``\\u00XX``, 6 bytes for 1. Other
+    characters cost at most 2 bytes per byte (``\\"`` and ``\\\\``; the relay sends
+    UTF-8, not ``\\u`` escapes), and binary payloads 4 per 3 (base64).
+    """
+    return 6 * max_payload + MESSAGE_FRAME_OVERHEAD

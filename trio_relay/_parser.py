@@ -9,7 +9,9 @@ would encode again) and builds several objects per frame.
 
 Feed bytes with :meth:`FrameParser.feed`; it returns the events those bytes completed. A
 protocol violation raises :class:`ProtocolError` carrying the close code to send; events
-completed before the bad frame are in its ``events`` attribute.
+completed before the bad frame are in its ``events`` attribute. ``feed`` can be told to
+stop after so many messages or control frames (the connection's rate limits): the rest of
+the bytes then stay buffered, unparsed, until the next call.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Final
 
 __all__ = [
     "CLOSE",
+    "CONTROL",
     "MAX_HEADER",
     "MESSAGE",
     "PING",
@@ -34,6 +37,10 @@ MESSAGE: Final = 0
 PING: Final = 1
 PONG: Final = 2
 CLOSE: Final = 3
+CONTROL: Final = PING
+"""What :attr:`FrameParser.stopped` is when a ping or pong frame stopped parsing."""
+UNLIMITED: Final = 1 << 62
+"""The default allowance of :meth:`FrameParser.feed`: no limit."""
 
 MAX_HEADER: Final = 14
 """The longest frame header a client sends: 2 bytes, 8 of extended length, 4 of mask."""
@@ -76,12 +83,14 @@ _LOCAL_ONLY_CODES = frozenset({1005, 1006, 1015})
 
 
 class ProtocolError(Exception):
-    """The client broke RFC 6455: close the connection with :attr:`code`."""
+    """The client broke RFC 6455: close the connection with :attr:`code`. For 1009,
+    :attr:`size` is the message's size in bytes as far as its frame headers announced it."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, size: int = 0) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.size = size
         self.events: list[Event] = []
 
 
@@ -115,12 +124,27 @@ class FrameParser:
         self._fragmenting = False
         self._fragment_size = 0
         self._decoder: codecs.IncrementalDecoder | None = None
+        self.too_big = "message of {size} bytes over the {limit}-byte limit"
+        """The reason of the 1009 error, with ``{size}`` and ``{limit}`` to fill in."""
+        self.stopped: int | None = None
+        """:data:`MESSAGE` or :data:`CONTROL` if the last :meth:`feed` stopped before a frame
+        of that kind because its allowance was spent; the frame and everything after it are
+        buffered for the next call. None otherwise."""
 
-    def feed(self, data: bytes | bytearray) -> list[Event]:
+    def feed(
+        self,
+        data: bytes | bytearray,
+        max_messages: int = UNLIMITED,
+        max_controls: int = UNLIMITED,
+    ) -> list[Event]:
         """Add received bytes; return the events they complete, in order.
 
+        At most ``max_messages`` messages and ``max_controls`` ping and pong frames are
+        parsed (close frames always are); then parsing stops, :attr:`stopped` says why,
+        and the remaining bytes wait in the buffer: call again (with ``b""``) to go on.
         After a close frame, further bytes are ignored (RFC 6455 5.5.1).
         """
+        self.stopped = None
         if self._closed:
             return []
         buffer = self._buffer
@@ -131,7 +155,7 @@ class FrameParser:
             view = data
         events: list[Event] = []
         try:
-            consumed = self._parse(view, events)
+            consumed = self._parse(view, events, max_messages, max_controls)
         except ProtocolError as exc:
             self._closed = True
             self._buffer = bytearray()
@@ -162,7 +186,9 @@ class FrameParser:
         self._fragmenting = False
         self._decoder = None
 
-    def _parse(self, data: bytes | bytearray, events: list[Event]) -> int:
+    def _parse(
+        self, data: bytes | bytearray, events: list[Event], messages: int, controls: int
+    ) -> int:
         size = len(data)
         pos = 0
         limit = self.max_message_size
@@ -201,18 +227,36 @@ class FrameParser:
                     raise ProtocolError(1002, "fragmented control frame")
                 if length > 125:
                     raise ProtocolError(1002, "control frame payload over 125 bytes")
+                if opcode != 8:
+                    if not controls:
+                        self.stopped = CONTROL
+                        break
+                    controls -= 1
             elif opcode > 2:
                 raise ProtocolError(1002, f"unknown opcode {opcode:#x}")
             elif opcode == 0:
                 if not self._fragmenting:
                     raise ProtocolError(1002, "continuation frame without a message to continue")
                 if self._fragment_size + length > limit:
-                    raise ProtocolError(1009, f"message exceeds {limit} bytes")
+                    size = self._fragment_size + length
+                    reason = self.too_big.format(size=f"at least {size}", limit=limit)
+                    raise ProtocolError(1009, reason, size)
+                if fin:
+                    if not messages:
+                        self.stopped = MESSAGE
+                        break
+                    messages -= 1
             else:
                 if self._fragmenting:
                     raise ProtocolError(1002, "new message before the previous one finished")
                 if length > limit:
-                    raise ProtocolError(1009, f"message exceeds {limit} bytes")
+                    reason = self.too_big.format(size=length, limit=limit)
+                    raise ProtocolError(1009, reason, length)
+                if fin:
+                    if not messages:
+                        self.stopped = MESSAGE
+                        break
+                    messages -= 1
             end = pos + header + length
             if end > size:
                 break

@@ -26,6 +26,7 @@ import enum
 import fnmatch
 import http
 import itertools
+from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -41,6 +42,7 @@ from ._envelope import (
     SUBPROTOCOL,
     EnvelopeError,
     PublishRequest,
+    clip,
     encode_ack,
     encode_error,
     encode_gap,
@@ -56,7 +58,16 @@ from ._frames import (
     frame_header,
     split_request_head,
 )
-from ._parser import CLOSE, MESSAGE, PING, Close, FrameParser, ProtocolError
+from ._parser import (
+    CLOSE,
+    CONTROL,
+    MESSAGE,
+    PING,
+    UNLIMITED,
+    Close,
+    FrameParser,
+    ProtocolError,
+)
 from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, DeliveryReport, Gap, topic_from_path
 
@@ -68,6 +79,7 @@ __all__ = [
     "Reject",
     "RelayProtocol",
     "State",
+    "TokenBucket",
     "Upgrade",
     "http_response",
 ]
@@ -132,22 +144,63 @@ class Received:
     its batch); then, if ``close`` is set, the connection ends with that close frame:
     ``peer_closed`` when it answers the client's own close, ``protocol_error`` when the
     client broke the protocol or its message has no room (1013): send it, do not wait for
-    an answer. ``pause`` is how long to read nothing more from this client (the publish
-    rate limit).
+    an answer. If ``held`` is set, the connection is over one of its rates and bytes of
+    this read are still unparsed: wait ``pause`` seconds, then call
+    :meth:`RelayProtocol.receive_data` with ``b""`` before reading anything more from this
+    client.
+
+    Bytes steps (pongs, error frames) must be written before the batches that follow them
+    are published: frames are answered in the order they arrived (RFC 6455).
     """
 
-    __slots__ = ("close", "pause", "peer_closed", "protocol_error", "steps")
+    __slots__ = ("close", "held", "pause", "peer_closed", "protocol_error", "steps")
 
     def __init__(self) -> None:
         self.steps: list[bytes | Publish] = []
         self.close: tuple[int, str] | None = None
         self.peer_closed = False
         self.protocol_error = False
+        self.held = False
         self.pause = 0.0
 
 
-def http_response(status: int, body: str) -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 response with a plain-text body."""
+class TokenBucket:
+    """A rate limit: ``rate`` tokens a second, at most ``burst`` saved up.
+
+    Tokens are counted as floats and handed out whole; times are the caller's clock.
+    """
+
+    __slots__ = ("burst", "rate", "refilled", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float = 0.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.refilled = now
+
+    def available(self) -> int:
+        """Whole tokens at the last refill (no more than there are now)."""
+        # The epsilon: 0.1 s at 10 per second may come to 0.9999999999999999 tokens.
+        return int(self.tokens + 1e-9)
+
+    def refill(self, now: float) -> int:
+        """Add the tokens earned since the last refill; return the whole tokens now."""
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        return int(self.tokens + 1e-9)
+
+    def spend(self, count: int) -> None:
+        """Take ``count`` tokens (refill first: they must be there)."""
+        self.tokens -= count
+
+    def wait(self) -> float:
+        """Seconds until a whole token is there."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+def http_response(status: int, body: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response with a plain-text body (and
+    ``headers`` besides)."""
     payload = (body + "\n").encode("utf-8")
     try:
         phrase = http.HTTPStatus(status).phrase
@@ -157,9 +210,10 @@ def http_response(status: int, body: str) -> bytes:
         f"HTTP/1.1 {status} {phrase}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(payload)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + payload
+        "Connection: close\r\n"
+    ).encode("ascii")
+    extra = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return head + extra + b"\r\n" + payload
 
 
 def _since(values: list[str] | None) -> int | None:
@@ -182,14 +236,14 @@ class RelayProtocol:
     __slots__ = (
         "_buffer",
         "_claim",
+        "_control_bucket",
         "_counters",
         "_cursor",
         "_next_ping",
         "_parser",
         "_ping_payload",
         "_ping_sent",
-        "_refilled",
-        "_tokens",
+        "_publish_bucket",
         "_ws",
         "config",
         "envelope",
@@ -230,9 +284,14 @@ class RelayProtocol:
         self._ping_payload: bytes | None = None  # of the keepalive ping awaiting its pong
         self._ping_sent = 0.0
         self._next_ping = float("inf")
-        # Publish rate limit: a token bucket refilled at publish_rate messages per second.
-        self._tokens = float(config.publish_burst)
-        self._refilled = 0.0
+        # The rate limits (None: off): messages published, and frames the relay answers
+        # or handles itself (pings, pongs, refused envelope frames).
+        self._publish_bucket = (
+            TokenBucket(config.publish_rate, config.publish_burst) if config.publish_rate else None
+        )
+        self._control_bucket = (
+            TokenBucket(config.control_rate, config.control_burst) if config.control_rate else None
+        )
 
     # ------------------------------------------------------------------ handshake
 
@@ -259,7 +318,10 @@ class RelayProtocol:
             events = list(ws.events())
         except RemoteProtocolError as exc:
             status = getattr(exc.event_hint, "status_code", 400)
-            return self.reject(status, f"bad WebSocket upgrade request: {exc}")
+            # wsproto's hint carries the headers the answer needs: for a version other than
+            # 13, "Sec-WebSocket-Version: 13" (RFC 6455 4.4).
+            headers = getattr(exc.event_hint, "headers", None) or []
+            return self.reject(status, f"bad WebSocket upgrade request: {exc}", headers)
         request = events[0] if events else None
         if not isinstance(request, Request):
             return self.reject(400, "bad WebSocket upgrade request")
@@ -297,7 +359,9 @@ class RelayProtocol:
         self._ws = ws
         return Upgrade(self.topic, self.since, self.envelope)
 
-    def reject(self, status: int, reason: str) -> Reject:
+    def reject(
+        self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> Reject:
         """Refuse the handshake with HTTP ``status`` (the server's limits call this too).
 
         ``reason`` goes into the response body and the log as :func:`shown` makes it:
@@ -307,7 +371,7 @@ class RelayProtocol:
         self.state = State.CLOSED
         self._ws = None
         self._counters.rejections[f"http-{status}"] += 1
-        return Reject(status, reason, http_response(status, reason))
+        return Reject(status, reason, http_response(status, reason, headers))
 
     def accept(self) -> bytes:
         """The ``101 Switching Protocols`` response for an admitted :class:`Upgrade`."""
@@ -315,6 +379,10 @@ class RelayProtocol:
         subprotocol = SUBPROTOCOL if self.envelope else None
         data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
         self._ws = None
+        if self.envelope:
+            self._parser.too_big = (
+                "envelope frame of {size} bytes (JSON, base64 payload) over the {limit}-byte limit"
+            )
         self.state = State.OPEN
         return data
 
@@ -324,7 +392,9 @@ class RelayProtocol:
         """What the client gets first once subscribed (welcome, gap, replayed messages), or
         a close instead: a raw client cannot be told about a gap in-band (close 4410)."""
         self._cursor = cursor
-        self._refilled = now
+        for bucket in (self._publish_bucket, self._control_bucket):
+            if bucket is not None:
+                bucket.refilled = now
         if self.config.ping_interval > 0:
             self._next_ping = now + self.config.ping_interval
         if gap is not None and not self.envelope:
@@ -348,61 +418,119 @@ class RelayProtocol:
 
     def receive_data(self, data: bytes | bytearray, now: float) -> Received:
         """Feed bytes the client sent (``b""`` once, after :meth:`accept`, to process bytes
-        that came with the request); return what they call for."""
+        that came with the request); return what they call for, in the order the frames
+        arrived.
+
+        Frames are parsed only as far as the connection's rates allow (``publish_rate``
+        for messages, ``control_rate`` for pings, pongs and refused envelope frames). The
+        rest of the bytes are held, unparsed: then :attr:`Received.held` is set, and after
+        :attr:`Received.pause` the shell calls this again with ``b""`` before it reads any
+        more (so what is held is at most one read, and the rest waits in the kernel)."""
         received = Received()
         if self._buffer:
             data, self._buffer = self._buffer + data, bytearray()
-        if not data:
+        if data:
+            self._counters.bytes_in += len(data)
+        elif self._parser.stopped is None:
             return received
-        self._counters.bytes_in += len(data)
-        error: ProtocolError | None = None
-        try:
-            events = self._parser.feed(data)
-        except ProtocolError as exc:
-            events, error = exc.events, exc
-        if (
-            error is None
-            and self._parser.unfinished != self._claim.held
-            and not self._hold_unfinished()
-        ):
-            # Failed as a protocol error is (no waiting for the client's close), though
-            # the client did nothing wrong: its message does not fit now.
-            error = ProtocolError(CloseCode.TRY_AGAIN_LATER, OVER_BUDGET)
-        payloads: list[bytes] = []
-        texts: list[bool] = []
+        parser = self._parser
+        publish_bucket, control_bucket = self._publish_bucket, self._control_bucket
+        envelope = self.envelope
         steps = received.steps
+        batch: Publish | None = None  # the batch later messages join, if nothing came between
+        pong = -1  # the index in steps of a pong that a next ping replaces (coalescing)
         close: Close | None = None
-        for kind, payload, text in events:
-            if kind == MESSAGE:
-                payloads.append(payload)
-                texts.append(text)
-            elif kind == PING:
-                steps.append(control_frame(PONG_OPCODE, payload))
-            elif kind == CLOSE:
-                try:
-                    close = Close.parse(payload)
-                except ProtocolError as exc:
-                    error = exc
+        error: ProtocolError | None = None
+        while True:
+            messages = UNLIMITED if publish_bucket is None else publish_bucket.refill(now)
+            controls = UNLIMITED if control_bucket is None else control_bucket.available()
+            if envelope and controls < messages:
+                messages = controls  # any envelope frame may be refused: an error reply
+            try:
+                events = parser.feed(data, messages, controls)
+            except ProtocolError as exc:
+                events, error = exc.events, exc
+            data = b""
+            if (
+                error is None
+                and parser.unfinished != self._claim.held
+                and not self._hold_unfinished()
+            ):
+                # Failed as a protocol error is (no waiting for the client's close), though
+                # the client did nothing wrong: its message does not fit now.
+                error = ProtocolError(CloseCode.TRY_AGAIN_LATER, OVER_BUDGET)
+            published = controlled = 0
+            for kind, payload, text in events:
+                if kind == MESSAGE:
+                    if not self.may_write and not envelope:
+                        detail = f"the token does not allow publishing to topic {self.topic!r}"
+                        received.close = (CloseCode.SLOW_CONSUMER, detail)  # 1008: policy
+                        return received
+                    published += 1
+                    if envelope:
+                        reply = self._envelope_frame(payload, text)
+                        if isinstance(reply, bytes):
+                            steps += (frame_header(len(reply), text=True), reply)
+                            controlled += 1
+                            batch = None
+                        else:
+                            if batch is None or batch.echo != reply.echo:
+                                batch = Publish([], [], reply.echo, [])
+                                steps.append(batch)
+                            assert batch.requests is not None
+                            batch.payloads.append(reply.payload)
+                            batch.texts.append(reply.text)
+                            batch.requests.append(reply)
+                    else:
+                        if batch is None:
+                            batch = Publish([], [])
+                            steps.append(batch)
+                        batch.payloads.append(payload)
+                        batch.texts.append(text)
+                    pong = -1
+                elif kind == PING:
+                    # Answered in arrival order: before the echo of any later message. A
+                    # ping right behind another replaces its unsent pong (RFC 6455 5.5.3).
+                    controlled += 1
+                    if pong >= 0:
+                        steps[pong] = control_frame(PONG_OPCODE, payload)
+                    else:
+                        pong = len(steps)
+                        steps.append(control_frame(PONG_OPCODE, payload))
+                        batch = None
+                elif kind == CLOSE:
+                    try:
+                        close = Close.parse(payload)
+                    except ProtocolError as exc:
+                        error = exc
+                    break
+                else:  # a pong
+                    controlled += 1
+                    if payload == self._ping_payload:  # the pong to our keepalive ping
+                        self._ping_payload = None
+                        self._next_ping = now + self.config.ping_interval
+            if published:
+                self._counters.messages_in += published
+                if publish_bucket is not None:
+                    publish_bucket.spend(published)
+            if controlled and control_bucket is not None:
+                control_bucket.refill(now)
+                control_bucket.spend(controlled)
+            if close is not None or error is not None or parser.stopped is None:
                 break
-            elif payload == self._ping_payload:  # the pong to our keepalive ping
-                self._ping_payload = None
-                self._next_ping = now + self.config.ping_interval
-        if payloads:
-            if not self.may_write:
-                detail = f"the token does not allow publishing to topic {self.topic!r}"
-                if not self.envelope:
-                    received.steps = []
-                    received.close = (CloseCode.SLOW_CONSUMER, detail)  # 1008: policy
-                    return received
-                body = encode_error("forbidden", detail)
-                steps += [frame_header(len(body), text=True), body] * len(payloads)
-            else:
-                self._counters.messages_in += len(payloads)
-                if self.envelope:
-                    self._envelope_steps(payloads, texts, steps)
-                else:
-                    steps.append(Publish(payloads, texts))
-                received.pause = self._spend(len(payloads), now)
+            # Stopped at an allowance: go on if time has added to it, else wait for it.
+            pause = 0.0
+            stopped = parser.stopped
+            bucket = publish_bucket if stopped == MESSAGE else None
+            if bucket is not None and not bucket.refill(now):
+                pause = bucket.wait()
+            bucket = control_bucket if envelope or stopped == CONTROL else None
+            if bucket is not None and not bucket.refill(now):
+                pause = max(pause, bucket.wait())
+            if pause:
+                received.pause = pause
+                received.held = True
+                break
         if close is not None:
             # The client starts the closing handshake: answer with its own code.
             received.close = (close.code, close.reason)
@@ -429,39 +557,17 @@ class RelayProtocol:
         self._parser.abandon()
         self._claim.release()
 
-    def _spend(self, count: int, now: float) -> float:
-        """Take ``count`` messages from the rate's token bucket; return how long to wait."""
-        rate = self.config.publish_rate
-        if rate <= 0:
-            return 0.0
-        tokens = min(self.config.publish_burst, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        self._tokens = tokens - count
-        # Over the rate: read nothing more from this client until the debt is paid. TCP
-        # backpressure slows the client down; nothing is lost.
-        return -self._tokens / rate if self._tokens < 0 else 0.0
-
-    def _envelope_steps(
-        self, payloads: list[bytes], texts: list[bool], steps: list[bytes | Publish]
-    ) -> None:
-        """The ``publish`` frames of an envelope client as batches (consecutive frames with
-        the same ``echo`` together), with an error frame for each invalid one."""
-        batch: Publish | None = None
-        for payload, text in zip(payloads, texts, strict=True):
-            try:
-                request = parse_client_frame(payload, text=text, topic=self.topic)
-            except EnvelopeError as exc:
-                batch = None
-                body = encode_error(exc.code, exc.detail, exc.request_id)
-                steps += (frame_header(len(body), text=True), body)
-                continue
-            if batch is None or batch.echo != request.echo:
-                batch = Publish([], [], request.echo, [])
-                steps.append(batch)
-            assert batch.requests is not None
-            batch.payloads.append(request.payload)
-            batch.texts.append(request.text)
-            batch.requests.append(request)
+    def _envelope_frame(self, payload: bytes, text: bool) -> PublishRequest | bytes:
+        """An envelope client's frame as a request to publish, or the JSON of the error
+        frame that refuses it (with the frame's ``id`` when it has a readable one)."""
+        try:
+            request = parse_client_frame(payload, text=text, topic=self.topic)
+        except EnvelopeError as exc:
+            return encode_error(exc.code, exc.detail, exc.request_id)
+        if not self.may_write:
+            detail = f"the token does not allow publishing to topic {clip(self.topic)}"
+            return encode_error("forbidden", detail, request.id)
+        return request
 
     def acknowledge(self, publish: Publish, report: DeliveryReport) -> bytes:
         """The ``ack`` frames of an envelope client's batch, once published (raw clients
@@ -511,6 +617,11 @@ class RelayProtocol:
         if self.state is not State.OPEN:
             return None
         config = self.config
+        if self._parser.stopped is not None:
+            # Not reading from the client on purpose (over a rate): its pong may be waiting
+            # behind what is held. Its ping_timeout starts again once reading resumes.
+            self._ping_sent = now
+            return None
         if self._ping_payload is not None:
             if now - self._ping_sent >= config.ping_timeout:
                 return (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
