@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 from functools import partial
 
@@ -17,9 +18,10 @@ import pytest
 import trio
 import trio.testing
 from helpers import HOST, RawClient, upgrade_request
+from test_scale import count_calls
 from wsproto.events import AcceptConnection, Request
 
-from trio_relay import RelayConfig, serve_relay
+from trio_relay import BroadcastTotals, RelayConfig, Topics, serve_metrics, serve_relay
 from trio_relay.testing import MemoryListener, open_memory_relay
 
 HALF_REQUEST = b"GET / HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\n"
@@ -197,3 +199,123 @@ async def test_200_connections_at_once_admit_exactly_the_connection_limit(
         assert statuses.count(101) == 5
         assert statuses.count(503) == 195
         assert relay.server.statistics().connections == 5
+
+
+# ---------------------------------------------------------------- the side port
+
+
+async def get(listener: MemoryListener, path: str) -> tuple[int, bytes]:
+    """One request to an in-memory side port: the status and the body."""
+    stream = await listener.connect()
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    response = b""
+    while chunk := await stream.receive_some():
+        response += chunk
+    await stream.aclose()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_the_side_port_caps_its_connections_and_times_out_half_sent_requests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = RelayConfig(http_max_connections=10, http_request_timeout=2.0)
+    side = MemoryListener()
+    async with (
+        open_memory_relay(config) as relay,
+        relay.consume() as bystander,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(partial(serve_metrics, relay.server, None, 0, listeners=[side]))
+        start = trio.current_time()
+        held = []
+        for _ in range(50):
+            stream = await side.connect()
+            await send_ignoring_refusal(stream, b"GET /metrics HTTP/1.1\r\n")
+            held.append(stream)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == start
+        refused = []
+        for stream in held[10:]:
+            refused.append(await status_of(stream))  # answered at once
+        assert refused == [503] * 40
+        await relay.publish("the relay is not affected")
+        assert await anext(bystander) == "the relay is not affected"
+        for stream in held[:10]:
+            assert await status_of(stream) == 0  # closed without an answer...
+        assert trio.current_time() - start == 2.0  # ...after the request timeout
+        assert await get(side, "/healthz") == (200, b'{"status": "ok", "connections": 1}\n')
+        nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------- /metrics, /stats and /healthz at any scale
+
+
+def test_running_totals_agree_with_the_snapshot_of_every_topic() -> None:
+    async def main() -> None:
+        topics = Topics(max_buffer=2, policy="drop", timeout=0)
+        async with contextlib.AsyncExitStack() as stack:
+            for name in ("a", "b"):
+                await stack.enter_async_context(topics.subscribe(name))
+            evicted = await stack.enter_async_context(topics.subscribe("a", policy="evict"))
+            for i in range(5):
+                await topics.publish("a", f"m{i}")
+            await topics.publish("b", "only one")
+            assert evicted.subscription.evicted
+            snapshot = topics.statistics().values()
+            totals = topics.totals.snapshot()
+            assert totals == BroadcastTotals(
+                published=sum(t.broadcast.published for t in snapshot),
+                dropped=sum(t.broadcast.dropped for t in snapshot),
+                evicted=sum(t.broadcast.evicted for t in snapshot),
+                queued=sum(sum(t.broadcast.queued) for t in snapshot),
+                queued_bytes=sum(
+                    s.queued_bytes for t in snapshot for s in t.broadcast.subscriptions
+                ),
+            )
+            assert (totals.published, totals.dropped) == (6, 3)
+            assert (totals.evicted, totals.queued) == (1, 3)
+        # Everything queued was discarded with the subscriptions; the lifetime counts stay.
+        assert topics.totals.snapshot() == BroadcastTotals(6, 3, 1, 0, 0)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def scrape_costs(count: int) -> dict[str, int]:
+    """Calls made by one request for each side-port page, with ``count`` topics that each
+    retain a message and have a subscriber with a message queued."""
+    side = MemoryListener()
+    costs = {}
+    async with open_memory_relay() as relay, contextlib.AsyncExitStack() as stack:
+        for index in range(count):
+            await relay.publish("retained", f"t{index}")
+            await stack.enter_async_context(relay.server.topics.subscribe(f"t{index}"))
+            await relay.publish("queued", f"t{index}")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_metrics, relay.server, None, 0, listeners=[side]))
+            for path in ("/metrics", "/stats", "/healthz"):
+                body = b""
+
+                async def request(path: str = path) -> None:
+                    nonlocal body
+                    status, body = await get(side, path)
+                    assert status == 200
+
+                costs[path] = await count_calls(request)
+                if path == "/metrics":
+                    assert f"trio_relay_topics {count}.0".encode() in body
+                    assert f"trio_relay_queued_batches {count}.0".encode() in body
+                if path == "/stats":
+                    assert json.loads(body)["subscribers"] == count
+            nursery.cancel_scope.cancel()
+    return costs
+
+
+async def test_metrics_stats_and_healthz_cost_the_same_at_2000_topics_as_at_20(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    small = await scrape_costs(20)
+    large = await scrape_costs(2000)
+    for path, cost in small.items():
+        # Equal up to noise: a cost per topic or subscription would add 2000+ calls.
+        assert large[path] <= cost * 1.2 + 100, (path, small, large)

@@ -482,7 +482,7 @@ async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServe
         await a.publish("x")
         text = generate_latest(metrics_registry(a)).decode()
     assert "trio_relay_backplane_up 1.0" in text
-    assert "trio_relay_backplane_published_total 1.0" in text
+    assert "trio_relay_backplane_batches_published_total 1.0" in text
 
 
 @given(

@@ -58,6 +58,8 @@ def test_serve_defaults() -> None:
         "max_connections": 10_000,
         "max_connections_per_ip": 10_000,
         "max_subscribers_per_topic": 10_000,
+        "http_max_connections": 64,
+        "http_request_timeout": 10.0,
         "publish_rate": 0.0,
         "publish_burst": 1000,
         "control_rate": 20.0,

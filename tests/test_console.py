@@ -39,6 +39,7 @@ import trio_relay
 from trio_relay import RelayConfig, serve_metrics, serve_relay
 from trio_relay._auth import mint_token
 from trio_relay._console import CONTENT_SECURITY_POLICY
+from trio_relay._counters import REJECTION_REASONS
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -175,7 +176,7 @@ async def test_stats_reports_the_relays_figures_and_where_to_connect(
         "published": 2,
         "dropped": 0,
         "evicted": 0,
-        "rejected": {"http-503": 1},
+        "rejected": {**dict.fromkeys(REJECTION_REASONS, 0), "http-503": 1},
         "ports": [server.port],
         "tls": False,
         "auth": False,

@@ -10,7 +10,9 @@ import trio
 from helpers import http_request
 from prometheus_client.parser import text_string_to_metric_families
 
+import trio_relay
 from trio_relay import HandshakeRejected, RelayConfig, consume, produce, serve_metrics, serve_relay
+from trio_relay._counters import REJECTION_REASONS
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -54,9 +56,49 @@ async def test_healthz_and_metrics_report_the_relay(nursery: trio.Nursery) -> No
     # "hello" to its producer (on /), "from the server" to the consumer of /news.
     assert samples[("trio_relay_messages_sent_total", ())] == 2
     assert samples[("trio_relay_sent_bytes_total", ())] > 0
-    assert samples[("trio_relay_rejected_total", (("reason", "http-503"),))] == 1
-    assert samples[("trio_relay_evicted_total", ())] == 0
+    assert samples[("trio_relay_connections_rejected_total", (("reason", "http-503"),))] == 1
+    assert samples[("trio_relay_subscribers_evicted_total", ())] == 0
+    assert samples[("trio_relay_batches_published_total", ())] == 2
     assert ("trio_relay_queued_bytes", ()) in samples
     status, _ = await _get(port, "/nope")
     assert status == 404
+    nursery.cancel_scope.cancel()
+
+
+async def test_metrics_from_the_start_every_reason_build_info_and_process_metrics(
+    nursery: trio.Nursery,
+) -> None:
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0))
+    [listener] = await nursery.start(serve_metrics, server, "127.0.0.1", 0)
+    status, body = await _get(listener.socket.getsockname()[1], "/metrics")
+    assert status == 200
+    samples = _samples(body)
+    reasons = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "trio_relay_connections_rejected_total"
+    }
+    assert reasons == dict.fromkeys(REJECTION_REASONS, 0)
+    assert set(REJECTION_REASONS) >= {"handshake-timeout", "http-400", "http-401", "http-503"}
+    assert samples[("trio_relay_build_info", (("version", trio_relay.__version__),))] == 1
+    for name in (
+        "trio_relay_batches_dropped_total",
+        "trio_relay_subscribers_evicted_total",
+        "trio_relay_batches_published_total",
+        "trio_relay_queued_batches",
+        "trio_relay_queued_bytes",
+    ):
+        assert samples[(name, ())] == 0, name
+    # The renamed ones are gone (README "Health and metrics" lists the renames).
+    assert not {name for name, _ in samples} & {
+        "trio_relay_dropped_total",
+        "trio_relay_evicted_total",
+        "trio_relay_rejected_total",
+        "trio_relay_published_batches_total",
+    }
+    # prometheus-client's standard process, platform and gc metrics.
+    assert samples[("process_open_fds", ())] > 0
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert any(name == "python_info" for name, _ in samples)
+    assert any(name == "python_gc_collections_total" for name, _ in samples)
     nursery.cancel_scope.cancel()

@@ -12,9 +12,11 @@ from ._backplane import (
 from ._broadcast import (
     Broadcast as Broadcast,
     BroadcastStatistics as BroadcastStatistics,
+    BroadcastTotals as BroadcastTotals,
     MessageBus as MessageBus,
     OverflowPolicy as OverflowPolicy,
     PublishReport as PublishReport,
+    RunningTotals as RunningTotals,
     Subscription as Subscription,
     SubscriptionStatistics as SubscriptionStatistics,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "BackplaneStatistics",
     "Broadcast",
     "BroadcastStatistics",
+    "BroadcastTotals",
     "ClientError",
     "CloseCode",
     "ConsumerState",
@@ -87,6 +90,7 @@ __all__ = [
     "RelayStatistics",
     "RelayTimeout",
     "RelayUnavailable",
+    "RunningTotals",
     "SlowConsumerError",
     "Subscription",
     "SubscriptionStatistics",

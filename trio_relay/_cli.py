@@ -123,6 +123,8 @@ _SERVE_HELP = {
     "max_connections": "open connections in all; more get HTTP 503",
     "max_connections_per_ip": "open connections per client address; more get HTTP 503",
     "max_subscribers_per_topic": "clients per topic; more get HTTP 503",
+    "http_max_connections": "open connections of the HTTP side port; more get HTTP 503",
+    "http_request_timeout": "seconds an HTTP side-port client has for its request and the response",
     "publish_rate": "messages per second one connection may publish, 0 for no limit; a "
     "faster client is read from more slowly",
     "publish_burst": "messages one connection may publish at once above the rate",

@@ -62,6 +62,14 @@ class RelayConfig:
     """Open connections the relay accepts from one client address; more get HTTP 503."""
     max_subscribers_per_topic: int = 10_000
     """Clients one topic accepts; more get HTTP 503 at the handshake."""
+    http_max_connections: int = 64
+    """Open connections the HTTP side port (``serve_metrics``: the API, ``/metrics``,
+    ``/healthz``, the console) accepts, counted from accept; more get HTTP 503 at once and
+    are closed."""
+    http_request_timeout: float = 10.0
+    """Seconds an HTTP side-port client has for its whole request and the response; then
+    it is closed (a half-sent request holds its connection no longer). Keep it above the
+    API's 5 s publish timeout, so that a publish that cannot finish is answered 503."""
     publish_rate: float = 0.0
     """Messages per second one connection may publish, on average (0: no limit). A client
     above it is not read from until it is back under: TCP slows it down, nothing is lost.
@@ -124,6 +132,7 @@ class RelayConfig:
             "max_connections",
             "max_connections_per_ip",
             "max_subscribers_per_topic",
+            "http_max_connections",
             "publish_burst",
             "max_topics",
             "control_burst",
@@ -148,3 +157,5 @@ class RelayConfig:
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0")
+        if not self.http_request_timeout > 0:
+            raise ValueError("http_request_timeout must be a number of seconds > 0")

@@ -41,11 +41,12 @@ from ._config import RelayConfig
 from ._counters import RelayCounters
 from ._exceptions import SlowConsumerError, TooManyTopicsError
 from ._frames import CloseCode
+from ._listen import nowait_sender
 from ._protocol import Publish, Reject, RelayProtocol
 from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, DeliveryReport, Topics
 
-__all__ = ["RelayConnection", "refuse_at_once"]
+__all__ = ["RelayConnection"]
 
 logger = logging.getLogger("trio_relay")
 
@@ -70,51 +71,6 @@ class _PeerGone(Exception):
 
 class _Stalled(Exception):
     """The client accepted no chunk of a write within slow_consumer_timeout."""
-
-
-def nowait_sender(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
-    """A function that writes what it can of some bytes *now*, without blocking, or None.
-
-    For a plain :class:`trio.SocketStream` this is ``os.write`` on its file descriptor:
-    trio keeps its sockets non-blocking (``tests/test_connection.py`` checks this, since
-    a blocking socket here would freeze the event loop), and trio's own ``send_all`` is
-    never running on it at the same time, because every write of a connection holds its
-    write slot. Python ignores SIGPIPE, so a vanished peer is an ``OSError``. Streams of
-    :mod:`trio_relay.testing` offer ``send_nowait``. Anything else (TLS streams, say)
-    gets ``None``: every write then goes through the writer task.
-    """
-    if type(stream) is trio.SocketStream:
-        fd = stream.socket.fileno()
-
-        def write_now(data: bytes) -> int:
-            try:
-                return os.write(fd, data)
-            except BlockingIOError:
-                return 0
-
-        return write_now
-    send_nowait = getattr(getattr(stream, "send_stream", None), "send_nowait", None)
-    return send_nowait if callable(send_nowait) else None
-
-
-async def refuse_at_once(stream: trio.abc.Stream, response: bytes) -> None:
-    """Write ``response`` (a short HTTP response) if the stream takes it without waiting,
-    then close the stream: for a connection refused the moment it is accepted.
-
-    Nothing here waits on the client, so a refusal frees its descriptor at once. A fresh
-    socket's buffer always has room for a few hundred bytes; a TLS stream gets no response
-    (it would need the TLS handshake first). What the client already sent is read and
-    discarded first, where that is possible without waiting, so that the close does not
-    turn into a reset that could destroy the response before the client reads it.
-    """
-    send_nowait = nowait_sender(stream)
-    if send_nowait is not None:
-        if type(stream) is trio.SocketStream:
-            with contextlib.suppress(OSError):
-                os.read(stream.socket.fileno(), 65536)
-        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            send_nowait(response)
-    await trio.aclose_forcefully(stream)
 
 
 def peer_name(stream: trio.abc.Stream) -> str:

@@ -8,7 +8,23 @@ from __future__ import annotations
 
 import collections
 
-__all__ = ["RelayCounters"]
+__all__ = ["REJECTION_REASONS", "RelayCounters"]
+
+REJECTION_REASONS = (
+    "handshake-timeout",
+    "http-400",
+    "http-401",
+    "http-403",
+    "http-426",
+    "http-431",
+    "http-503",
+)
+"""Why a relay refuses connections: the handshake did not finish within
+``handshake_timeout``, or the HTTP status it answered (400 a bad request, path or
+``since``; 401 a missing or bad token; 403 a topic the token does not allow or an origin
+not allowed; 426 an unsupported WebSocket version; 431 a request head over 16 KiB; 503 a
+connection limit). Each is counted from 0, so that ``/metrics`` shows every one from the
+start."""
 
 
 class RelayCounters:
@@ -21,5 +37,7 @@ class RelayCounters:
         self.messages_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self.rejections: collections.Counter[str] = collections.Counter()
-        """By reason: ``http-400``, ``http-503``, ... and ``handshake-timeout``."""
+        self.rejections: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(REJECTION_REASONS, 0)
+        )
+        """By reason: :data:`REJECTION_REASONS` (each from 0), and any other status."""

@@ -1,16 +1,18 @@
-"""The accept loop of the relay's listeners (and the side port's), and a log throttle.
+"""Accepting and refusing connections: the accept loop of the relay's listeners (and the
+side port's), a refusal that waits for nothing, non-blocking writes, and a log throttle.
 
-What :func:`trio.serve_listeners` does, with one difference: when ``accept`` fails for
-want of resources (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``: out of descriptors or
-kernel memory), trio logs an ERROR with a traceback every 100 ms for as long as it lasts,
-which is thousands of lines a minute while a flood holds the descriptors. Here the loop
-backs off (:data:`ACCEPT_BACKOFF`: 50 ms doubling to 1 s), logs at most one line per
-:data:`LOG_INTERVAL` (saying how many failures it stands for), and says once that it
-accepts again when it does.
+The accept loop does what :func:`trio.serve_listeners` does, with one difference: when
+``accept`` fails for want of resources (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``:
+out of descriptors or kernel memory), trio logs an ERROR with a traceback every 100 ms for
+as long as it lasts, which is thousands of lines a minute while a flood holds the
+descriptors. Here the loop backs off (:data:`ACCEPT_BACKOFF`: 50 ms doubling to 1 s), logs
+at most one line per :data:`LOG_INTERVAL` (saying how many failures it stands for), and
+says when it accepts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -19,7 +21,15 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-__all__ = ["ACCEPT_BACKOFF", "CAPACITY_ERRNOS", "LOG_INTERVAL", "LogThrottle", "serve_listeners"]
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "CAPACITY_ERRNOS",
+    "LOG_INTERVAL",
+    "LogThrottle",
+    "nowait_sender",
+    "refuse_at_once",
+    "serve_listeners",
+]
 
 logger = logging.getLogger("trio_relay")
 
@@ -31,6 +41,51 @@ LOG_INTERVAL = 10.0
 """Seconds between two log lines of one throttle."""
 
 StreamT = TypeVar("StreamT", bound=trio.abc.AsyncResource)
+
+
+def nowait_sender(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
+    """A function that writes what it can of some bytes *now*, without blocking, or None.
+
+    For a plain :class:`trio.SocketStream` this is ``os.write`` on its file descriptor:
+    trio keeps its sockets non-blocking (``tests/test_connection.py`` checks this, since
+    a blocking socket here would freeze the event loop), and trio's own ``send_all`` is
+    never running on it at the same time, because every write of a connection holds its
+    write slot. Python ignores SIGPIPE, so a vanished peer is an ``OSError``. Streams of
+    :mod:`trio_relay.testing` offer ``send_nowait``. Anything else (TLS streams, say)
+    gets ``None``: every write then goes through the writer task.
+    """
+    if type(stream) is trio.SocketStream:
+        fd = stream.socket.fileno()
+
+        def write_now(data: bytes) -> int:
+            try:
+                return os.write(fd, data)
+            except BlockingIOError:
+                return 0
+
+        return write_now
+    send_nowait = getattr(getattr(stream, "send_stream", None), "send_nowait", None)
+    return send_nowait if callable(send_nowait) else None
+
+
+async def refuse_at_once(stream: trio.abc.Stream, response: bytes) -> None:
+    """Write ``response`` (a short HTTP response) if the stream takes it without waiting,
+    then close the stream: for a connection refused the moment it is accepted.
+
+    Nothing here waits on the client, so a refusal frees its descriptor at once. A fresh
+    socket's buffer always has room for a few hundred bytes; a TLS stream gets no response
+    (it would need the TLS handshake first). What the client already sent is read and
+    discarded first, where that is possible without waiting, so that the close does not
+    turn into a reset that could destroy the response before the client reads it.
+    """
+    send_nowait = nowait_sender(stream)
+    if send_nowait is not None:
+        if type(stream) is trio.SocketStream:
+            with contextlib.suppress(OSError):
+                os.read(stream.socket.fileno(), 65536)
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            send_nowait(response)
+    await trio.aclose_forcefully(stream)
 
 
 class LogThrottle:

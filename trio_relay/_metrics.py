@@ -1,116 +1,145 @@
 """Prometheus ``/metrics`` for the side port: a custom collector that reads a relay's
-counters and statistics when ``/metrics`` is scraped.
+counters and running totals when ``/metrics`` is scraped, plus prometheus-client's
+standard process, platform and garbage-collector metrics.
 
-The hot path only adds to plain integers (:class:`~trio_relay._counters.RelayCounters`);
-the Prometheus text is built from them at scrape time, so that serving messages never
-touches prometheus-client.
+The hot path only adds to plain integers (:class:`~trio_relay._counters.RelayCounters`,
+:class:`~trio_relay.RunningTotals`); the Prometheus text is built from them at scrape
+time, so that serving messages never touches prometheus-client, and a scrape costs the
+same at 20,000 topics as at 2 (nothing here iterates over topics or subscriptions).
+
+Names follow the Prometheus naming guide: ``trio_relay_<noun>_<verb>_total`` for
+counters, the unit last (``_bytes``). A *batch* is what one read from a producer brought
+in on one topic (see README "The fast path"); drops are counted per batch and consumer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from importlib import metadata
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
 if TYPE_CHECKING:
     from ._view import RelayView
 
-__all__ = ["metrics_registry"]
+__all__ = ["metrics_registry", "version"]
+
+
+def version() -> str:
+    """The installed version of trio-relay ("unknown" when run from an uninstalled tree)."""
+    try:
+        return metadata.version("trio-relay")
+    except metadata.PackageNotFoundError:  # pragma: no cover - always installed in tests
+        return "unknown"
 
 
 class _RelayCollector:
-    """Reads a relay's counters and statistics at scrape time."""
+    """Reads a relay's counters and running totals at scrape time."""
 
     def __init__(self, server: RelayView) -> None:
         self._server = server
+        self._version = version()
 
     def collect(self) -> Iterator[Metric]:
         server = self._server
         counters = server.counters
         stats = server.statistics()
-        gauge = GaugeMetricFamily
-        yield gauge("trio_relay_connections", "Open client connections.", stats.connections)
-        yield gauge("trio_relay_topics", "Topics in use.", len(stats.topics))
-        yield gauge(
-            "trio_relay_subscribers", "Subscriptions of all topics.", stats.broadcast.subscribers
+        totals = stats.totals
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        # Exposed as the gauge trio_relay_build_info{version="..."} 1.
+        yield InfoMetricFamily(
+            "trio_relay_build", "The relay's version.", value={"version": self._version}
         )
-        yield CounterMetricFamily(
+        yield gauge("trio_relay_connections", "Open client connections.", stats.connections)
+        yield gauge("trio_relay_topics", "Topics in use.", stats.topic_count)
+        yield gauge("trio_relay_subscribers", "Subscriptions of all topics.", stats.subscribers)
+        yield counter(
             "trio_relay_messages_received", "Messages received from clients.", counters.messages_in
         )
-        yield CounterMetricFamily(
+        yield counter(
             "trio_relay_messages_sent",
             "Messages handed to clients (one per message and recipient).",
             counters.messages_out,
         )
-        yield CounterMetricFamily(
+        yield counter(
             "trio_relay_received_bytes", "Bytes received from clients.", counters.bytes_in
         )
-        yield CounterMetricFamily(
-            "trio_relay_sent_bytes", "Bytes written to clients.", counters.bytes_out
+        yield counter("trio_relay_sent_bytes", "Bytes written to clients.", counters.bytes_out)
+        yield counter(
+            "trio_relay_batches_published",
+            "Batches published (one per read from a producer, per topic).",
+            totals.published,
         )
-        yield CounterMetricFamily(
-            "trio_relay_published_batches",
-            "Batches published (one per read from a producer).",
-            stats.broadcast.published,
+        yield counter(
+            "trio_relay_batches_dropped",
+            "Batches a full consumer missed under the drop policy (one per batch and consumer).",
+            totals.dropped,
         )
-        yield CounterMetricFamily(
-            "trio_relay_dropped", "Batches dropped for full consumers.", stats.broadcast.dropped
+        yield counter(
+            "trio_relay_subscribers_evicted",
+            "Consumers disconnected as too slow (close 1008).",
+            totals.evicted,
         )
-        yield CounterMetricFamily(
-            "trio_relay_evicted", "Consumers evicted as too slow.", stats.broadcast.evicted
-        )
-        rejected = CounterMetricFamily(
-            "trio_relay_rejected", "Connections refused, by reason.", labels=["reason"]
+        rejected = counter(
+            "trio_relay_connections_rejected", "Connections refused, by reason.", labels=["reason"]
         )
         for reason, count in sorted(counters.rejections.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        yield gauge("trio_relay_queued_batches", "Batches queued for all consumers.", totals.queued)
         yield gauge(
-            "trio_relay_queued_batches",
-            "Batches queued for all consumers.",
-            sum(stats.broadcast.queued),
-        )
-        yield gauge(
-            "trio_relay_queued_bytes",
-            "Bytes queued for all consumers.",
-            sum(s.queued_bytes for s in stats.broadcast.subscriptions),
+            "trio_relay_queued_bytes", "Bytes queued for all consumers.", totals.queued_bytes
         )
         if server.backplane is not None:
             backplane = server.backplane.statistics()
             yield gauge(
                 "trio_relay_backplane_up", "1 while the Redis backplane is reachable.", backplane.up
             )
-            yield CounterMetricFamily(
-                "trio_relay_backplane_published",
+            yield counter(
+                "trio_relay_backplane_batches_published",
                 "Batches appended to the backplane's log.",
                 backplane.published,
             )
-            yield CounterMetricFamily(
-                "trio_relay_backplane_received",
+            yield counter(
+                "trio_relay_backplane_batches_received",
                 "Batches of other relays read from the backplane's log.",
                 backplane.received,
             )
-            yield CounterMetricFamily(
-                "trio_relay_backplane_local_only",
+            yield counter(
+                "trio_relay_backplane_batches_local_only",
                 "Batches delivered to local clients only, the backplane being unreachable.",
                 backplane.local_only,
             )
-            yield CounterMetricFamily(
+            yield counter(
                 "trio_relay_backplane_reconnects",
                 "Reconnections to the backplane after losing it.",
                 backplane.reconnects,
             )
-            yield CounterMetricFamily(
-                "trio_relay_backplane_conflicts",
+            yield counter(
+                "trio_relay_backplane_batches_renumbered",
                 "Batches renumbered after relays numbered a topic alone during an outage.",
                 backplane.conflicts,
             )
 
 
 def metrics_registry(server: RelayView) -> CollectorRegistry:
-    """A Prometheus registry holding the relay's metrics (and nothing else)."""
+    """A Prometheus registry holding the relay's metrics, and prometheus-client's standard
+    ``process_*`` (CPU, memory, descriptors), ``python_info`` and ``python_gc_*`` ones."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_RelayCollector(server))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry

@@ -14,10 +14,10 @@ from ._backplane import RedisBackplane
 from ._broadcast import BroadcastStatistics
 from ._budget import ByteBudget
 from ._config import RelayConfig
-from ._connection import RelayConnection, refuse_at_once
+from ._connection import RelayConnection
 from ._counters import RelayCounters
 from ._limits import ConnectionLimits
-from ._listen import LogThrottle, serve_listeners
+from ._listen import LogThrottle, refuse_at_once, serve_listeners
 from ._protocol import http_response
 from ._topics import DeliveryReport, Topics, TopicStatistics
 
@@ -32,21 +32,31 @@ DEFAULT_PORT = 4000
 class RelayStatistics:
     """Statistics of a running relay, from :meth:`RelayServer.statistics`.
 
-    ``connections`` (open connections) and ``subscribers`` (subscriptions of all topics)
-    are running totals, read in constant time. ``topics`` (each topic's statistics) and
-    ``broadcast`` (the sum over all topics: subscribers, published batches, drops,
-    evictions, and the queue depth of every subscription) cost time in proportion to the
-    topics and subscriptions, so they are taken when first read (and kept): a
-    :meth:`RelayServer.wait_until` on ``connections`` costs the same at 20,000
-    connections as at 2.
+    ``connections`` (open connections), ``subscribers`` (subscriptions of all topics),
+    ``topic_count`` and ``totals`` (published batches, drops, evictions, and what is queued,
+    over all topics) are running totals, read in constant time: what ``/metrics`` and
+    ``/stats`` read, and what a :meth:`RelayServer.wait_until` on them costs, at 20,000
+    topics as at 2. ``topics`` (each topic's statistics) and ``broadcast`` (the sum over
+    all topics, with every subscription's queue) cost time in proportion to the topics and
+    subscriptions, so they are taken when first read (and kept): for debugging.
     """
 
-    __slots__ = ("_broadcast", "_server", "_topics", "connections", "subscribers")
+    __slots__ = (
+        "_broadcast",
+        "_server",
+        "_topics",
+        "connections",
+        "subscribers",
+        "topic_count",
+        "totals",
+    )
 
     def __init__(self, server: RelayServer) -> None:
         self._server = server
         self.connections = len(server._connections)
         self.subscribers = server.topics.subscriber_total
+        self.topic_count = len(server.topics)
+        self.totals = server.topics.totals.snapshot()
         self._topics: dict[str, TopicStatistics] | None = None
         self._broadcast: BroadcastStatistics | None = None
 

@@ -34,6 +34,7 @@ from ._broadcast import (
     BroadcastStatistics,
     MessageBus,
     OverflowPolicy,
+    RunningTotals,
     Subscription,
 )
 from ._envelope import encode_message
@@ -385,6 +386,10 @@ class Topics:
         self.history_age = history_age
         self.history_total_bytes = history_total_bytes
         self.max_topics = max_topics
+        self.totals = RunningTotals()
+        """Running totals of every topic's broadcast (those ``broadcast_factory`` makes
+        count only if it passes them these): published batches, drops, evictions, and
+        what is queued; read in constant time, as ``/metrics`` does."""
         self._factory = broadcast_factory or (
             lambda _name: Broadcast[Batch | bytes](
                 max_buffer=max_buffer,
@@ -392,6 +397,7 @@ class Topics:
                 size_of=len,
                 policy=policy,
                 timeout=timeout,
+                totals=self.totals,
             )
         )
         self._topics: dict[str, _Topic] = {}

@@ -8,14 +8,14 @@ public face only, not on ``_server``, and the server knows nothing of the side p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import trio
 
     from ._backplane import BackplaneStatistics
-    from ._broadcast import BroadcastStatistics
+    from ._broadcast import BroadcastTotals
     from ._config import RelayConfig
     from ._counters import RelayCounters
     from ._topics import DeliveryReport, Gap, Message
@@ -24,16 +24,20 @@ __all__ = ["BackplaneView", "RelayView", "StatisticsView", "TopicsView"]
 
 
 class StatisticsView(Protocol):
-    """The figures of a relay's ``statistics()`` that the side port reads."""
+    """The figures of a relay's ``statistics()`` that the side port reads: running totals
+    only, so that a scrape costs the same whatever the number of topics and subscribers."""
 
     @property
     def connections(self) -> int: ...
 
     @property
-    def broadcast(self) -> BroadcastStatistics: ...
+    def subscribers(self) -> int: ...
 
     @property
-    def topics(self) -> Mapping[str, object]: ...
+    def topic_count(self) -> int: ...
+
+    @property
+    def totals(self) -> BroadcastTotals: ...
 
 
 class BackplaneView(Protocol):
