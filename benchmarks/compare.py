@@ -95,6 +95,9 @@ def floor_ratios(raw: Path) -> list[str]:
     """For each fan-out scenario in ``raw`` with figures of trio_relay and floor: the median
     "srv µs/msg" of each, and trio_relay's as a multiple of the floor's."""
     figures: dict[str, dict[str, list[float]]] = {}
+    if not raw.is_file():
+        print(f"the benchmark's results file {raw} is missing", file=sys.stderr)
+        return []
     for line in raw.read_text().splitlines():
         result = json.loads(line)
         value = result.get("srv_us_per_msg")
@@ -158,12 +161,17 @@ def main() -> int:
         scale_code, raw = run_bench(scale_servers, args.servers, SCALE_SCENARIOS, reps)
         code = code or scale_code
         raws += [raw] if raw else []
+    if not raws:
+        print("the benchmark named no results file (no 'raw: ' line)", file=sys.stderr)
+        return code or 1
     ratios = [line for path in raws for line in floor_ratios(path)]
     if ratios:
         print("\nServer CPU per delivery, trio_relay against the floor (benchmarks/floor.py):")
         print("\n".join(ratios))
     elif {"trio_relay", "floor"} <= set(args.servers.split(",")):
+        # Asked for, and missing: the run failed, whatever run.py's exit status says.
         print("\nno fan-out figures of both trio_relay and floor to compare", file=sys.stderr)
+        return code or 1
     return code
 
 
