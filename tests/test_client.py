@@ -308,7 +308,7 @@ async def test_a_message_over_the_clients_limit_is_a_clear_error(
         assert str(raised.value) == (
             f"{relay.url}: connection closed with code 1009 (the relay sent a message over "
             "this client's max_message_size of 1000 (characters for text, bytes for binary): "
-            "raise max_message_size)"
+            "raise max_message_size; a relay's messages are at most its --max-message-size)"
         )
         # The relay closing with 1009 (this client sent too much) stays the relay's reason.
         async with consume(relay.url, stream=await relay.open_stream()) as messages:
@@ -340,7 +340,11 @@ async def test_resume_gives_up_at_once_on_a_message_over_its_limit(
             with pytest.raises(RelayConnectionClosed) as raised:
                 await anext(items)
     assert raised.value.code == 1009
-    assert "max_message_size of 1000" in str(raised.value)
+    assert str(raised.value).endswith(
+        "max_message_size of 1000 (characters for text, bytes for binary): raise "
+        "max_message_size; a relay's message frames are at most 6 x its --max-message-size "
+        "+ 267 bytes)"
+    )
     assert attempts == 1
 
 
@@ -495,3 +499,19 @@ async def test_open_producer_publishes_each_message_on_one_connection(
             assert relay.server.statistics().connections == 2  # the consumer and this one
         assert [r.seq for r in reports if r is not None] == [1, 2, 3]
         assert [(await anext(messages)).data for _ in range(3)] == ["a", "b", "a"]
+
+
+async def test_the_state_log_shows_no_token(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_relay.client")
+    secret = "eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl"
+
+    async def refuse() -> trio.abc.Stream:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    async with consume(f"ws://relay.test/t?token={secret}", resume=True, connector=refuse):
+        await trio.sleep(0.05)  # the first attempt failed; the next is 0.1 s after it
+    assert caplog.records
+    assert secret not in caplog.text
+    assert "ws://relay.test/t?token=<redacted>" in caplog.text

@@ -30,7 +30,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
-from ._envelope import SUBPROTOCOL
+from ._envelope import SUBPROTOCOL, max_message_frame
 from ._exceptions import (
     ClientError,
     HandshakeRejected,
@@ -61,7 +61,11 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 """The largest message a client takes from the relay, as trio-websocket counts it: ``len()``
 of the payload, so characters for text and bytes for binary. A larger one ends the
-connection with a :class:`RelayConnectionClosed` (code 1009) saying so."""
+connection with a :class:`RelayConnectionClosed` (code 1009) saying so.
+
+Room for everything a relay with ``--max-message-size`` up to 2.6 MiB sends (the default is
+1 MiB): a raw message is at most that, an envelope ``message`` frame at most 6 times that
+plus 267 bytes (control characters are escaped as ``\\u00XX`` in JSON)."""
 
 # trio-websocket's close reason when a received message exceeds its max_message_size
 # (trio_websocket/_impl.py, _handle_message_event): its only sign that the client, not the
@@ -102,7 +106,9 @@ def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError 
     return None
 
 
-def _closed(url: str, exc: ConnectionClosed, max_message_size: int) -> ClientError:
+def _closed(
+    url: str, exc: ConnectionClosed, max_message_size: int, *, envelope: bool
+) -> ClientError:
     """The error for a connection that closed under a receive or a send."""
     reason = exc.reason
     if (
@@ -110,12 +116,20 @@ def _closed(url: str, exc: ConnectionClosed, max_message_size: int) -> ClientErr
         and reason.code == 1009
         and reason.reason == _TOO_BIG.format(max_message_size)
     ):
+        # What the relay may send: its max_message_size for raw messages, and
+        # max_message_frame() of it for envelopes. The client cannot know the setting.
+        bound = (
+            "a relay's message frames are at most 6 x its --max-message-size + "
+            f"{max_message_frame(0)} bytes"
+            if envelope
+            else "a relay's messages are at most its --max-message-size"
+        )
         return RelayConnectionClosed(
             url,
             1009,
             f"the relay sent a message over this client's max_message_size of "
             f"{max_message_size} (characters for text, bytes for binary): raise "
-            "max_message_size",
+            f"max_message_size; {bound}",
         )
     translated = _translate(url, exc, connected=True)
     assert translated is not None
@@ -353,7 +367,9 @@ class Producer:
             try:
                 return await self._acknowledged(message)
             except ConnectionClosed as exc:
-                raise _closed(self.url, exc, self._max_message_size) from exc
+                raise _closed(
+                    self.url, exc, self._max_message_size, envelope=self.envelope
+                ) from exc
         raise RelayTimeout(self.url, f"message not acknowledged within {self.timeout} s")
 
     async def _acknowledged(self, message: str | bytes) -> DeliveryReport | None:
@@ -531,7 +547,7 @@ class MessageStream:
             reason = exc.reason
             if reason is not None and reason.code == 1000:
                 raise StopAsyncIteration from None
-            raise _closed(self.url, exc, self.max_message_size) from exc
+            raise _closed(self.url, exc, self.max_message_size, envelope=self.envelope) from exc
 
     async def send(self, message: str | bytes) -> None:
         """Publish ``message`` on this same connection (it comes back like any other)."""
@@ -540,7 +556,7 @@ class MessageStream:
         try:
             await self.connection.send_message(message)
         except ConnectionClosed as exc:
-            raise _closed(self.url, exc, self.max_message_size) from exc
+            raise _closed(self.url, exc, self.max_message_size, envelope=self.envelope) from exc
 
 
 @dataclass(frozen=True)
