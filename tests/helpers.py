@@ -7,7 +7,9 @@ test writes bytes of its own with :meth:`RawClient.send_raw`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from collections import deque
 from typing import NoReturn
 
@@ -174,3 +176,24 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("TRIO_RELAY_REQUIRE_INTEGRATION") == "1":
         pytest.fail(f"{reason} (TRIO_RELAY_REQUIRE_INTEGRATION=1: no skipping)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture
+def wall_clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Make ``time.time()`` follow trio's (virtual) clock: the wall time returned (a whole
+    second not before the real one) plus ``trio.current_time()``, or plus 0 outside a
+    trio run, for sans-IO tests that pass times of their own. Token expiries (``exp``, on
+    the wall clock) then fall at exact virtual times: a token minted with
+    ``now=wall_clock, ttl=20`` expires at virtual time 20. PyJWT's own expiry check reads
+    ``datetime.now()``, the real clock, so such tokens stay valid there for ``ttl`` real
+    seconds."""
+    start = float(math.ceil(time.time()))
+
+    def follow() -> float:
+        try:
+            return start + trio.current_time()
+        except RuntimeError:  # not in a trio run
+            return start
+
+    monkeypatch.setattr(time, "time", follow)
+    return start

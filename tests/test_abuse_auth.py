@@ -6,6 +6,8 @@ that keeps receiving throughout. In-memory relays under the autojump clock; no s
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import selectors
@@ -22,7 +24,15 @@ import jwt
 import pytest
 import trio
 import trio.testing
-from helpers import HOST, RawClient, http_request, rejected, upgrade_request
+from helpers import (
+    HOST,
+    RawClient,
+    http_request,
+    masked_frame,
+    rejected,
+    upgrade_request,
+    wall_clock,
+)
 from redis_support import RedisServer, free_port, redis_server
 from wsproto.events import AcceptConnection, Request
 
@@ -30,7 +40,7 @@ from trio_relay import SUBPROTOCOL, RelayConfig, serve_metrics, serve_relay
 from trio_relay._auth import mint_token
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
-__all__ = ["redis_server"]  # the fixture, used by name
+__all__ = ["redis_server", "wall_clock"]  # the fixtures, used by name
 
 SECRET = "a-secret-of-at-least-thirty-two-characters"
 CONFIG = RelayConfig(auth_secret=SECRET)
@@ -317,3 +327,73 @@ def test_the_command_logs_no_redis_password_nor_secret() -> None:
     assert "backplane redis://:<redacted>@127.0.0.1" in text
     assert "relay stopped" in text
     assert PASSWORD not in text and SECRET not in text
+
+
+# ---------------------------------------------------------------- row: token expiry
+
+EXPIRING = RelayConfig(auth_secret=SECRET, ping_interval=0)  # no pings: the timer still runs
+
+
+async def until(moment: float) -> None:
+    """Let virtual time run to ``moment`` (a point of the scenario, not a condition)."""
+    await trio.sleep_until(moment)
+
+
+async def test_an_expired_token_closes_its_connection_with_4401(
+    autojump_clock: trio.testing.MockClock, wall_clock: float
+) -> None:
+    async with bystanding(EXPIRING) as relay:
+        listener = await connect(relay, "/news", EVERYTHING)
+        token = mint_token(SECRET, publish=["news"], subscribe=["news"], ttl=20, now=wall_clock)
+        client = await connect(relay, "/news", token)
+        await client.send_text("in time")
+        assert await listener.next_message() == "in time"
+        close = await client.next_close()
+        assert (close.code, close.reason) == (4401, "token expired")
+        assert 20.0 <= trio.current_time() < 21.0  # the server's one-second timer
+        await until(40.0)
+        # As a client that ignores the close would (wsproto would refuse to send it).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await client.send_raw(masked_frame(0x1, b"late"))
+        await relay.publish("marker", "news")
+        assert await listener.next_message() == "marker"  # not "late"
+
+
+async def test_a_publish_after_expiry_but_before_the_timer_is_not_delivered(
+    autojump_clock: trio.testing.MockClock, wall_clock: float
+) -> None:
+    claims = {"publish": ["news"], "subscribe": ["news"], "exp": wall_clock + 20.5}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    async with bystanding(EXPIRING) as relay:
+        listener = await connect(relay, "/news", EVERYTHING)
+        client = await connect(relay, "/news", token)
+        await until(20.75)  # expired at 20.5; the timer's next round is at 21
+        await client.send_text("late")
+        close = await client.next_close()
+        assert (close.code, trio.current_time()) == (4401, 20.75)
+        await relay.publish("marker", "news")
+        assert await listener.next_message() == "marker"
+
+
+async def test_an_envelope_client_refreshes_its_token_before_it_expires(
+    autojump_clock: trio.testing.MockClock, wall_clock: float
+) -> None:
+    async with bystanding(EXPIRING) as relay:
+        listener = await connect(relay, "/news", EVERYTHING)
+        token = mint_token(SECRET, publish=["news"], subscribe=["news"], ttl=20, now=wall_clock)
+        client = await connect(relay, "/news", token, envelope=True)
+        assert json.loads(await client.next_message())["type"] == "welcome"
+        await until(15.0)
+        await client.send_text(json.dumps({"type": "refresh", "token": "bad", "id": "r1"}))
+        error = json.loads(await client.next_message())
+        assert (error["type"], error["code"], error["id"]) == ("error", "bad-token", "r1")
+        fresh = mint_token(SECRET, publish=["news"], subscribe=["news"], ttl=60)  # exp 75
+        await client.send_text(json.dumps({"type": "refresh", "token": fresh, "id": "r2"}))
+        refreshed = json.loads(await client.next_message())
+        assert refreshed == {"type": "refreshed", "id": "r2", "exp": wall_clock + 75}
+        await until(30.0)  # past the first token's expiry
+        await client.send_text(json.dumps({"type": "publish", "text": "still allowed"}))
+        assert await listener.next_message() == "still allowed"
+        close = await client.next_close()
+        assert close.code == 4401
+        assert 75.0 <= trio.current_time() < 76.0

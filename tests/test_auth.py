@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 
+import jwt
 import pytest
 import trio
 import trio.testing
-from helpers import HOST, RawClient, rejected, upgrade_request
+from helpers import HOST, RawClient, masked_frame, rejected, upgrade_request, wall_clock
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from trio_relay import SUBPROTOCOL, RelayConfig
-from trio_relay._auth import Grant, mint_token, topic_matches, verify_token
+from trio_relay import SUBPROTOCOL, CloseCode, RelayConfig
+from trio_relay._auth import Expiries, Grant, TokenError, mint_token, topic_matches, verify_token
+from trio_relay._protocol import Publish, Received, RelayProtocol, Upgrade
 from trio_relay._redact import redact, shown
 from trio_relay.testing import MemoryRelay, open_memory_relay
+
+__all__ = ["wall_clock"]  # the fixture, used by name
 
 SECRET = "s" * 40
 CONFIG = RelayConfig(auth_secret=SECRET, allowed_origins=("https://*.example.com",))
@@ -49,8 +55,10 @@ def test_a_short_secret_is_refused() -> None:
 
 
 def test_a_minted_token_carries_its_patterns() -> None:
-    token = mint_token(SECRET, publish=["news/*"], subscribe=["*"], ttl=60)
-    assert verify_token(SECRET, token) == Grant(publish=("news/*",), subscribe=("*",))
+    token = mint_token(SECRET, publish=["news/*"], subscribe=["*"], ttl=60, now=1_000_000.5)
+    grant = verify_token(SECRET, token, now=1_000_030)
+    assert grant == Grant(publish=("news/*",), subscribe=("*",), expires=1_000_060)
+    assert grant.seconds_left(1_000_030) == 30.0
 
 
 @pytest.mark.parametrize(
@@ -263,7 +271,8 @@ def test_the_token_command_mints_a_token_the_relay_accepts() -> None:
         check=True,
     )
     grant = verify_token(SECRET, result.stdout.strip())
-    assert grant == Grant(publish=("news/*",), subscribe=("*",))
+    assert (grant.publish, grant.subscribe) == (("news/*",), ("*",))
+    assert 3598 < grant.seconds_left() <= 3600
 
 
 async def test_without_a_secret_everyone_may_do_everything(
@@ -274,3 +283,179 @@ async def test_without_a_secret_everyone_may_do_everything(
         await client.send_text("open relay")
         assert await client.next_message() == "open relay"
         await client.send(CloseConnection(code=1000))
+
+
+# ---------------------------------------------------------------- expiry and refresh
+
+
+class Counted:
+    """An item that counts how often it is hashed or compared: how often it is looked at."""
+
+    looked_at = 0
+
+    def __hash__(self) -> int:
+        Counted.looked_at += 1
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        Counted.looked_at += 1
+        return self is other
+
+
+def test_expiries_give_each_item_once_at_its_deadline() -> None:
+    expiries: Expiries[str] = Expiries()
+    for name, deadline in [("a", 5.0), ("b", 5.5), ("c", 7.25), ("never", math.inf)]:
+        expiries.schedule(name, deadline)
+    assert len(expiries) == 3
+    assert expiries.pop_due(4.99) == []
+    assert expiries.pop_due(5.25) == ["a"]  # "b" shares its second but is not due yet
+    assert expiries.pop_due(5.5) == ["b"]
+    expiries.schedule("c", 9.0)  # refreshed: moved
+    expiries.schedule("late", 3.0)  # already past: the next call gives it
+    assert expiries.pop_due(8.0) == ["late"]
+    expiries.discard("c")  # closed
+    expiries.discard("c")
+    assert expiries.pop_due(100.0) == []
+    assert len(expiries) == 0
+
+
+def test_expiries_look_only_at_the_items_due() -> None:
+    expiries: Expiries[Counted] = Expiries()
+    items = [Counted() for _ in range(10_000)]
+    for index, item in enumerate(items):
+        expiries.schedule(item, 1000.0 + index % 100)
+    soon = Counted()
+    expiries.schedule(soon, 10.5)
+    expiries.pop_due(0.0)
+    Counted.looked_at = 0
+    for second in range(1, 1000):  # the server's tick, once a second
+        due = expiries.pop_due(float(second))
+        assert due == ([soon] if second == 11 else [])
+    assert Counted.looked_at < 10  # the 10,000 others were never touched
+    assert len(expiries.pop_due(1000.0)) == 100
+
+
+def test_an_exp_that_is_not_a_number_is_refused() -> None:
+    token = jwt.encode({"exp": "9999999999", "subscribe": ["**"]}, SECRET, algorithm="HS256")
+    with pytest.raises(TokenError, match='"exp" must be a number'):
+        verify_token(SECRET, token)
+
+
+def _opened(token: str, *, envelope: bool = True, now: float = 0.0) -> RelayProtocol:
+    protocol = RelayProtocol(RelayConfig(auth_secret=SECRET))
+    extra = "Sec-WebSocket-Protocol: trio-relay.v1\r\n" if envelope else ""
+    upgrade = protocol.receive_request(upgrade_request(f"/news?token={token}", extra=extra))
+    assert isinstance(upgrade, Upgrade), upgrade
+    protocol.accept()
+    assert protocol.opening(None, None, 0, now=now)[1] is None
+    return protocol
+
+
+def _frames(received: Received) -> list[dict[str, object]]:
+    """The JSON frames among the bytes a read called for."""
+    return [
+        json.loads(step) for step in received.steps if isinstance(step, bytes) and step[:1] == b"{"
+    ]
+
+
+def _frame(kind: str, **fields: object) -> bytes:
+    return masked_frame(0x1, json.dumps({"type": kind, **fields}).encode())
+
+
+@pytest.mark.parametrize("envelope", [False, True], ids=["raw", "envelope"])
+def test_a_publish_after_expiry_is_refused_before_the_timer_closes(
+    wall_clock: float, envelope: bool
+) -> None:
+    protocol = _opened(
+        mint_token(SECRET, publish=["news"], ttl=20, now=wall_clock), envelope=envelope
+    )
+    assert protocol.expires == 20.0
+    data = _frame("publish", text="in time") if envelope else masked_frame(0x1, b"in time")
+    assert [type(step) for step in protocol.receive_data(data, 19.99).steps] == [Publish]
+    late = protocol.receive_data(data, 20.0)
+    assert late.steps == []
+    assert late.close == (CloseCode.TOKEN_EXPIRED, "token expired") == (4401, "token expired")
+
+
+def test_a_token_that_expired_during_the_handshake_closes_at_once(
+    wall_clock: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    protocol = RelayProtocol(RelayConfig(auth_secret=SECRET))
+    token = mint_token(SECRET, subscribe=["news"], ttl=20, now=wall_clock)
+    assert isinstance(protocol.receive_request(upgrade_request(f"/news?token={token}")), Upgrade)
+    protocol.accept()
+    monkeypatch.setattr(time, "time", lambda: wall_clock + 25)  # a slow admission, say
+    assert protocol.opening(None, None, 0, now=25.0) == (b"", (4401, "token expired"))
+
+
+def test_a_refresh_moves_the_expiry_and_replaces_the_grant(wall_clock: float) -> None:
+    protocol = _opened(
+        mint_token(SECRET, publish=["news"], subscribe=["news"], ttl=20, now=wall_clock)
+    )
+    # No trio run, so the wall clock stands still: the new token has 100 s left at 10.
+    fresh = mint_token(SECRET, subscribe=["news/**"], ttl=100, now=wall_clock)
+    received = protocol.receive_data(
+        _frame("publish", text="a", id=1)
+        + _frame("refresh", token=fresh, id="r")
+        + _frame("publish", text="b", id=2),
+        10.0,
+    )
+    publish = received.steps[0]
+    assert isinstance(publish, Publish) and publish.payloads == [b"a"]
+    assert _frames(received) == [
+        {"type": "refreshed", "id": "r", "exp": int(wall_clock) + 100},
+        {
+            "type": "error",
+            "code": "forbidden",
+            "detail": "the token does not allow publishing to topic 'news'",
+            "id": 2,
+        },
+    ]
+    assert protocol.expires == 110.0 and (protocol.may_read, protocol.may_write) == (True, False)
+    assert protocol.receive_data(_frame("refresh", token=fresh), 50.0).close is None
+
+
+@pytest.mark.parametrize(
+    ("token", "code", "detail"),
+    [
+        ("not.a.token", "bad-token", "invalid token: "),
+        (mint_token("x" * 40, subscribe=["news"]), "bad-token", "Signature verification failed"),
+        (mint_token(SECRET, subscribe=["news"], ttl=5, now=1_000_000), "bad-token", "expired"),
+        (
+            mint_token(SECRET, subscribe=["sport"], publish=["news/*"]),
+            "forbidden",
+            "does not allow topic 'news'",
+        ),
+        ("", "bad-frame", '"token" must be a non-empty string'),
+    ],
+    ids=["malformed", "wrong-secret", "expired", "other-topic", "empty"],
+)
+def test_a_refused_refresh_is_an_error_and_changes_nothing(
+    wall_clock: float, token: str, code: str, detail: str
+) -> None:
+    protocol = _opened(mint_token(SECRET, publish=["news"], ttl=20, now=wall_clock))
+    received = protocol.receive_data(_frame("refresh", token=token, id=7), 10.0)
+    [error] = _frames(received)
+    assert (error["type"], error["code"], error["id"]) == ("error", code, 7)
+    assert detail in str(error["detail"])
+    assert token not in json.dumps(error) or not token
+    assert protocol.expires == 20.0 and protocol.may_write
+    assert protocol.receive_data(_frame("refresh", token=token), 20.0).close == (
+        4401,
+        "token expired",
+    )
+
+
+def test_without_a_secret_a_refresh_is_answered_and_nothing_expires() -> None:
+    protocol = RelayProtocol(RelayConfig())
+    assert isinstance(
+        protocol.receive_request(
+            upgrade_request("/news", extra="Sec-WebSocket-Protocol: trio-relay.v1\r\n")
+        ),
+        Upgrade,
+    )
+    protocol.accept()
+    protocol.opening(None, None, 0, now=0.0)
+    received = protocol.receive_data(_frame("refresh", token="anything", id=1), 1e9)
+    assert _frames(received) == [{"type": "refreshed", "id": 1, "exp": None}]
+    assert protocol.expires == math.inf

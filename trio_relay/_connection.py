@@ -35,6 +35,7 @@ from collections.abc import Callable
 import trio
 import trio.lowlevel
 
+from ._auth import Expiries
 from ._broadcast import Subscription
 from ._budget import ByteBudget
 from ._config import RelayConfig
@@ -103,6 +104,7 @@ class RelayConnection:
         "_close_request",
         "_config",
         "_counters",
+        "_expiries",
         "_handoff",
         "_held_topic",
         "_nursery",
@@ -137,8 +139,12 @@ class RelayConnection:
         admit: Callable[[RelayConnection], str | None] = lambda _connection: None,
         counters: RelayCounters | None = None,
         unfinished: ByteBudget | None = None,
+        expiries: Expiries[RelayConnection] | None = None,
     ) -> None:
         self.id = next(_ids)
+        # Where the open connection waits for its token to expire (the server's timer
+        # calls expire()); None: the connection is not watched for expiry.
+        self._expiries = expiries
         self._on_subscribed = on_subscribed
         self._admit = admit
         self._counters = counters or RelayCounters()
@@ -254,6 +260,8 @@ class RelayConnection:
                         if close is not None:
                             self._request_close(*close)
                             return
+                        if self._expiries is not None:
+                            self._expiries.schedule(self, protocol.expires)
                         if first:
                             try:
                                 await self._send(first)
@@ -280,6 +288,8 @@ class RelayConnection:
                 raise
             finally:
                 self._subscription = None
+                if self._expiries is not None:
+                    self._expiries.discard(self)
 
     # ---------------------------------------------------------------- handshake
 
@@ -599,6 +609,20 @@ class RelayConnection:
             self._config.ping_timeout,
         )
         self._request_close(*action)
+
+    def expire(self, now: float) -> None:
+        """Called by the server's timer once the token's expiry is due: close 4401 "token
+        expired", unless a ``refresh`` frame moved the expiry meanwhile (then wait for the
+        new one)."""
+        if self._subscription is None or self._close_request is not None:
+            return
+        expires = self.protocol.expires
+        if expires > now:
+            if self._expiries is not None:
+                self._expiries.schedule(self, expires)
+            return
+        logger.info("connection #%d from %s: token expired", self.id, self.peer)
+        self._request_close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def _evicted(self) -> None:
         logger.warning(

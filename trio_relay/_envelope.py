@@ -1,8 +1,8 @@
 """Sans-IO codec of the ``trio-relay.v1`` envelope protocol (see PROTOCOL.md).
 
 Clients that negotiate the subprotocol exchange JSON text frames with the relay. This module
-turns client frames into :class:`PublishRequest` values (or :class:`EnvelopeError`) and
-builds the relay's frames; it never touches a stream.
+turns client frames into :class:`PublishRequest` and :class:`RefreshRequest` values (or
+:class:`EnvelopeError`) and builds the relay's frames; it never touches a stream.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._redact import shown
 
@@ -20,11 +20,13 @@ __all__ = [
     "SUBPROTOCOL",
     "EnvelopeError",
     "PublishRequest",
+    "RefreshRequest",
     "clip",
     "encode_ack",
     "encode_error",
     "encode_gap",
     "encode_message",
+    "encode_refreshed",
     "encode_welcome",
     "max_message_frame",
     "parse_client_frame",
@@ -55,6 +57,14 @@ class PublishRequest:
     echo: bool = True
 
 
+@dataclass(frozen=True)
+class RefreshRequest:
+    """A client's ``refresh`` frame: a new token for the connection, and the frame's id."""
+
+    token: str = field(repr=False)
+    id: str | int | None = None
+
+
 class EnvelopeError(Exception):
     """A client frame that is not valid ``trio-relay.v1``; :attr:`code` names the error."""
 
@@ -65,7 +75,7 @@ class EnvelopeError(Exception):
         self.request_id = request_id
 
 
-def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest:
+def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest | RefreshRequest:
     """Parse one message a client sent over ``trio-relay.v1``.
 
     Raises :class:`EnvelopeError` with code ``not-json``, ``binary-frame``, ``bad-frame``,
@@ -97,6 +107,11 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
             f'"id" must be a string of at most {MAX_ID_LENGTH} characters or an integer',
         )
     kind = frame.get("type")
+    if kind == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise EnvelopeError("bad-frame", '"token" must be a non-empty string', request_id)
+        return RefreshRequest(token, request_id)
     if kind != "publish":
         raise EnvelopeError("unknown-type", f'unknown "type": {clip(kind)}', request_id)
     if "topic" in frame and frame["topic"] != topic:
@@ -172,6 +187,16 @@ def encode_welcome(topic: str, seq: int) -> bytes:
 def encode_gap(topic: str, since: int, first: int) -> bytes:
     """The JSON of a ``gap`` frame: messages ``since + 1`` to ``first - 1`` are gone."""
     return _dump({"type": "gap", "topic": topic, "since": since, "first": first})
+
+
+def encode_refreshed(request_id: str | int | None, expires: float | None) -> bytes:
+    """The JSON of a ``refreshed`` frame: the answer to a valid ``refresh``, with the new
+    token's ``exp`` (None where the relay needs no token: the connection never expires)."""
+    frame: dict[str, object] = {"type": "refreshed"}
+    if request_id is not None:
+        frame["id"] = request_id
+    frame["exp"] = int(expires) if expires is not None and expires.is_integer() else expires
+    return _dump(frame)
 
 
 def encode_error(code: str, detail: str, request_id: str | int | None = None) -> bytes:

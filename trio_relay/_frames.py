@@ -40,6 +40,9 @@ class CloseCode(enum.IntEnum):
     """The relay's budget for unfinished incoming messages (``max_unfinished_bytes``, shared
     by all connections) had no room for the rest of this client's message. Nothing of that
     message was published; retrying later may succeed."""
+    TOKEN_EXPIRED = 4401
+    """The connection's token expired (its ``exp``), and no ``refresh`` frame replaced it
+    in time. The client may reconnect with a new token."""
     GAP = 4410
     """A raw client asked for messages (``since``) that are no longer retained. Envelope
     clients get a ``gap`` frame instead and stay connected."""

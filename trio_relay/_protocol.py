@@ -26,6 +26,7 @@ import enum
 import fnmatch
 import http
 import itertools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -39,13 +40,16 @@ from ._budget import ByteBudget
 from ._config import RelayConfig
 from ._counters import RelayCounters
 from ._envelope import (
+    MAX_ECHOED,
     SUBPROTOCOL,
     EnvelopeError,
     PublishRequest,
+    RefreshRequest,
     clip,
     encode_ack,
     encode_error,
     encode_gap,
+    encode_refreshed,
     encode_welcome,
     parse_client_frame,
 )
@@ -239,6 +243,7 @@ class RelayProtocol:
         "_control_bucket",
         "_counters",
         "_cursor",
+        "_grant",
         "_next_ping",
         "_parser",
         "_ping_payload",
@@ -247,6 +252,7 @@ class RelayProtocol:
         "_ws",
         "config",
         "envelope",
+        "expires",
         "may_read",
         "may_write",
         "since",
@@ -273,6 +279,11 @@ class RelayProtocol:
         self.envelope = False
         self.may_read = True
         self.may_write = True
+        self._grant: Grant = OPEN
+        self.expires = math.inf
+        """When the token expires, on the clock of ``now`` (set by :meth:`opening`; moved
+        by a ``refresh`` frame). From then on the connection publishes nothing more and
+        the server's timer closes it with 4401."""
         # The highest sequence number of this topic already sent to this client: replays
         # and live batches meet here without duplicates.
         self._cursor = 0
@@ -356,6 +367,7 @@ class RelayProtocol:
                 return self.reject(403, f"the token does not allow topic {self.topic!r}")
         self.may_read = grant.may_subscribe(self.topic)
         self.may_write = grant.may_publish(self.topic)
+        self._grant = grant
         self._ws = ws
         return Upgrade(self.topic, self.since, self.envelope)
 
@@ -390,11 +402,16 @@ class RelayProtocol:
         self, gap: Gap | None, replay: Batch | None, cursor: int, now: float
     ) -> tuple[bytes, tuple[int, str] | None]:
         """What the client gets first once subscribed (welcome, gap, replayed messages), or
-        a close instead: a raw client cannot be told about a gap in-band (close 4410)."""
+        a close instead: a raw client cannot be told about a gap in-band (close 4410); a
+        token that expired meanwhile gets 4401. From here the token's expiry counts on the
+        clock of ``now`` (:attr:`expires`)."""
         self._cursor = cursor
         for bucket in (self._publish_bucket, self._control_bucket):
             if bucket is not None:
                 bucket.refilled = now
+        self.expires = now + self._grant.seconds_left()
+        if self.expires <= now:
+            return b"", (CloseCode.TOKEN_EXPIRED, "token expired")
         if self.config.ping_interval > 0:
             self._next_ping = now + self.config.ping_interval
         if gap is not None and not self.envelope:
@@ -462,13 +479,19 @@ class RelayProtocol:
             published = controlled = 0
             for kind, payload, text in events:
                 if kind == MESSAGE:
+                    if now >= self.expires:
+                        # Expired, and the server's timer (once a second) has not closed
+                        # the connection yet: nothing more is published, not even a refresh.
+                        steps.clear()
+                        received.close = (CloseCode.TOKEN_EXPIRED, "token expired")
+                        return received
                     if not self.may_write and not envelope:
                         detail = f"the token does not allow publishing to topic {self.topic!r}"
                         received.close = (CloseCode.SLOW_CONSUMER, detail)  # 1008: policy
                         return received
                     published += 1
                     if envelope:
-                        reply = self._envelope_frame(payload, text)
+                        reply = self._envelope_frame(payload, text, now)
                         if isinstance(reply, bytes):
                             steps += (frame_header(len(reply), text=True), reply)
                             controlled += 1
@@ -557,17 +580,42 @@ class RelayProtocol:
         self._parser.abandon()
         self._claim.release()
 
-    def _envelope_frame(self, payload: bytes, text: bool) -> PublishRequest | bytes:
+    def _envelope_frame(self, payload: bytes, text: bool, now: float) -> PublishRequest | bytes:
         """An envelope client's frame as a request to publish, or the JSON of the error
-        frame that refuses it (with the frame's ``id`` when it has a readable one)."""
+        frame that refuses it (with the frame's ``id`` when it has a readable one), or of
+        the answer to a ``refresh`` (which counts toward ``control_rate`` as errors do)."""
         try:
             request = parse_client_frame(payload, text=text, topic=self.topic)
         except EnvelopeError as exc:
             return encode_error(exc.code, exc.detail, exc.request_id)
+        if isinstance(request, RefreshRequest):
+            return self._refresh(request, now)
         if not self.may_write:
             detail = f"the token does not allow publishing to topic {clip(self.topic)}"
             return encode_error("forbidden", detail, request.id)
         return request
+
+    def _refresh(self, request: RefreshRequest, now: float) -> bytes:
+        """Verify a ``refresh`` frame's token: if it allows this connection's topic, its
+        grant replaces the old one (what may be published and read, and the expiry) and
+        the answer is a ``refreshed`` frame; otherwise an ``error`` frame and nothing
+        changes (the old token still expires when it would have)."""
+        secret = self.config.auth_secret
+        if secret is None:
+            return encode_refreshed(request.id, None)  # nothing expires here
+        try:
+            grant = verify_token(secret, request.token)
+        except TokenError as exc:
+            # The error may quote the token's header: cut as any echoed client value is.
+            return encode_error("bad-token", shown(exc, MAX_ECHOED), request.id)
+        topic = self.topic
+        may_read, may_write = grant.may_subscribe(topic), grant.may_publish(topic)
+        if not (may_read or may_write):
+            detail = f"the new token does not allow topic {clip(topic)}"
+            return encode_error("forbidden", detail, request.id)
+        self._grant, self.may_read, self.may_write = grant, may_read, may_write
+        self.expires = now + grant.seconds_left()
+        return encode_refreshed(request.id, grant.expires)
 
     def acknowledge(self, publish: Publish, report: DeliveryReport) -> bytes:
         """The ``ack`` frames of an envelope client's batch, once published (raw clients

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from ._auth import Expiries
 from ._backplane import RedisBackplane
 from ._broadcast import BroadcastStatistics
 from ._budget import ByteBudget
@@ -120,6 +121,8 @@ class RelayServer:
         # The connections holding a slot on their topic.
         self._admitted: set[RelayConnection] = set()
         self._refusals = LogThrottle()
+        # Open connections by the time their token expires, for _tick to close.
+        self._expiries: Expiries[RelayConnection] = Expiries()
         self._changed = trio.Event()
         self.unfinished = ByteBudget(config.max_unfinished_bytes)
         """The bytes of unfinished incoming messages all connections hold
@@ -192,6 +195,7 @@ class RelayServer:
             admit=self._admit,
             counters=self.counters,
             unfinished=self.unfinished,
+            expiries=self._expiries if self.config.auth_secret is not None else None,
         )
         refusal = self.limits.reserve_connection(connection.host)
         if refusal is not None:
@@ -237,11 +241,14 @@ class RelayServer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _tick(self) -> NoReturn:
-        """One timer for all connections: keepalive pings every second (when enabled), and
-        the sweep of expired histories, which expire even on topics nobody touches."""
+        """One timer for all connections: keepalive pings every second (when enabled), the
+        close of connections whose token expired (every second, with a secret: each tick
+        looks only at the connections due, see :class:`Expiries`), and the sweep of
+        expired histories, which expire even on topics nobody touches."""
         config = self.config
         sweep_every = min(max(config.history_age, 1.0), 60.0)
-        tick = 1.0 if config.ping_interval > 0 else sweep_every
+        every_second = config.ping_interval > 0 or config.auth_secret is not None
+        tick = 1.0 if every_second else sweep_every
         next_sweep = trio.current_time() + sweep_every
         while True:
             await trio.sleep(tick)
@@ -249,6 +256,8 @@ class RelayServer:
             if config.ping_interval > 0:
                 for connection in list(self._connections):
                     connection.keepalive(now)
+            for connection in self._expiries.pop_due(now):
+                connection.expire(now)
             if now >= next_sweep:
                 self.topics.sweep()
                 next_sweep = now + sweep_every
