@@ -74,6 +74,7 @@ def test_serve_defaults() -> None:
         "backplane": None,
         "workers": 1,
         "worker": False,
+        "http_socket": None,
         "certfile": None,
         "keyfile": None,
         "http_port": None,

@@ -21,11 +21,13 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from helpers import http_request
+from prometheus_client.parser import text_string_to_metric_families
 from redis_support import RedisServer, redis_server
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Request, TextMessage
@@ -506,6 +508,36 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
 # ------------------------------------------------------------------------ --workers
 
 
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of ``/metrics`` on ``port``, by name and labels."""
+    with trio.fail_after(DEADLINE):
+        status, _, body = await http_request(port, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+async def post(port: int, path: str, document: object) -> tuple[int, dict[str, Any]]:
+    """``POST`` a JSON ``document`` to 127.0.0.1:``port``: the status and the JSON answer."""
+    body = json.dumps(document).encode()
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            response = b""
+            while chunk := await stream.receive_some():
+                response += chunk
+    head, _, answer = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(answer)
+
+
 async def healthz(port: int) -> dict[str, object]:
     """The ``/healthz`` JSON of the metrics port ``port``."""
     with trio.fail_after(DEADLINE):
@@ -525,13 +557,14 @@ async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(
     )
     port = int((await supervisor.expect("stderr", r"supervising 2 workers on port (\d+)"))[1])
     await supervisor.expect("stderr", LISTENING, 2)
-    metrics_line = r"worker (\d): metrics on http://[^:]+:(\d+)/"
-    await supervisor.expect("stderr", metrics_line, 2)
+    # One HTTP port for the whole relay, served by the supervisor from the workers'.
+    http_line = r"HTTP port of all 2 workers on http://127\.0\.0\.1:(\d+)/"
+    http = int((await supervisor.expect("stderr", http_line))[1])
     log = supervisor.output["stderr"]
     workers = dict(re.findall(r"worker (\d) started: pid (\d+)", log))
-    metrics = dict(re.findall(metrics_line, log))
-    assert sorted(workers) == sorted(metrics) == ["0", "1"]
+    assert sorted(workers) == ["0", "1"]
     assert set(re.findall(r"worker \d: relay listening on ws://[^:]+:(\d+)/", log)) == {str(port)}
+    assert "metrics on http" not in log  # no worker serves a TCP port of its own
 
     url = f"ws://127.0.0.1:{port}/room"
     received: list[list[object]] = []
@@ -558,15 +591,36 @@ async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(
             changed.set()
 
     async with trio.open_nursery() as clients:
-        # Open consumers until each worker has one (the kernel picks the worker).
+        # Open consumers until each worker has one (the kernel picks the worker); the one
+        # scrape of the supervisor's /metrics says which worker has how many.
         with trio.fail_after(DEADLINE):
             while True:
                 await clients.start(consumer)
-                health = [await healthz(int(metrics[w])) for w in ("0", "1")]
-                if all(h["connections"] for h in health):
+                samples = await scrape(http)
+                per_worker = [
+                    samples.get(("trio_relay_connections", (("worker", w),)), 0) for w in "01"
+                ]
+                if all(per_worker) and samples[("trio_relay_workers_up", ())] == 2:
                     break
-        assert all(h["backplane"] == "up" for h in health)
-        await trio_relay.produce(url, "to all")
+        assert sum(per_worker) == len(received)
+        assert samples[("trio_relay_workers", ())] == 2
+        assert {labels for name, labels in samples if name == "process_open_fds"} == {
+            (("worker", "0"),),
+            (("worker", "1"),),
+        }
+        assert await healthz(http) == {
+            "status": "ok",
+            "connections": len(received),
+            "backplane": "up",
+            "workers": 2,
+            "workers_up": 2,
+        }
+        with trio.fail_after(DEADLINE):
+            _, _, body = await http_request(http, "/stats")
+        assert json.loads(body)["subscribers"] == len(received)
+        # The HTTP API through the one port: passed on to a worker, which publishes to all.
+        status, answer = await post(http, "/api/publish", {"topic": "room", "text": "to all"})
+        assert (status, answer["seq"]) == (200, 1)
         await wait_for(lambda: all(inbox == ["to all"] for inbox in received))
 
         # A worker crashes: it is started again on the same port, the other one goes on.

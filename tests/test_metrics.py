@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -102,3 +104,22 @@ async def test_metrics_from_the_start_every_reason_build_info_and_process_metric
     assert any(name == "python_info" for name, _ in samples)
     assert any(name == "python_gc_collections_total" for name, _ in samples)
     nursery.cancel_scope.cancel()
+
+
+def test_every_status_the_relay_refuses_with_is_a_known_rejection_reason() -> None:
+    # A new `reject(NNN, ...)` must be added to REJECTION_REASONS, or /metrics would show
+    # its reason only after the first such rejection.
+    package = Path(trio_relay.__file__).parent
+    statuses = {
+        node.args[0].value
+        for path in package.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "reject"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert statuses >= {400, 401, 403, 431, 503}
+    # 426 comes from wsproto (an unsupported Sec-WebSocket-Version), not a literal here.
+    assert {f"http-{status}" for status in statuses | {426}} <= set(REJECTION_REASONS)

@@ -27,6 +27,7 @@ from typing import Any, get_args
 import trio
 
 from . import __version__
+from ._aggregate import open_unix_listener
 from ._auth import mint_token
 from ._broadcast import OverflowPolicy
 from ._client import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_TIMEOUT, consume, open_producer
@@ -185,8 +186,8 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         dest="http_port",
         type=_port,
         help="serve the HTTP API (/api/publish, /api/history), /healthz, Prometheus /metrics "
-        "and the browser console (/) on this port of --http-host; with --workers, worker i "
-        "serves it on this port + i; default: off",
+        "and the browser console (/) on this port of --http-host; with --workers, one port "
+        "for all workers; default: off",
     )
     serve.add_argument(
         "--http-host",
@@ -252,6 +253,9 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
     # Set by --workers on its workers: listen with SO_REUSEPORT, and stop when the
     # supervisor's pipe on stdin closes (the supervisor is gone, even killed).
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # Set by --workers with --http-port: the worker's HTTP port is this Unix socket, which
+    # the supervisor's HTTP port answers from (one endpoint for the whole relay).
+    serve.add_argument("--http-socket", help=argparse.SUPPRESS)
     serve.add_argument(
         "--config",
         metavar="FILE",
@@ -460,7 +464,10 @@ async def _serve(args: argparse.Namespace) -> None:
             server = await nursery.start(partial(serve_relay, config=config, listeners=listeners))
             if args.worker:
                 nursery.start_soon(stop_with_supervisor, nursery.cancel_scope)
-            if args.http_port is not None:
+            if args.http_socket is not None:
+                unix = await open_unix_listener(args.http_socket)
+                await nursery.start(partial(serve_metrics, server, None, 0, listeners=[unix]))
+            elif args.http_port is not None:
                 try:
                     metrics = await nursery.start(
                         serve_metrics, server, args.http_host, args.http_port
@@ -732,10 +739,21 @@ def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
         argv = argv[argv.index("serve") + 1 :] if "serve" in argv else argv
         grace = args.close_timeout + 5.0
         try:
-            trio.run(supervise, args.workers, argv, port, args.http_port, grace)
+            return trio.run(
+                partial(
+                    supervise,
+                    args.workers,
+                    argv,
+                    port,
+                    args.http_port,
+                    grace,
+                    http_host=args.http_host,
+                    http_max_connections=args.http_max_connections,
+                    http_request_timeout=args.http_request_timeout,
+                )
+            )
         except KeyboardInterrupt:
             return 130
-    return 0
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

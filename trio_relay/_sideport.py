@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
+    "NOT_FOUND",
     "Answer",
     "read_request",
     "send_answer",
@@ -135,6 +136,9 @@ async def serve_http(
                 await exchange(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
             logger.debug("HTTP request failed: %s", shown(exc))
+        except Exception:
+            # Contained: one failed request must not take the port down.
+            logger.exception("HTTP request failed")
         finally:
             open_connections -= 1
             await trio.aclose_forcefully(stream)

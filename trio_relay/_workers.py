@@ -10,20 +10,29 @@ or SIGTERM to the supervisor sends SIGTERM to every worker, which drain their cl
 ``close_timeout`` + 5 s is killed. Workers ignore SIGINT (Ctrl-C signals the whole process
 group), and stop by themselves when the supervisor's pipe on their stdin closes, so a
 killed supervisor leaves no orphans.
+
+With ``--http-port``, the supervisor serves the relay's one HTTP port and the workers
+serve theirs on private Unix sockets behind it (see :mod:`trio_relay._aggregate`): one
+scrape target for the whole relay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from functools import partial
 
 import trio
+
+from ._aggregate import serve_workers_http
 
 __all__ = ["reserve_port", "supervise"]
 
@@ -130,31 +139,82 @@ async def supervise(
     port: int,
     http_port: int | None,
     grace: float,
-) -> None:
+    *,
+    http_host: str | None = "127.0.0.1",
+    http_max_connections: int = 64,
+    http_request_timeout: float = 10.0,
+) -> int:
     """Run ``count`` workers (``trio-relay serve`` with ``argv``, on ``port``) until SIGINT
-    or SIGTERM, then stop them all (each gets ``grace`` seconds to drain)."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            for index in range(count):
-                command = [
-                    sys.executable,
-                    "-m",
-                    "trio_relay",
-                    "serve",
-                    *argv,
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "1",
-                    "--worker",
-                ]
-                if http_port is not None:
-                    # One side port per worker (each serves its own figures): the next ones.
-                    command += ["--http-port", str(http_port + index if http_port else 0)]
-                nursery.start_soon(_run_worker, index, command, grace)
-            logger.info("supervising %d workers on port %d", count, port)
-            async for signum in signals:
-                logger.info("%s received: stopping %d workers", signal.Signals(signum).name, count)
-                nursery.cancel_scope.cancel()
-                break
+    or SIGTERM, then stop them all (each gets ``grace`` seconds to drain); return the exit
+    status (1 if the HTTP port cannot be bound, 0 otherwise).
+
+    With ``http_port``, each worker serves its HTTP side port on a Unix socket of a private
+    directory, and this process serves ``http_host``:``http_port`` for the whole relay
+    (see :mod:`trio_relay._aggregate`), bounded by ``http_max_connections`` and
+    ``http_request_timeout`` as a relay's side port is.
+    """
+    listeners: list[trio.SocketListener] = []
+    if http_port is not None:
+        try:
+            listeners = await trio.open_tcp_listeners(http_port, host=http_host)
+        except OSError as exc:
+            where = (
+                f"[{http_host}]:{http_port}"
+                if ":" in str(http_host)
+                else f"{http_host}:{http_port}"
+            )
+            logger.error("--http-port: cannot listen on %s: %s", where, exc.strerror or exc)
+            return 1
+    with contextlib.ExitStack() as stack:
+        sockets: list[str] = []
+        if http_port is not None:
+            # mkdtemp makes it 0700: only this user reaches the workers' side ports.
+            directory = tempfile.mkdtemp(prefix="trio-relay-")
+            stack.callback(shutil.rmtree, directory, ignore_errors=True)
+            sockets = [os.path.join(directory, f"worker-{index}.sock") for index in range(count)]
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                for index in range(count):
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "trio_relay",
+                        "serve",
+                        *argv,
+                        "--port",
+                        str(port),
+                        "--workers",
+                        "1",
+                        "--worker",
+                    ]
+                    if sockets:
+                        command += ["--http-socket", sockets[index]]
+                    nursery.start_soon(_run_worker, index, command, grace)
+                if listeners:
+                    await nursery.start(
+                        partial(
+                            serve_workers_http,
+                            sockets,
+                            listeners,
+                            max_connections=http_max_connections,
+                            request_timeout=http_request_timeout,
+                        )
+                    )
+                    for listener in listeners:
+                        host, bound = listener.socket.getsockname()[:2]
+                        logger.info(
+                            "HTTP port of all %d workers on http://%s:%d/ (/metrics, /healthz, "
+                            "console, API)",
+                            count,
+                            host,
+                            bound,
+                        )
+                logger.info("supervising %d workers on port %d", count, port)
+                async for signum in signals:
+                    logger.info(
+                        "%s received: stopping %d workers", signal.Signals(signum).name, count
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
     logger.info("all workers stopped")
+    return 0
