@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import re
 import signal
 import socket
@@ -263,6 +264,27 @@ def test_workers_refuse_bad_settings_before_starting_any(
     assert capsys.readouterr().err == (
         "trio-relay serve: --certfile /no: [Errno 2] No such file or directory\n"
     )
+
+
+def test_serve_fixes_the_allocators_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_relay import _cli
+
+    tuned: list[bool] = []
+    monkeypatch.setattr(_cli, "tune_allocator", lambda: tuned.append(True) or True)
+    monkeypatch.setattr(_cli.trio, "run", lambda command, args: None)
+    assert _cli.main(["serve", "--port", "0"]) == 0
+    assert tuned == [True]
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's mallopt",
+)
+def test_the_allocator_takes_the_threshold_on_glibc() -> None:
+    # In a process of its own: the test session keeps glibc's defaults.
+    code = "from trio_relay._cli import tune_allocator; print(tune_allocator())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert result.stdout == b"True\n"
 
 
 def test_serve_makes_full_garbage_collections_rare(

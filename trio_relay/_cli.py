@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -829,6 +830,32 @@ def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
             failure = None
 
 
+MMAP_THRESHOLD = 128 * 1024
+"""Bytes from which a ``trio-relay serve`` process gets each buffer its own mapping."""
+_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def tune_allocator() -> bool:
+    """Give big buffers back to the system when they are freed (glibc; elsewhere a no-op).
+
+    glibc maps each allocation of 128 KiB or more on its own, but after the first such
+    block is freed it raises that threshold to the block's size, so later big buffers (1 MB
+    messages, their unmasking, retained history) come from the heap, where the freed ones
+    leave holes the process keeps. With 1,500 topics x 1 MB, one client's messages raised
+    the relay's RSS by 88 MiB on a 64 MiB history budget; with the threshold fixed here,
+    66 MiB (``benchmarks/abuse_memory.py``). Small messages never reach it. Returns whether
+    it was set. Only the command does this: a program embedding the relay keeps its own.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-relay``; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -854,6 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _supervise(args, list(sys.argv[1:] if argv is None else argv))
     if args.command == "serve":
         tune_garbage_collector()
+        tune_allocator()
     try:
         _run(command, args)
     except (ClientError, CommandError) as exc:
