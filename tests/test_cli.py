@@ -61,6 +61,7 @@ def test_serve_defaults() -> None:
         "max_subscribers_per_topic": 10_000,
         "http_max_connections": 64,
         "http_request_timeout": 10.0,
+        "max_subscriptions_per_connection": 100,
         "publish_rate": 0.0,
         "publish_burst": 1000,
         "control_rate": 20.0,

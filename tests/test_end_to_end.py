@@ -477,6 +477,7 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--max-subscribers-per-topic MAX_SUBSCRIBERS_PER_TOPIC": "10000",
         "--http-max-connections HTTP_MAX_CONNECTIONS": "64",
         "--http-request-timeout HTTP_REQUEST_TIMEOUT": "10.0",
+        "--max-subscriptions-per-connection MAX_SUBSCRIPTIONS_PER_CONNECTION": "100",
         "--publish-rate PUBLISH_RATE": "0.0",
         "--publish-burst PUBLISH_BURST": "1000",
         "--control-rate CONTROL_RATE": "20.0",

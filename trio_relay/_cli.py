@@ -127,6 +127,8 @@ _SERVE_HELP = {
     "max_subscribers_per_topic": "clients per topic; more get HTTP 503",
     "http_max_connections": "open connections of the HTTP side port; more get HTTP 503",
     "http_request_timeout": "seconds an HTTP side-port client has for its request and the response",
+    "max_subscriptions_per_connection": "topics one trio-relay.v2 connection may subscribe "
+    "to at once; more get the error too-many-subscriptions",
     "publish_rate": "messages per second one connection may publish, 0 for no limit; a "
     "faster client is read from more slowly",
     "publish_burst": "messages one connection may publish at once above the rate",

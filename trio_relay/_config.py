@@ -70,6 +70,9 @@ class RelayConfig:
     """Seconds an HTTP side-port client has for its whole request and the response; then
     it is closed (a half-sent request holds its connection no longer). Keep it above the
     API's 5 s publish timeout, so that a publish that cannot finish is answered 503."""
+    max_subscriptions_per_connection: int = 100
+    """Topics one ``trio-relay.v2`` connection may be subscribed to at once; a ``subscribe``
+    past it gets the error ``too-many-subscriptions`` (raw and v1 connections have one)."""
     publish_rate: float = 0.0
     """Messages per second one connection may publish, on average (0: no limit). A client
     above it is not read from until it is back under: TCP slows it down, nothing is lost.
@@ -133,6 +136,7 @@ class RelayConfig:
             "max_connections_per_ip",
             "max_subscribers_per_topic",
             "http_max_connections",
+            "max_subscriptions_per_connection",
             "publish_burst",
             "max_topics",
             "control_burst",

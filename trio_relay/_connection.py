@@ -26,7 +26,9 @@ writer task exist.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -42,10 +44,12 @@ from ._config import RelayConfig
 from ._counters import RelayCounters
 from ._exceptions import SlowConsumerError, TooManyTopicsError
 from ._frames import CloseCode
+from ._limits import ConnectionLimits
 from ._listen import nowait_sender
-from ._protocol import Publish, Reject, RelayProtocol
+from ._protocol import Publish, Reject, RelayProtocol, Subscribe, Unsubscribe
 from ._redact import MAX_SHOWN, shown
-from ._topics import Batch, DeliveryReport, Topics
+from ._topics import Batch, Topics
+from ._v2 import TopicChannel
 
 __all__ = ["RelayConnection"]
 
@@ -57,6 +61,8 @@ WRITE_CHUNK = 256 * 1024
 """The writer's unit of progress: each chunk must be accepted within slow_consumer_timeout."""
 
 _ids = itertools.count(1)
+
+_SLOW_SUBSCRIPTION = "this subscription's queue stayed full: subscribe again with since"
 
 
 def _only_cancelled(exc: BaseException) -> bool:
@@ -91,6 +97,23 @@ def peer_name(stream: trio.abc.Stream) -> str:
     return "in-memory"
 
 
+class _Channel:
+    """One subscription of a ``trio-relay.v2`` connection: the protocol's view of it (topic,
+    cursor), the topic's subscription with its own bounded queue, and the context that
+    ends it."""
+
+    __slots__ = ("channel", "context", "subscription")
+
+    def __init__(self, channel: TopicChannel) -> None:
+        self.channel = channel
+        self.subscription: Subscription[Batch | bytes] | None = None
+        self.context: contextlib.AbstractAsyncContextManager[object] | None = None
+
+
+_NO_RING: collections.deque[_Channel] = collections.deque(maxlen=0)
+"""The ring of a raw or v1 connection: never used (a v2 connection gets its own)."""
+
+
 class RelayConnection:
     """Serves one accepted stream until it closes; never raises except ``Cancelled``.
 
@@ -101,12 +124,16 @@ class RelayConnection:
     # Slots: with thousands of connections, a __dict__ each is a kilobyte each.
     __slots__ = (
         "_admit",
+        "_channel_writer",
+        "_channels",
         "_close_request",
         "_config",
+        "_control",
         "_counters",
         "_expiries",
         "_handoff",
         "_held_topic",
+        "_limits",
         "_nursery",
         "_on_subscribed",
         "_peer_closed",
@@ -114,6 +141,7 @@ class RelayConnection:
         "_protocol_error",
         "_read_fd",
         "_remainder",
+        "_ring",
         "_send_nowait",
         "_shutdown_deadline",
         "_stream",
@@ -140,6 +168,7 @@ class RelayConnection:
         counters: RelayCounters | None = None,
         unfinished: ByteBudget | None = None,
         expiries: Expiries[RelayConnection] | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.id = next(_ids)
         # Where the open connection waits for its token to expire (the server's timer
@@ -189,6 +218,15 @@ class RelayConnection:
         # The topic held for this client from its handshake until it is subscribed (see
         # Topics.hold): the topic cap is checked once, and stays true.
         self._held_topic: str | None = None
+        # trio-relay.v2 (many topics): its subscriptions by topic (None for raw and v1
+        # clients), those with a backlog in the order the writer serves them, frames of the
+        # connection's own (pings, notices) to go out first, whether the writer runs, and
+        # the server's limits, taken subscription by subscription.
+        self._channels: dict[str, _Channel] | None = None
+        self._ring: collections.deque[_Channel] = _NO_RING
+        self._control: list[bytes] = []
+        self._channel_writer = False
+        self._limits = limits
 
     def __repr__(self) -> str:
         return f"<RelayConnection #{self.id} {self.peer}>"
@@ -209,7 +247,10 @@ class RelayConnection:
             # more CPU than the connection itself (README "Running in production").
             logger.debug("connection #%d from %s open", self.id, self.peer)
             try:
-                await self._run_open()
+                if self.protocol.v2:
+                    await self._run_channels()
+                else:
+                    await self._run_open()
             except Exception:
                 logger.exception("connection #%d from %s failed", self.id, self.peer)
                 if self._close_request is None:
@@ -326,7 +367,10 @@ class RelayConnection:
         return False
 
     def _hold_topic(self) -> str | None:
-        """Hold the client's topic until it is subscribed, or say why it cannot be made."""
+        """Hold the client's topic until it is subscribed, or say why it cannot be made.
+        (A v2 client's topics are checked subscription by subscription instead.)"""
+        if self.protocol.v2:
+            return None
         try:
             self._topics.hold(self.protocol.topic)
         except TooManyTopicsError as exc:
@@ -593,12 +637,18 @@ class RelayConnection:
         in other servers) would miss.
         """
         subscription = self._subscription
-        if subscription is None or self._close_request is not None:
+        if self._close_request is not None:
+            return
+        if subscription is None and (self._channels is None or self._nursery is None):
             return
         action = self.protocol.keepalive(now)
         if action is None:
             return
         if isinstance(action, bytes):
+            if subscription is None:  # v2: ahead of the next batch the writer takes
+                self._control.append(action)
+                self._start_channel_writer()
+                return
             with contextlib.suppress(trio.ClosedResourceError):
                 subscription.push(action, len(action))
             return
@@ -683,7 +733,11 @@ class RelayConnection:
                     if type(step) is bytes:
                         replies.append(step)
                         continue
-                    assert isinstance(step, Publish)
+                    if type(step) is not Publish:  # trio-relay.v2: (un)subscribe, in order
+                        assert isinstance(step, Subscribe | Unsubscribe)
+                        if not await self._subscription_step(step, replies):
+                            return
+                        continue
                     if replies:  # pongs and errors go out before later messages' echoes
                         await self._send(b"".join(replies))
                         replies = []
@@ -695,8 +749,7 @@ class RelayConnection:
                                 topic, step.payloads, step.texts, source=protocol
                             )
                     else:
-                        report = await self._publish(step)
-                        replies.append(protocol.acknowledge(step, report))
+                        replies.append(await self._publish(step))
                 if replies:
                     await self._send(b"".join(replies))
                 if close is not None and received.peer_closed:
@@ -724,15 +777,299 @@ class RelayConnection:
                 self._peer_gone = True
                 return
 
-    async def _publish(self, publish: Publish) -> DeliveryReport:
-        """Publish an envelope client's batch: synchronously when nobody has to be waited
-        for, which is nearly always."""
-        topics, topic = self._topics, self.protocol.topic
+    async def _publish(self, publish: Publish) -> bytes:
+        """Publish an envelope client's batch (synchronously when nobody has to be waited
+        for, which is nearly always); return its acks, or the errors that refuse it (a v2
+        publish to a new topic past ``max_topics``)."""
+        topics, protocol = self._topics, self.protocol
+        topic = protocol.topic if publish.topic is None else publish.topic
         args = (topic, publish.payloads, publish.texts)
         try:
-            return topics.publish_nowait(*args, source=self.protocol, echo=publish.echo)
-        except trio.WouldBlock:
-            return await topics.publish_batch(*args, source=self.protocol, echo=publish.echo)
+            try:
+                report = topics.publish_nowait(*args, source=protocol, echo=publish.echo)
+            except trio.WouldBlock:
+                report = await topics.publish_batch(*args, source=protocol, echo=publish.echo)
+        except TooManyTopicsError as exc:
+            return protocol.refuse_publish(publish, "too-many-topics", str(exc))
+        return protocol.acknowledge(publish, report)
+
+    # ---------------------------------------------------------------- trio-relay.v2
+
+    async def _run_channels(self) -> None:
+        """A ``trio-relay.v2`` connection: subscriptions come and go by frame, each with its
+        own bounded queue; one writer task, only while some of them have a backlog, serves
+        them in turn and joins what is ready into one write."""
+        protocol = self.protocol
+        self._channels = {}
+        self._ring = collections.deque()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    protocol.opening(None, None, 0, trio.current_time())  # timers only
+                    first = protocol.subscribe_path()
+                    replies: list[bytes] = []
+                    if isinstance(first, bytes):
+                        replies.append(first)
+                    elif first is not None and not await self._subscription_step(first, replies):
+                        return
+                    if replies:
+                        try:
+                            await self._send(b"".join(replies))
+                        except (_PeerGone, _Stalled):
+                            self._peer_gone = True
+                            return
+                    self._on_subscribed()
+                    await self._read_loop()
+                finally:
+                    self._nursery = None
+                    nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            # As _run_open: cancelled from outside, write out what is queued first.
+            if (
+                _only_cancelled(exc)
+                and self._close_request is None
+                and not (self._peer_gone or self._peer_closed)
+            ):
+                await self._drain_channels()
+            raise
+        finally:
+            for channel in list(self._channels.values()):
+                await self._end_channel(channel)
+
+    async def _subscription_step(self, step: Subscribe | Unsubscribe, replies: list[bytes]) -> bool:
+        """Carry out a v2 ``subscribe`` or ``unsubscribe`` and add its answer to ``replies``.
+
+        A subscription's answer (``subscribed``, gap, replay) is written at once, with the
+        replies before it: nothing published to the topic can reach the client before it.
+        Returns False if the client is gone or stalled (the connection ends)."""
+        protocol = self.protocol
+        channels = self._channels
+        assert channels is not None
+        if type(step) is Unsubscribe:
+            channel = channels.get(step.channel.topic)
+            if channel is not None and channel.channel is step.channel:
+                await self._end_channel(channel)
+                replies.append(protocol.unsubscribed(step))
+            else:  # its subscription was refused after the unsubscribe was read
+                replies.append(protocol.refused_unsubscribe(step))
+            self._on_subscribed()
+            return True
+        assert type(step) is Subscribe
+        replies.append(await self._open_channel(step))
+        try:
+            await self._send(b"".join(replies))
+        except (_PeerGone, _Stalled):
+            self._peer_gone = True
+            return False
+        finally:
+            replies.clear()
+        self._on_subscribed()
+        return True
+
+    async def _open_channel(self, step: Subscribe) -> bytes:
+        """Make the subscription ``step`` asks for, within the server's limits; return the
+        frames that answer it (``subscribed`` and what precedes live messages, or an
+        ``error``)."""
+        protocol, config = self.protocol, self._config
+        topic = step.channel.topic
+        limits = self._limits
+        if limits is not None:
+            refusal = limits.reserve_subscriber(topic)
+            if refusal is not None:
+                return protocol.refused(step, "too-many-subscribers", refusal)
+        channel = _Channel(step.channel)
+        context = self._topics.open_subscription(
+            topic,
+            since=step.since,
+            max_buffer=config.queue_size,
+            max_bytes=config.max_queue_bytes,
+            policy=config.overflow_policy,
+            timeout=config.overflow_timeout,
+            subscription_name=f"#{self.id} {self.peer} {shown(topic, MAX_SHOWN)}",
+            write_through=(
+                functools.partial(self._write_channel, channel)
+                if self._send_nowait is not None
+                else None
+            ),
+            on_evict=functools.partial(self._channel_evicted, channel),
+            on_backlog=functools.partial(self._channel_backlog, channel),
+        )
+        try:
+            subscription, gap, replay, cursor = await context.__aenter__()
+        except TooManyTopicsError as exc:
+            if limits is not None:
+                limits.release_subscriber(topic)
+            return protocol.refused(step, "too-many-topics", str(exc))
+        except BaseException:
+            if limits is not None:
+                limits.release_subscriber(topic)
+            raise
+        channel.subscription = subscription
+        channel.context = context
+        assert self._channels is not None
+        self._channels[topic] = channel
+        # No checkpoint since the subscription was made: its first frames are written
+        # before anything published to it from now on (write-through sees the write).
+        return protocol.subscribed(step, gap, replay, cursor)
+
+    async def _end_channel(self, channel: _Channel) -> None:
+        """End one subscription (its queue is dropped) and give back its slot on the topic.
+        Never checkpoints, so it runs to its end even when cancelled."""
+        channels = self._channels
+        topic = channel.channel.topic
+        if channels is None or channels.get(topic) is not channel:
+            return
+        del channels[topic]
+        if self._limits is not None:
+            self._limits.release_subscriber(topic)
+        if channel.context is not None:
+            await channel.context.__aexit__(None, None, None)
+
+    def _write_channel(self, channel: _Channel, item: Batch | bytes) -> Batch | bytes | None:
+        """Write-through for one v2 subscription (see :meth:`_write_through`): write what
+        the socket takes now, return the rest to queue, or None. Half a frame written is
+        kept in ``_remainder``, which every next write sends first."""
+        send_nowait = self._send_nowait
+        assert send_nowait is not None
+        data = self.protocol.render_channel(channel.channel, item)
+        if data is None:
+            return None
+        if self._writing or self._write_broken or self._remainder is not None:
+            return data  # a write is under way: queue behind it
+        if self._nursery is None:
+            return data  # closing: the drain (on shutdown) or nobody writes it
+        try:
+            sent = send_nowait(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            sent = 0  # the writer task will meet the error through trio
+        self._counters.bytes_out += sent
+        if sent == len(data):
+            return None
+        if sent == 0:
+            return data
+        self._remainder = memoryview(data)[sent:]
+        self._start_channel_writer()
+        return None
+
+    def _channel_backlog(self, channel: _Channel) -> None:
+        """A v2 subscription has a backlog: it joins the writer's round."""
+        self._ring.append(channel)
+        self._start_channel_writer()
+
+    def _start_channel_writer(self) -> None:
+        if not self._channel_writer and self._nursery is not None:
+            self._channel_writer = True
+            self._nursery.start_soon(self._write_channels)
+
+    def _channel_evicted(self, channel: _Channel) -> None:
+        logger.warning(
+            "connection #%d from %s: subscription to %r evicted: slow consumer (over %d "
+            "batches or %d bytes queued, no progress for %s s)",
+            self.id,
+            self.peer,
+            shown(channel.channel.topic, MAX_SHOWN),
+            self._config.queue_size,
+            self._config.max_queue_bytes,
+            self._config.overflow_timeout,
+        )
+
+    async def _write_channels(self) -> None:
+        """The v2 writer: take one batch from each subscription with a backlog in turn (a
+        busy topic gets no more turns than a quiet one), join them, with the connection's
+        own frames first, into writes of up to :data:`MAX_BATCH_BYTES`, until nothing is
+        queued; then end (idle subscriptions are written through again).
+
+        A subscription evicted for its own backlog gets an ``unsubscribed`` frame with
+        code ``slow-consumer``; the connection and its other subscriptions go on."""
+        ring, render = self._ring, self.protocol.render_channel
+        try:
+            while True:
+                frames, self._control = self._control, []
+                size = sum(map(len, frames))
+                close: tuple[int, str] | None = None
+                while ring and size < MAX_BATCH_BYTES:
+                    channel = ring.popleft()
+                    subscription = channel.subscription
+                    assert subscription is not None
+                    try:
+                        item = subscription.receive_nowait()
+                    except trio.WouldBlock:
+                        subscription.park()  # idle: publishers write through to it again
+                        continue
+                    except SlowConsumerError:
+                        notice = self.protocol.dropped(
+                            channel.channel, "slow-consumer", _SLOW_SUBSCRIPTION
+                        )
+                        await self._end_channel(channel)
+                        self._on_subscribed()
+                        if notice:
+                            frames.append(notice)
+                            size += len(notice)
+                        continue
+                    except trio.EndOfChannel:
+                        close = (CloseCode.GOING_AWAY, "relay shutting down")
+                        break
+                    except trio.ClosedResourceError:
+                        continue  # unsubscribed
+                    rendered = render(channel.channel, item)
+                    if rendered is not None:
+                        frames.append(rendered)
+                        size += len(rendered)
+                    ring.append(channel)
+                if frames or self._remainder is not None:
+                    await self._send(b"".join(frames), keep=True)
+                if close is not None:
+                    self._request_close(*close)
+                    return
+                if not (frames or ring or self._control or self._remainder is not None):
+                    return
+        except _Stalled:
+            logger.warning(
+                "connection #%d from %s: slow consumer, no write progress for %s s",
+                self.id,
+                self.peer,
+                self._config.slow_consumer_timeout,
+            )
+            self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
+        except _PeerGone:
+            self._peer_gone = True
+            self._cancel_tasks()
+        finally:
+            self._channel_writer = False
+
+    async def _drain_channels(self) -> None:
+        """:meth:`_drain` for a v2 connection: the connection's own frames and every
+        subscription's queue, within ``close_timeout``."""
+        deadline = trio.current_time() + self._config.close_timeout
+        self._shutdown_deadline = deadline
+        if self._send_nowait is None or self._channels is None:
+            return  # not resumable (TLS): an interrupted frame cannot be finished
+        render = self.protocol.render_channel
+        with trio.CancelScope(shield=True, deadline=deadline):
+            try:
+                while True:
+                    frames, self._unsent, self._control = self._unsent + self._control, [], []
+                    for channel in self._channels.values():
+                        subscription = channel.subscription
+                        assert subscription is not None
+                        try:
+                            while True:
+                                rendered = render(channel.channel, subscription.receive_nowait())
+                                if rendered is not None:
+                                    frames.append(rendered)
+                        except (
+                            trio.WouldBlock,
+                            trio.EndOfChannel,
+                            trio.ClosedResourceError,
+                            SlowConsumerError,
+                        ):
+                            pass
+                    if not frames and self._remainder is None:
+                        return
+                    await self._send(b"".join(frames))
+            except (_PeerGone, _Stalled):
+                self._peer_gone = True
 
     # ---------------------------------------------------------------- closing
 

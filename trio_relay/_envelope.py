@@ -22,6 +22,7 @@ __all__ = [
     "PublishRequest",
     "RefreshRequest",
     "clip",
+    "dump",
     "encode_ack",
     "encode_error",
     "encode_gap",
@@ -30,6 +31,8 @@ __all__ = [
     "encode_welcome",
     "max_message_frame",
     "parse_client_frame",
+    "publish_request",
+    "request_id_of",
 ]
 
 SUBPROTOCOL = "trio-relay.v1"
@@ -49,12 +52,15 @@ def clip(value: object) -> str:
 
 @dataclass(frozen=True)
 class PublishRequest:
-    """A client's ``publish`` frame: the payload, whether it is text, its id, and echo."""
+    """A client's ``publish`` frame: the payload, whether it is text, its id, and echo;
+    ``topic`` is the topic it names (``trio-relay.v2``; None in v1, where the connection's
+    path names it)."""
 
     payload: bytes
     text: bool
     id: str | int | None = None
     echo: bool = True
+    topic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,22 @@ class RefreshRequest:
 
 
 class EnvelopeError(Exception):
-    """A client frame that is not valid ``trio-relay.v1``; :attr:`code` names the error."""
+    """A client frame that is not valid ``trio-relay.v1`` (or ``v2``); :attr:`code` names the
+    error; :attr:`request_id` and :attr:`topic` are the frame's, where readable (``topic``:
+    v2 only, as its error frame quotes it)."""
 
-    def __init__(self, code: str, detail: str, request_id: str | int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        request_id: str | int | None = None,
+        topic: str | None = None,
+    ) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.request_id = request_id
+        self.topic = topic
 
 
 def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest | RefreshRequest:
@@ -93,19 +108,7 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
         raise EnvelopeError("not-json", "the frame's JSON is nested too deeply") from None
     if not isinstance(frame, dict):
         raise EnvelopeError("bad-frame", "the frame must be a JSON object")
-    request_id = frame.get("id")
-    if request_id is not None and not (
-        (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
-        or (
-            isinstance(request_id, int)
-            and not isinstance(request_id, bool)
-            and -(2**63) <= request_id < 2**63
-        )
-    ):
-        raise EnvelopeError(
-            "bad-frame",
-            f'"id" must be a string of at most {MAX_ID_LENGTH} characters or an integer',
-        )
+    request_id = request_id_of(frame)
     kind = frame.get("type")
     if kind == "refresh":
         token = frame.get("token")
@@ -120,6 +123,32 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
             f"this connection publishes to topic {clip(topic)}, not {clip(frame['topic'])}",
             request_id,
         )
+    return publish_request(frame, request_id)
+
+
+def request_id_of(frame: dict[str, object]) -> str | int | None:
+    """A client frame's ``id``: a string of at most 128 characters or a 64-bit integer,
+    or None; anything else raises :class:`EnvelopeError` ``bad-frame``."""
+    request_id = frame.get("id")
+    if request_id is None or (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH):
+        return request_id
+    if (
+        isinstance(request_id, int)
+        and not isinstance(request_id, bool)
+        and -(2**63) <= request_id < 2**63
+    ):
+        return request_id
+    raise EnvelopeError(
+        "bad-frame", f'"id" must be a string of at most {MAX_ID_LENGTH} characters or an integer'
+    )
+
+
+def publish_request(
+    frame: dict[str, object], request_id: str | int | None, topic: str | None = None
+) -> PublishRequest:
+    """The payload and ``echo`` of a ``publish`` frame (v1 or v2): exactly one of ``text``
+    (a string) and ``binary`` (base64). Raises :class:`EnvelopeError` ``bad-frame`` or
+    ``bad-payload``."""
     echo = frame.get("echo", True)
     if not isinstance(echo, bool):
         raise EnvelopeError("bad-frame", '"echo" must be true or false', request_id)
@@ -129,13 +158,14 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
             "bad-payload", 'a publish frame has exactly one of "text" and "binary"', request_id
         )
     if has_text:
-        if not isinstance(frame["text"], str):
+        text = frame["text"]
+        if not isinstance(text, str):
             raise EnvelopeError("bad-payload", '"text" must be a string', request_id)
         try:
-            encoded = frame["text"].encode("utf-8")
+            encoded = text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
             raise EnvelopeError("bad-payload", '"text" is not valid Unicode', request_id) from None
-        return PublishRequest(encoded, True, request_id, echo)
+        return PublishRequest(encoded, True, request_id, echo, topic)
     value = frame["binary"]
     try:
         if not isinstance(value, str):
@@ -143,11 +173,15 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
         payload = base64.b64decode(value, validate=True)
     except (TypeError, binascii.Error):
         raise EnvelopeError("bad-payload", '"binary" must be base64', request_id) from None
-    return PublishRequest(payload, False, request_id, echo)
+    return PublishRequest(payload, False, request_id, echo, topic)
 
 
-def _dump(frame: dict[str, object]) -> bytes:
+def dump(frame: dict[str, object]) -> bytes:
+    """A relay frame's JSON as UTF-8 bytes, compact (what every ``encode_*`` returns)."""
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+_dump = dump
 
 
 def encode_message(topic: str, seq: int, payload: bytes, *, text: bool) -> bytes:
@@ -199,11 +233,15 @@ def encode_refreshed(request_id: str | int | None, expires: float | None) -> byt
     return _dump(frame)
 
 
-def encode_error(code: str, detail: str, request_id: str | int | None = None) -> bytes:
-    """The JSON of an ``error`` frame."""
+def encode_error(
+    code: str, detail: str, request_id: str | int | None = None, topic: str | None = None
+) -> bytes:
+    """The JSON of an ``error`` frame (``topic``: v2, when the request named one)."""
     frame: dict[str, object] = {"type": "error", "code": code, "detail": detail}
     if request_id is not None:
         frame["id"] = request_id
+    if topic is not None:
+        frame["topic"] = topic
     return _dump(frame)
 
 

@@ -74,6 +74,15 @@ from ._parser import (
 )
 from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, DeliveryReport, Gap, topic_from_path
+from ._v2 import (
+    SUBPROTOCOL_V2,
+    Subscribe,
+    TopicChannel,
+    Unsubscribe,
+    encode_subscribed,
+    encode_unsubscribed,
+    parse_v2_frame,
+)
 
 __all__ = [
     "MAX_REQUEST_HEAD",
@@ -83,7 +92,9 @@ __all__ = [
     "Reject",
     "RelayProtocol",
     "State",
+    "Subscribe",
     "TokenBucket",
+    "Unsubscribe",
     "Upgrade",
     "http_response",
 ]
@@ -119,14 +130,17 @@ class Upgrade(NamedTuple):
     topic: str
     since: int | None
     envelope: bool
+    v2: bool = False
+    """``trio-relay.v2``: ``topic`` is subscribed only if the path names one (not ``/``)."""
 
 
 class Publish:
     """Messages to publish as one batch, in the order received. For an envelope client,
     :attr:`requests` holds its ``publish`` frames, to acknowledge with
-    :meth:`RelayProtocol.acknowledge` once the batch's report is known."""
+    :meth:`RelayProtocol.acknowledge` once the batch's report is known. :attr:`topic` is
+    the topic they name (``trio-relay.v2``), or None for the connection's own."""
 
-    __slots__ = ("echo", "payloads", "requests", "texts")
+    __slots__ = ("echo", "payloads", "requests", "texts", "topic")
 
     def __init__(
         self,
@@ -134,11 +148,13 @@ class Publish:
         texts: list[bool],
         echo: bool = True,
         requests: list[PublishRequest] | None = None,
+        topic: str | None = None,
     ) -> None:
         self.payloads = payloads
         self.texts = texts
         self.echo = echo
         self.requests = requests
+        self.topic = topic
 
 
 class Received:
@@ -160,7 +176,7 @@ class Received:
     __slots__ = ("close", "held", "pause", "peer_closed", "protocol_error", "steps")
 
     def __init__(self) -> None:
-        self.steps: list[bytes | Publish] = []
+        self.steps: list[bytes | Publish | Subscribe | Unsubscribe] = []
         self.close: tuple[int, str] | None = None
         self.peer_closed = False
         self.protocol_error = False
@@ -220,6 +236,14 @@ def http_response(status: int, body: str, headers: Sequence[tuple[bytes, bytes]]
     return head + extra + b"\r\n" + payload
 
 
+def _text_frame(body: bytes) -> bytes:
+    return frame_header(len(body), text=True) + body
+
+
+_MAX_CACHED_GRANTS = 256
+"""Topics whose publish permission a v2 connection remembers (then it starts over)."""
+
+
 def _since(values: list[str] | None) -> int | None:
     """The ``since`` query parameter: a sequence number >= 0, or absent."""
     if not values:
@@ -249,15 +273,19 @@ class RelayProtocol:
         "_ping_payload",
         "_ping_sent",
         "_publish_bucket",
+        "_publish_grants",
         "_ws",
+        "channels",
         "config",
         "envelope",
         "expires",
         "may_read",
         "may_write",
+        "path_topic",
         "since",
         "state",
         "topic",
+        "v2",
     )
 
     def __init__(
@@ -284,6 +312,13 @@ class RelayProtocol:
         """When the token expires, on the clock of ``now`` (set by :meth:`opening`; moved
         by a ``refresh`` frame). From then on the connection publishes nothing more and
         the server's timer closes it with 4401."""
+        # trio-relay.v2 (many topics): its subscriptions by topic (made and being made),
+        # the topic its path names (if any), and what its token allows it to publish, by
+        # topic (a cache, checked per frame; emptied by a refresh).
+        self.v2 = False
+        self.channels: dict[str, TopicChannel] = {}
+        self.path_topic: str | None = None
+        self._publish_grants: dict[str, bool] = {}
         # The highest sequence number of this topic already sent to this client: replays
         # and live batches meet here without duplicates.
         self._cursor = 0
@@ -345,7 +380,10 @@ class RelayProtocol:
             # The path only, cut short: the query may hold the token.
             path = shown(target.path, 128)
             return self.reject(400, f"bad request for path {path!r}: {exc}")
-        self.envelope = SUBPROTOCOL in request.subprotocols
+        self.v2 = SUBPROTOCOL_V2 in request.subprotocols
+        self.envelope = self.v2 or SUBPROTOCOL in request.subprotocols
+        if self.v2 and self.since is not None and target.path in ("", "/"):
+            return self.reject(400, "'since' needs a topic in the path (trio-relay.v2)")
         headers = {name.lower(): value for name, value in request.extra_headers}
         config = self.config
         origin = headers.get(b"origin")
@@ -363,12 +401,19 @@ class RelayProtocol:
                 grant = verify_token(config.auth_secret, token)
             except TokenError as exc:
                 return self.reject(401, str(exc))
-            if not (grant.may_subscribe(self.topic) or grant.may_publish(self.topic)):
+            if self.v2 and target.path in ("", "/"):
+                pass  # no topic yet: each subscribe and publish is checked on its own
+            elif not (grant.may_subscribe(self.topic) or grant.may_publish(self.topic)):
                 return self.reject(403, f"the token does not allow topic {self.topic!r}")
-        self.may_read = grant.may_subscribe(self.topic)
-        self.may_write = grant.may_publish(self.topic)
         self._grant = grant
         self._ws = ws
+        if self.v2:
+            # Checked per topic, per frame; the path's topic (if any) is subscribed like
+            # any other, by subscribe_path() once the connection is open.
+            self.path_topic = None if target.path in ("", "/") else self.topic
+            return Upgrade(self.topic, self.since, True, v2=True)
+        self.may_read = grant.may_subscribe(self.topic)
+        self.may_write = grant.may_publish(self.topic)
         return Upgrade(self.topic, self.since, self.envelope)
 
     def reject(
@@ -388,7 +433,7 @@ class RelayProtocol:
     def accept(self) -> bytes:
         """The ``101 Switching Protocols`` response for an admitted :class:`Upgrade`."""
         assert self.state is State.HANDSHAKE and self._ws is not None
-        subprotocol = SUBPROTOCOL if self.envelope else None
+        subprotocol = SUBPROTOCOL_V2 if self.v2 else SUBPROTOCOL if self.envelope else None
         data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
         self._ws = None
         if self.envelope:
@@ -421,7 +466,7 @@ class RelayProtocol:
                 reason = f"since={gap.since} is beyond this topic's last sequence number"
             return b"", (CloseCode.GAP, reason)
         first: list[bytes] = []
-        if self.envelope:
+        if self.envelope and not self.v2:
             body = encode_welcome(self.topic, cursor)
             first += (frame_header(len(body), text=True), body)
         if gap is not None:
@@ -496,9 +541,17 @@ class RelayProtocol:
                             steps += (frame_header(len(reply), text=True), reply)
                             controlled += 1
                             batch = None
+                        elif not isinstance(reply, PublishRequest):  # v2: (un)subscribe
+                            steps.append(reply)
+                            controlled += 1
+                            batch = None
                         else:
-                            if batch is None or batch.echo != reply.echo:
-                                batch = Publish([], [], reply.echo, [])
+                            if (
+                                batch is None
+                                or batch.echo != reply.echo
+                                or batch.topic != reply.topic
+                            ):
+                                batch = Publish([], [], reply.echo, [], reply.topic)
                                 steps.append(batch)
                             assert batch.requests is not None
                             batch.payloads.append(reply.payload)
@@ -580,16 +633,24 @@ class RelayProtocol:
         self._parser.abandon()
         self._claim.release()
 
-    def _envelope_frame(self, payload: bytes, text: bool, now: float) -> PublishRequest | bytes:
-        """An envelope client's frame as a request to publish, or the JSON of the error
-        frame that refuses it (with the frame's ``id`` when it has a readable one), or of
-        the answer to a ``refresh`` (which counts toward ``control_rate`` as errors do)."""
+    def _envelope_frame(
+        self, payload: bytes, text: bool, now: float
+    ) -> PublishRequest | Subscribe | Unsubscribe | bytes:
+        """An envelope client's frame as a request to publish (or, in v2, to subscribe or
+        unsubscribe), or the JSON of the error frame that refuses it (with the frame's
+        ``id`` when it has a readable one, and in v2 its ``topic``), or of the answer to a
+        ``refresh`` (which counts toward ``control_rate`` as errors do)."""
         try:
-            request = parse_client_frame(payload, text=text, topic=self.topic)
+            if self.v2:
+                request = self._v2_request(payload, text)
+            else:
+                request = parse_client_frame(payload, text=text, topic=self.topic)
         except EnvelopeError as exc:
-            return encode_error(exc.code, exc.detail, exc.request_id)
+            return encode_error(exc.code, exc.detail, exc.request_id, exc.topic)
         if isinstance(request, RefreshRequest):
             return self._refresh(request, now)
+        if self.v2:
+            return request  # checked against the token, per topic, by _v2_request
         if not self.may_write:
             detail = f"the token does not allow publishing to topic {clip(self.topic)}"
             return encode_error("forbidden", detail, request.id)
@@ -608,6 +669,17 @@ class RelayProtocol:
         except TokenError as exc:
             # The error may quote the token's header: cut as any echoed client value is.
             return encode_error("bad-token", shown(exc, MAX_ECHOED), request.id)
+        if self.v2:
+            # The new token must allow every subscription the connection has; then it
+            # decides each later subscribe and publish.
+            for topic in self.channels:
+                if not grant.may_subscribe(topic):
+                    detail = f"the new token does not allow subscribing to topic {clip(topic)}"
+                    return encode_error("forbidden", detail, request.id, topic)
+            self._grant = grant
+            self._publish_grants.clear()
+            self.expires = now + grant.seconds_left()
+            return encode_refreshed(request.id, grant.expires)
         topic = self.topic
         may_read, may_write = grant.may_subscribe(topic), grant.may_publish(topic)
         if not (may_read or may_write):
@@ -617,6 +689,15 @@ class RelayProtocol:
         self.expires = now + grant.seconds_left()
         return encode_refreshed(request.id, grant.expires)
 
+    def refuse_publish(self, publish: Publish, code: str, detail: str) -> bytes:
+        """The ``error`` frames of an envelope client's batch that could not be published
+        (nothing of it was), one per ``publish`` frame, with its ``id`` and topic."""
+        frames = [
+            _text_frame(encode_error(code, detail, request.id, request.topic))
+            for request in publish.requests or ()
+        ]
+        return b"".join(frames)
+
     def acknowledge(self, publish: Publish, report: DeliveryReport) -> bytes:
         """The ``ack`` frames of an envelope client's batch, once published (raw clients
         get none: their echo is the acknowledgement)."""
@@ -625,7 +706,7 @@ class RelayProtocol:
         frames: list[bytes] = []
         for offset, request in enumerate(publish.requests):
             body = encode_ack(
-                self.topic,
+                report.topic,
                 report.seq + offset,
                 request.id,
                 report.queued,
@@ -635,6 +716,121 @@ class RelayProtocol:
             )
             frames += (frame_header(len(body), text=True), body)
         return b"".join(frames)
+
+    # ------------------------------------------------------------------ trio-relay.v2
+
+    def _v2_request(
+        self, payload: bytes, text: bool
+    ) -> PublishRequest | Subscribe | Unsubscribe | RefreshRequest:
+        """A v2 client frame as a request, checked against the token and this connection's
+        subscriptions; :class:`EnvelopeError` if it is refused."""
+        request = parse_v2_frame(payload, text=text)
+        if isinstance(request, RefreshRequest):
+            return request
+        if isinstance(request, PublishRequest):
+            topic = request.topic
+            assert topic is not None
+            allowed = self._publish_grants.get(topic)
+            if allowed is None:
+                allowed = self._grant.may_publish(topic)
+                if len(self._publish_grants) >= _MAX_CACHED_GRANTS:
+                    self._publish_grants.clear()
+                self._publish_grants[topic] = allowed
+            if not allowed:
+                detail = f"the token does not allow publishing to topic {topic!r}"
+                raise EnvelopeError("forbidden", detail, request.id, topic)
+            return request
+        if request.kind == "subscribe":
+            return self._subscribe(request.topic, request.since, request.id)
+        channel = self.channels.pop(request.topic, None)
+        if channel is None:
+            detail = f"this connection is not subscribed to topic {request.topic!r}"
+            raise EnvelopeError("not-subscribed", detail, request.id, request.topic)
+        return Unsubscribe(channel, request.id)
+
+    def _subscribe(self, topic: str, since: int | None, request_id: str | int | None) -> Subscribe:
+        if not self._grant.may_subscribe(topic):
+            detail = f"the token does not allow subscribing to topic {topic!r}"
+            raise EnvelopeError("forbidden", detail, request_id, topic)
+        if topic in self.channels:
+            detail = f"this connection is already subscribed to topic {topic!r}"
+            raise EnvelopeError("already-subscribed", detail, request_id, topic)
+        cap = self.config.max_subscriptions_per_connection
+        if len(self.channels) >= cap:
+            detail = f"this connection is at its limit of {cap} subscriptions"
+            raise EnvelopeError("too-many-subscriptions", detail, request_id, topic)
+        channel = self.channels[topic] = TopicChannel(topic)
+        return Subscribe(channel, since, request_id)
+
+    def subscribe_path(self) -> Subscribe | bytes | None:
+        """v2: the subscription the connection's path asks for (with the query's ``since``),
+        as a ``subscribe`` frame without ``id`` would: the request, the error frame that
+        refuses it, or None for the path ``/``. Called once, right after :meth:`opening`."""
+        if self.path_topic is None:
+            return None
+        try:
+            return self._subscribe(self.path_topic, self.since, None)
+        except EnvelopeError as exc:
+            return _text_frame(encode_error(exc.code, exc.detail, None, exc.topic))
+
+    def subscribed(
+        self, request: Subscribe, gap: Gap | None, replay: Batch | None, cursor: int
+    ) -> bytes:
+        """The shell made the subscription: the ``subscribed`` frame, then the gap (if any)
+        and the replayed messages, all of which go out before any live message of it."""
+        channel = request.channel
+        channel.cursor = cursor
+        channel.open = True
+        first = [_text_frame(encode_subscribed(channel.topic, cursor, request.id))]
+        if gap is not None:
+            first.append(_text_frame(encode_gap(gap.topic, gap.since, gap.first)))
+        if replay is not None:
+            first.append(replay.envelope())
+        return b"".join(first)
+
+    def refused(self, request: Subscribe, code: str, detail: str) -> bytes:
+        """The shell could not make the subscription (the server's limits): its error frame."""
+        channel = request.channel
+        if self.channels.get(channel.topic) is channel:
+            del self.channels[channel.topic]
+        return _text_frame(encode_error(code, detail, request.id, channel.topic))
+
+    def unsubscribed(self, request: Unsubscribe) -> bytes:
+        """The shell ended the subscription: the ``unsubscribed`` answer. Nothing of the
+        topic may be sent after it."""
+        return _text_frame(encode_unsubscribed(request.channel.topic, request.id))
+
+    def refused_unsubscribe(self, request: Unsubscribe) -> bytes:
+        """The error for an ``unsubscribe`` read while its topic's subscription was being
+        made, which was then refused: there is nothing to unsubscribe."""
+        topic = request.channel.topic
+        detail = f"this connection is not subscribed to topic {topic!r}"
+        return _text_frame(encode_error("not-subscribed", detail, request.id, topic))
+
+    def dropped(self, channel: TopicChannel, code: str, detail: str) -> bytes:
+        """The relay ended the subscription of ``channel`` on its own (``slow-consumer``):
+        the unsolicited ``unsubscribed`` frame, or nothing if the client's own unsubscribe
+        for it is already under way (its answer says it)."""
+        if self.channels.get(channel.topic) is not channel:
+            return b""
+        del self.channels[channel.topic]
+        return _text_frame(encode_unsubscribed(channel.topic, None, code, detail))
+
+    def render_channel(self, channel: TopicChannel, item: Batch | bytes) -> bytes | None:
+        """:meth:`render` for one v2 subscription, with that topic's own cursor."""
+        if isinstance(item, bytes):
+            return item
+        if item.source is self and not item.echo:
+            channel.cursor = item.last_seq
+            return None
+        if item.first_seq <= channel.cursor:
+            fresh = item.after(channel.cursor)  # already sent by the replay
+            if fresh is None:
+                return None
+            item = fresh
+        channel.cursor = item.last_seq
+        self._counters.messages_out += len(item.payloads)
+        return item.envelope()
 
     # ------------------------------------------------------------------ bytes out
 

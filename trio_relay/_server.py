@@ -196,6 +196,7 @@ class RelayServer:
             counters=self.counters,
             unfinished=self.unfinished,
             expiries=self._expiries if self.config.auth_secret is not None else None,
+            limits=self.limits,
         )
         refusal = self.limits.reserve_connection(connection.host)
         if refusal is not None:
@@ -221,6 +222,8 @@ class RelayServer:
     def _admit(self, connection: RelayConnection) -> str | None:
         """Take a slot on the topic of a connection whose handshake is valid, or say why it
         is refused (the slot is taken in this same step: no other handshake can slip in)."""
+        if connection.protocol.v2:
+            return None  # each of its subscriptions takes its own slot, when it is made
         refusal = self.limits.reserve_subscriber(connection.topic)
         if refusal is None:
             self._admitted.add(connection)
