@@ -1,7 +1,17 @@
 """Client helpers: the seed's producer and consumer, on trio-websocket.
 
 Every failure surfaces as a :class:`ClientError` subclass that names the URL; trio-websocket's
-exceptions are wrapped at this boundary (the original is the ``__cause__``).
+exceptions are wrapped at this boundary (the original is the ``__cause__``, unless its text
+would show a secret).
+
+Credentials: ``token=`` goes in an ``Authorization: Bearer`` header of the handshake, never
+in the URL (a ``?token=`` already in the URL is sent as it is); ``headers=`` adds headers of
+the caller's. No error message, :class:`ConsumerState` or log line shows a token: URLs and
+server-supplied text go through :func:`~trio_relay._redact.redact`, and the token given is
+cut out of any error that quotes it.
+
+The handshake pieces other client modules build on: :func:`handshake_headers`,
+:func:`open_stream`, :func:`open_connection` (any subprotocol) and :func:`closed_error`.
 
 :func:`consume` reports its connection state at INFO on the ``trio_relay.client`` logger
 ("connecting to URL", "connected to URL", and with ``resume=True`` "connection lost
@@ -13,11 +23,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -39,17 +51,22 @@ from ._exceptions import (
     RelayTimeout,
     RelayUnavailable,
 )
-from ._redact import shown
+from ._redact import REDACTED, redact, shown
 from ._topics import DeliveryReport, Gap, Message
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_TIMEOUT",
     "ConsumerState",
+    "Headers",
     "MessageStream",
     "Producer",
+    "closed_error",
     "consume",
+    "handshake_headers",
+    "open_connection",
     "open_producer",
+    "open_stream",
     "produce",
 ]
 
@@ -74,6 +91,67 @@ plus 267 bytes (control characters are escaped as ``\\u00XX`` in JSON)."""
 _TOO_BIG = "Exceeded maximum message size: {} bytes"
 
 
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+"""Extra handshake headers: a mapping, or (name, value) pairs (a name may repeat)."""
+
+# Headers the WebSocket handshake writes itself (wsproto): a second copy would make the
+# request ambiguous, so headers= may not carry them.
+_HANDSHAKE_OWN = frozenset(
+    {
+        "host",
+        "upgrade",
+        "connection",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "content-length",
+        "transfer-encoding",
+    }
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+
+
+def handshake_headers(
+    token: str | None = None, headers: Headers | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The extra headers of a client's handshake: ``headers``, then ``Authorization: Bearer
+    <token>`` if a ``token`` is given.
+
+    Raises :class:`ValueError`, quoting neither a token nor a header's value (they may be
+    credentials), for a token that is empty or not printable ASCII without spaces, a header
+    name that is not an HTTP token, a value with a line break, NUL or a character outside
+    Latin-1, a header the handshake writes itself (``Host``, ``Sec-WebSocket-*``...), and an
+    ``Authorization`` header given together with ``token``.
+    """
+    if isinstance(headers, str | bytes):
+        raise TypeError("headers= takes a mapping or (name, value) pairs, not a string")
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
+    extra: list[tuple[bytes, bytes]] = []
+    for name, value in pairs:
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"headers=: not a header name: {shown(name, 80)}")
+        if name.lower() in _HANDSHAKE_OWN:
+            raise ValueError(f"headers=: {name} is written by the WebSocket handshake itself")
+        if name.lower() == "authorization" and token is not None:
+            raise ValueError("give token= or an Authorization header in headers=, not both")
+        if not isinstance(value, str) or any(char in value for char in "\r\n\0"):
+            raise ValueError(f"headers=: the value of {name} must be one line of text")
+        try:
+            extra.append((name.encode("ascii"), value.strip().encode("latin-1")))
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"headers=: the value of {name} has a character outside Latin-1"
+            ) from None
+    if token is not None and not (isinstance(token, str) and _TOKEN.fullmatch(token)):
+        size = f"{len(token)} characters" if isinstance(token, str) else type(token).__name__
+        raise ValueError(f"token= must be printable ASCII without spaces (got {size})")
+    if token is not None:
+        extra.append((b"Authorization", b"Bearer " + token.encode("ascii")))
+    return extra
+
+
 def _leaf(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups, else ``exc``."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -86,7 +164,7 @@ def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError 
     if isinstance(exc, ClientError):
         return exc
     if isinstance(exc, ConnectionRejected):
-        return HandshakeRejected(url, exc.status_code, exc.body)
+        return HandshakeRejected(url, exc.status_code, exc.body, exc.headers)
     if isinstance(exc, HandshakeError) and isinstance(exc.__cause__, OSError):
         # trio-websocket reports a failed TCP connect as HandshakeError from OSError.
         return RelayUnavailable(url, f"cannot connect: {exc.__cause__}")
@@ -106,10 +184,12 @@ def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError 
     return None
 
 
-def _closed(
+def closed_error(
     url: str, exc: ConnectionClosed, max_message_size: int, *, envelope: bool
 ) -> ClientError:
-    """The error for a connection that closed under a receive or a send."""
+    """The error for a connection that closed under a receive or a send: a
+    :class:`RelayConnectionClosed` with the close code and reason (1009 saying which side's
+    ``max_message_size`` was passed; ``envelope`` says whether the relay sent JSON frames)."""
     reason = exc.reason
     if (
         reason is not None
@@ -136,7 +216,7 @@ def _closed(
     return translated
 
 
-async def _open_stream(url: str, ssl_context: ssl.SSLContext | None = None) -> trio.abc.Stream:
+async def open_stream(url: str, ssl_context: ssl.SSLContext | None = None) -> trio.abc.Stream:
     """A TCP (or TLS, for ``wss://``) stream to the host and port of ``url``.
 
     ``wss://`` verifies the relay's certificate with ``ssl_context``, or the system's
@@ -201,7 +281,8 @@ async def _handshake(
     stream: _WatchedStream,
     resource: str,
     *,
-    envelope: bool,
+    subprotocol: str | None,
+    extra_headers: list[tuple[bytes, bytes]],
     message_queue_size: int,
     max_message_size: int,
 ) -> WebSocketConnection:
@@ -223,7 +304,8 @@ async def _handshake(
             stream,  # type: ignore[arg-type]
             urlsplit(url).hostname or "localhost",
             resource,
-            subprotocols=[SUBPROTOCOL] if envelope else None,
+            subprotocols=[subprotocol] if subprotocol is not None else None,
+            extra_headers=extra_headers,
             message_queue_size=message_queue_size,
             max_message_size=max_message_size,
         )
@@ -237,24 +319,33 @@ async def _handshake(
 
 
 @asynccontextmanager
-async def _open_connection(
+async def open_connection(
     url: str,
     *,
     timeout: float,  # noqa: ASYNC109 - bounds connecting and the handshake together, and the close
-    stream: trio.abc.Stream | None,
+    stream: trio.abc.Stream | None = None,
     message_queue_size: int = 1,
-    envelope: bool = False,
+    subprotocol: str | None = None,
+    token: str | None = None,
+    headers: Headers | None = None,
     ssl_context: ssl.SSLContext | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> AsyncIterator[WebSocketConnection]:
     """A trio-websocket client connection to ``url``, over ``stream`` if one is given.
 
     Connecting and the handshake together take at most ``timeout`` seconds:
-    :class:`RelayTimeout` says which one ran out. The stream is always closed on exit. We
-    open (and close) the TCP stream ourselves rather than use ``open_websocket_url``:
+    :class:`RelayTimeout` says which one ran out. ``subprotocol`` is offered in the
+    handshake and required of the answer (a :class:`ClientError` otherwise); ``token`` and
+    ``headers`` are sent as :func:`handshake_headers` says (checked before connecting:
+    :class:`ValueError`); ``ssl_context`` verifies a ``wss://`` relay (default: the system's
+    trusted CAs). Every exception out of the block, the body's included, is translated
+    as the client functions raise them (trio-websocket's as :class:`ClientError`), and no
+    :class:`ClientError` quotes ``token``. The stream is always closed on exit. We open
+    (and close) the TCP stream ourselves rather than use ``open_websocket_url``:
     trio-websocket 0.12.2 never closes a client's socket when the server closes first
     (tests/test_end_to_end.py pins this).
     """
+    extra_headers = handshake_headers(token, headers)
     connected = False
     failure: BaseException | None = None
     parts = urlsplit(url)
@@ -263,7 +354,7 @@ async def _open_connection(
     try:
         with trio.move_on_at(deadline):
             if stream is None:
-                stream = await _open_stream(url, ssl_context)
+                stream = await open_stream(url, ssl_context)
         if stream is None:
             raise RelayTimeout(url, f"could not connect within {timeout} s")
         try:
@@ -275,15 +366,16 @@ async def _open_connection(
                         nursery,
                         _WatchedStream(stream),
                         resource,
-                        envelope=envelope,
+                        subprotocol=subprotocol,
+                        extra_headers=extra_headers,
                         message_queue_size=message_queue_size,
                         max_message_size=max_message_size,
                     )
                 if ws is None:
                     raise RelayTimeout(url, f"no handshake response within {timeout} s")
                 connected = True
-                if envelope and ws.subprotocol != SUBPROTOCOL:
-                    raise ClientError(url, f"the relay does not speak {SUBPROTOCOL}")
+                if subprotocol is not None and ws.subprotocol != subprotocol:
+                    raise ClientError(url, f"the relay does not speak {subprotocol}")
                 try:
                     yield ws
                 finally:
@@ -295,7 +387,7 @@ async def _open_connection(
         finally:
             await trio.aclose_forcefully(stream)
     except BaseException as exc:
-        failure = _failure(url, exc, connected=connected)
+        failure = _failure(url, exc, connected=connected, token=token)
     if failure is not None:
         # Raised outside the except block, so the exception group our internal nursery
         # wrapped it in does not become its __context__: callers see what their own code
@@ -306,12 +398,31 @@ async def _open_connection(
             failure = None
 
 
-def _failure(url: str, exc: BaseException, *, connected: bool) -> BaseException:
-    """What a client call raises for ``exc``: a ClientError, or the bare exception."""
+def _failure(
+    url: str, exc: BaseException, *, connected: bool, token: str | None = None
+) -> BaseException:
+    """What a client call raises for ``exc``: a ClientError, or the bare exception.
+
+    A ClientError that quotes ``token`` (a server that echoed it back) has it cut out:
+    :func:`redact` only knows the shapes of tokens (JWTs, ``Bearer ...``), not opaque ones.
+    """
     leaf = _leaf(exc)
     error = _translate(url, leaf, connected=connected) or leaf
     if error is not leaf:
-        error.__cause__ = leaf
+        cause = str(leaf)
+        if (token and token in cause) or redact(cause) != cause:
+            # trio-websocket's exception quotes what the server sent (a rejection's body
+            # and headers, a close reason) as it is: it would print the secret in a
+            # traceback. The translation carries all of it, redacted.
+            error.__suppress_context__ = True
+        else:
+            error.__cause__ = leaf
+    if token and isinstance(error, ClientError) and token in str(error):
+        error.args = (str(error).replace(token, REDACTED),)
+        for name in ("reason", "detail"):
+            value = getattr(error, name, None)
+            if isinstance(value, str):
+                setattr(error, name, value.replace(token, REDACTED))
     return error
 
 
@@ -367,7 +478,7 @@ class Producer:
             try:
                 return await self._acknowledged(message)
             except ConnectionClosed as exc:
-                raise _closed(
+                raise closed_error(
                     self.url, exc, self._max_message_size, envelope=self.envelope
                 ) from exc
         raise RelayTimeout(self.url, f"message not acknowledged within {self.timeout} s")
@@ -406,6 +517,8 @@ async def open_producer(
     stream: trio.abc.Stream | None = None,
     envelope: bool = False,
     echo: bool = True,
+    token: str | None = None,
+    headers: Headers | None = None,
     ssl_context: ssl.SSLContext | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> AsyncIterator[Producer]:
@@ -421,11 +534,13 @@ async def open_producer(
     acknowledgement. The arguments are :func:`produce`'s; ``max_message_size`` bounds what
     the connection takes from the relay (see :data:`DEFAULT_MAX_MESSAGE_SIZE`).
     """
-    async with _open_connection(
+    async with open_connection(
         url,
         timeout=timeout,
         stream=stream,
-        envelope=envelope,
+        subprotocol=SUBPROTOCOL if envelope else None,
+        token=token,
+        headers=headers,
         ssl_context=ssl_context,
         max_message_size=max_message_size,
     ) as ws:
@@ -447,6 +562,8 @@ async def produce(
     stream: trio.abc.Stream | None = None,
     envelope: bool = False,
     echo: bool = True,
+    token: str | None = None,
+    headers: Headers | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> DeliveryReport | None:
     """Send ``message`` to the relay at ``url`` and return once the relay acknowledges it.
@@ -461,10 +578,17 @@ async def produce(
     Raises :class:`RelayTimeout` if connecting, the handshake, or the acknowledgement takes
     longer than ``timeout`` seconds in total (saying which), :class:`PublishRejected` if the
     relay refuses the message, and another :class:`ClientError` if the relay is unreachable,
-    refuses the handshake, is not a WebSocket endpoint, or closes the connection. ``stream``
-    runs the connection over an already-open stream (see :mod:`trio_relay.testing`);
-    ``ssl_context`` verifies a ``wss://`` relay. For several messages on one connection,
-    see :func:`open_producer`.
+    refuses the handshake (a missing or bad token: 401; a topic the token does not allow:
+    403), is not a WebSocket endpoint, or closes the connection. ``stream`` runs the
+    connection over an already-open stream (see :mod:`trio_relay.testing`). For several
+    messages on one connection, see :func:`open_producer`.
+
+    Credentials: ``token`` is sent as ``Authorization: Bearer <token>``, never in the URL
+    (a ``?token=`` in ``url`` is sent as it is; where both are given the relay takes the
+    header); ``headers`` (a mapping or name, value pairs) adds headers to the handshake
+    (an ``Origin``, a proxy's credentials); ``ssl_context`` verifies a ``wss://`` relay
+    (default: the system's trusted CAs). A bad token or header raises :class:`ValueError`
+    before connecting. No error message quotes the token.
     """
     deadline = trio.current_time() + timeout
     async with open_producer(
@@ -473,6 +597,8 @@ async def produce(
         stream=stream,
         envelope=envelope,
         echo=echo,
+        token=token,
+        headers=headers,
         ssl_context=ssl_context,
     ) as producer:
         return await producer._produce(message, deadline)
@@ -547,7 +673,9 @@ class MessageStream:
             reason = exc.reason
             if reason is not None and reason.code == 1000:
                 raise StopAsyncIteration from None
-            raise _closed(self.url, exc, self.max_message_size, envelope=self.envelope) from exc
+            raise closed_error(
+                self.url, exc, self.max_message_size, envelope=self.envelope
+            ) from exc
 
     async def send(self, message: str | bytes) -> None:
         """Publish ``message`` on this same connection (it comes back like any other)."""
@@ -556,7 +684,9 @@ class MessageStream:
         try:
             await self.connection.send_message(message)
         except ConnectionClosed as exc:
-            raise _closed(self.url, exc, self.max_message_size, envelope=self.envelope) from exc
+            raise closed_error(
+                self.url, exc, self.max_message_size, envelope=self.envelope
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -597,6 +727,8 @@ async def consume(
     resume: bool = False,
     backoff: tuple[float, float] = (0.1, 5.0),
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+    token: str | None = None,
+    headers: Headers | None = None,
     ssl_context: ssl.SSLContext | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     on_state: Callable[[ConsumerState], None] | None = None,
@@ -623,8 +755,12 @@ async def consume(
     handshake answered with anything but 101 or a 5xx status (a refusal, or a server that
     is not a WebSocket endpoint), and a message over ``max_message_size``.
     ``connector`` (an async function returning a connected stream) replaces opening a TCP
-    connection for each attempt (see :mod:`trio_relay.testing`). ``ssl_context`` verifies a
-    ``wss://`` relay (default: the system's trusted CAs).
+    connection for each attempt (see :mod:`trio_relay.testing`).
+
+    ``token``, ``headers`` and ``ssl_context`` are :func:`produce`'s: the token goes in an
+    ``Authorization: Bearer`` header of every handshake (each reconnection's too), never in
+    the URL; a refused token (401, 403) stops ``resume`` too. The URL in
+    :class:`ConsumerState` and in the log has any ``?token=`` redacted.
 
     ``max_message_size`` is the largest message taken from the relay (see
     :data:`DEFAULT_MAX_MESSAGE_SIZE`); a larger one raises :class:`RelayConnectionClosed`
@@ -636,31 +772,31 @@ async def consume(
     concurrency: no background task outlives it), which is why this is a context manager
     rather than a bare async generator. Connecting raises a :class:`ClientError` subclass.
     """
+    handshake = partial(
+        open_connection,
+        timeout=connect_timeout,
+        message_queue_size=64,
+        token=token,
+        headers=headers,
+        ssl_context=ssl_context,
+        max_message_size=max_message_size,
+    )
+    handshake_headers(token, headers)  # a bad token or header fails here, before connecting
     if resume:
         if stream is not None:
             raise ValueError("resume=True opens its own connections: pass a connector")
-        if connector is None and ssl_context is not None:
-            context = ssl_context
-
-            async def connector() -> trio.abc.Stream:
-                return await _open_stream(url, context)
-
         async with _resuming(
-            url, connect_timeout, since, backoff, connector, max_message_size, on_state
+            url, connect_timeout, handshake, since, backoff, connector, max_message_size, on_state
         ) as items:
             yield items
         return
-    _report(ConsumerState("connecting", url), on_state)
-    async with _open_connection(
+    _report(ConsumerState("connecting", redact(url)), on_state)
+    async with handshake(
         _with_since(url, since),
-        timeout=connect_timeout,
         stream=stream,
-        message_queue_size=64,
-        envelope=envelope,
-        ssl_context=ssl_context,
-        max_message_size=max_message_size,
+        subprotocol=SUBPROTOCOL if envelope else None,
     ) as ws:
-        _report(ConsumerState("connected", url), on_state)
+        _report(ConsumerState("connected", redact(url)), on_state)
         yield MessageStream(url, ws, envelope=envelope, max_message_size=max_message_size)
 
 
@@ -687,13 +823,16 @@ def _without_url(exc: ClientError) -> str:
 async def _resuming(
     url: str,
     connect_timeout: float,
+    handshake: Callable[..., AbstractAsyncContextManager[WebSocketConnection]],
     since: int | None,
     backoff: tuple[float, float],
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None,
     max_message_size: int,
     on_state: Callable[[ConsumerState], None] | None,
 ) -> AsyncIterator[AsyncIterator[Any]]:
-    """A background task keeps an envelope connection open and feeds a bounded channel."""
+    """A background task keeps an envelope connection open and feeds a bounded channel;
+    ``handshake`` is :func:`open_connection` with the consumer's settings."""
+    shown_url = redact(url)
     send, receive = trio.open_memory_channel[Any](64)
 
     async def keep_consuming() -> None:
@@ -706,21 +845,16 @@ async def _resuming(
             while True:
                 connection: MessageStream | None = None
                 reason = "closed by the relay"
-                _report(ConsumerState("connecting", url), on_state)
+                _report(ConsumerState("connecting", shown_url), on_state)
                 try:
                     stream = None
                     if connector is not None:
                         with trio.fail_after(connect_timeout):
                             stream = await connector()
-                    async with _open_connection(
-                        _with_since(url, last),
-                        timeout=connect_timeout,
-                        stream=stream,
-                        message_queue_size=64,
-                        envelope=True,
-                        max_message_size=max_message_size,
+                    async with handshake(
+                        _with_since(url, last), stream=stream, subprotocol=SUBPROTOCOL
                     ) as ws:
-                        _report(ConsumerState("connected", url), on_state)
+                        _report(ConsumerState("connected", shown_url), on_state)
                         connection = MessageStream(
                             url, ws, envelope=True, max_message_size=max_message_size
                         )
@@ -746,7 +880,7 @@ async def _resuming(
                     # Dropped before any message: go on from where that connection started,
                     # as its welcome frame said, so nothing published meanwhile is lost.
                     last = connection.welcome_seq
-                _report(ConsumerState("retrying", url, reason, delay), on_state)
+                _report(ConsumerState("retrying", shown_url, reason, delay), on_state)
                 await trio.sleep(delay)
                 delay = min(delay * 2, backoff[1])
 
@@ -761,7 +895,7 @@ async def _resuming(
     except BaseExceptionGroup as group:
         failure = _leaf(group)
     if failure is not None:
-        # Raised outside the except block, as in _open_connection: the caller sees what its
+        # Raised outside the except block, as in open_connection: the caller sees what its
         # own code raised (KeyboardInterrupt at Ctrl-C, say), never our nursery's group.
         try:
             raise failure

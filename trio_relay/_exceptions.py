@@ -13,10 +13,14 @@ The tree::
         └── PublishRejected      the relay answered a publish with an error frame (.code)
 
 trio-websocket's own exceptions never escape the client functions: they are
-wrapped at the boundary, with the original attached as ``__cause__``.
+wrapped at the boundary, with the original attached as ``__cause__`` unless its text
+would show a secret (a rejection's body quoting a token, say). No :class:`ClientError`
+message shows a token: see :class:`ClientError`.
 """
 
 from __future__ import annotations
+
+from ._redact import redact
 
 __all__ = [
     "ClientError",
@@ -53,10 +57,16 @@ class TooManyTopicsError(RelayError):
 
 
 class ClientError(RelayError):
-    """A client operation against the relay at :attr:`url` failed."""
+    """A client operation against the relay at :attr:`url` failed.
+
+    Neither the message nor :attr:`url` carries a token: both go through
+    :func:`~trio_relay._redact.redact` (``?token=<redacted>``, ``Bearer <redacted>``, any
+    JWT), so a URL with ``?token=`` and a server that quotes credentials back stay safe to log.
+    """
 
     def __init__(self, url: str, message: str) -> None:
-        super().__init__(f"{url}: {message}")
+        url = redact(url)
+        super().__init__(f"{url}: {redact(message)}")
         self.url = url
 
 
@@ -70,10 +80,17 @@ class HandshakeRejected(ClientError):
     The message is one line: a 4xx or 5xx status with the first line of a plain-text body
     (the relay's reason; at most 200 characters, an HTML page left out), any other status
     as "not a WebSocket endpoint" (an HTTP server, such as the relay's side port). The
-    whole body is :attr:`body`.
+    whole body is :attr:`body` and the response's headers :attr:`headers` (name, value
+    pairs of bytes), both as received: unlike the message, they are not redacted.
     """
 
-    def __init__(self, url: str, status_code: int, body: bytes | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        status_code: int,
+        body: bytes | None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         if status_code < 400:
             message = f"not a WebSocket endpoint (HTTP {status_code})"
         else:
@@ -88,6 +105,7 @@ class HandshakeRejected(ClientError):
         super().__init__(url, message)
         self.status_code = status_code
         self.body = body
+        self.headers = headers
 
 
 class RelayTimeout(ClientError):

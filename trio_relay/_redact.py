@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_SHOWN", "redact", "shown"]
+__all__ = ["MAX_SHOWN", "REDACTED", "redact", "shown"]
 
 MAX_SHOWN = 256
 """Most characters :func:`shown` gives of any one value."""
 
 REDACTED = "<redacted>"
+"""What stands in for a secret that was cut out."""
 
 _SECRETS = re.compile(
     # A query parameter that carries a secret: ?token=..., &password=...
-    r"(?P<name>\b\w*(?:token|password|secret)=)[^&\s'\"#;\\]+"
+    # A value in angle brackets is a placeholder, not a secret: "Bearer <token>" in a
+    # message, or "?token=<redacted>" redacted before (which keeps its next character).
+    r"(?P<name>\b\w*(?:token|password|secret)=)(?!<)[^&\s'\"#;\\]+"
     # An Authorization header's credentials.
-    r"|(?P<scheme>\b(?:Bearer|Basic)\s+)[^\s'\"\\]+"
+    r"|(?P<scheme>\b(?:Bearer|Basic)\s+)(?!<)[^\s'\"\\]+"
     # The password of a URL's user information: redis://:PASSWORD@host, rediss://u:P@h.
     r"|(?P<userinfo>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^/\s]*(?=@)"
     # A JWT anywhere (its header always starts with '{"', base64url "eyJ"), or a piece of one.
