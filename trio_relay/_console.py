@@ -6,6 +6,11 @@ The page is plain HTML, JavaScript and CSS, shipped in the package: no build ste
 third-party code. It is served with a Content-Security-Policy that allows only its own
 script and style sheet, ``fetch`` to this port, and WebSocket connections (to the relay's
 port, which differs from this one).
+
+The same folder holds ``trio-relay.js``, the JavaScript client (an ES module) the console
+uses, served at ``GET /trio-relay.js`` for applications too: with
+``Access-Control-Allow-Origin: *``, because a page of another origin can import a module
+only with CORS. It is a public file, sent without credentials, so any origin may read it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import trio
 if TYPE_CHECKING:
     from ._view import RelayView
 
-__all__ = ["CONTENT_SECURITY_POLICY", "answer", "relay_stats"]
+__all__ = ["CLIENT_PATH", "CONTENT_SECURITY_POLICY", "answer", "relay_stats"]
+
+CLIENT_PATH = "/trio-relay.js"
+"""Where the side port serves the JavaScript client."""
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -29,19 +37,27 @@ CONTENT_SECURITY_POLICY = (
 
 Headers = list[tuple[bytes, bytes]]
 
-_ASSETS = {
-    b"/": ("index.html", b"text/html; charset=utf-8"),
-    b"/index.html": ("index.html", b"text/html; charset=utf-8"),
-    b"/console.js": ("console.js", b"text/javascript; charset=utf-8"),
-    b"/console.css": ("console.css", b"text/css; charset=utf-8"),
-}
-
 _PAGE_HEADERS: Headers = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-cache"),
 ]
+
+_CLIENT_HEADERS: Headers = [
+    (b"access-control-allow-origin", b"*"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-cache"),
+]
+
+_JAVASCRIPT = b"text/javascript; charset=utf-8"
+_ASSETS = {
+    b"/": ("index.html", b"text/html; charset=utf-8", _PAGE_HEADERS),
+    b"/index.html": ("index.html", b"text/html; charset=utf-8", _PAGE_HEADERS),
+    b"/console.js": ("console.js", _JAVASCRIPT, _PAGE_HEADERS),
+    b"/console.css": ("console.css", b"text/css; charset=utf-8", _PAGE_HEADERS),
+    CLIENT_PATH.encode(): ("trio-relay.js", _JAVASCRIPT, _CLIENT_HEADERS),
+}
 
 
 @functools.cache
@@ -84,5 +100,5 @@ def answer(server: RelayView, path: bytes) -> tuple[bytes, bytes, Headers] | Non
     asset = _ASSETS.get(path)
     if asset is None:
         return None
-    name, kind = asset
-    return kind, _asset(name), _PAGE_HEADERS
+    name, kind, headers = asset
+    return kind, _asset(name), headers
