@@ -239,6 +239,9 @@ class History:
         self.max_age = max_age
         self._entries: deque[_Entry] = deque()
         self.bytes = 0
+        self.cost = 0
+        """What this history counts against a global budget: its payload bytes, plus
+        :data:`ENTRY_OVERHEAD` a message and :data:`TOPIC_OVERHEAD` while not empty."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -252,25 +255,29 @@ class History:
         """When the oldest retained message was added (``inf`` when there is none)."""
         return self._entries[0][1] if self._entries else float("inf")
 
-    @property
-    def cost(self) -> int:
-        """What this history counts against a global budget: its payload bytes, plus
-        :data:`ENTRY_OVERHEAD` a message and :data:`TOPIC_OVERHEAD` while not empty."""
-        count = len(self._entries)
-        return self.bytes + count * ENTRY_OVERHEAD + TOPIC_OVERHEAD if count else 0
+    def _recost(self) -> int:
+        """Update :attr:`cost`; return how it changed."""
+        before, count = self.cost, len(self._entries)
+        self.cost = self.bytes + count * ENTRY_OVERHEAD + TOPIC_OVERHEAD if count else 0
+        return self.cost - before
 
-    def pop_oldest(self) -> None:
-        """Forget the oldest retained message (the history must not be empty)."""
+    def pop_oldest(self) -> int:
+        """Forget the oldest retained message (the history must not be empty); return how
+        :attr:`cost` changed."""
         self.bytes -= len(self._entries.popleft()[2])
+        return self._recost()
 
-    def clear(self) -> None:
-        """Forget every retained message."""
+    def clear(self) -> int:
+        """Forget every retained message; return how :attr:`cost` changed."""
         self._entries.clear()
         self.bytes = 0
+        return self._recost()
 
-    def add(self, batch: Batch, now: float) -> None:
+    def add(self, batch: Batch, now: float) -> int:
+        """Retain the messages of ``batch`` (then trim to the bounds); return how
+        :attr:`cost` changed."""
         if self.max_messages <= 0 or self.max_bytes <= 0:
-            return
+            return 0
         entries = self._entries
         seq = batch.first_seq
         for payload, text in zip(batch.payloads, batch.texts, strict=True):
@@ -282,9 +289,14 @@ class History:
             or self.bytes > self.max_bytes
             or entries[0][1] < now - self.max_age
         ):
-            self.trim(now)
+            return self.trim(now)  # its change counts from before the messages came
+        before = self.cost  # (what _recost does, inline: this is the publish path)
+        count = len(entries)
+        self.cost = self.bytes + count * ENTRY_OVERHEAD + TOPIC_OVERHEAD if count else 0
+        return self.cost - before
 
-    def trim(self, now: float) -> None:
+    def trim(self, now: float) -> int:
+        """Drop what is past the bounds at ``now``; return how :attr:`cost` changed."""
         entries = self._entries
         oldest = now - self.max_age
         while entries and (
@@ -293,6 +305,7 @@ class History:
             or entries[0][1] < oldest
         ):
             self.bytes -= len(entries.popleft()[2])
+        return self._recost()
 
     def after(self, seq: int, topic: str) -> Batch | None:
         """A batch of the retained messages with sequence numbers above ``seq``."""
@@ -468,8 +481,7 @@ class Topics:
                 idle[name] = topic
                 continue
             topic.idle = False
-            self._retained -= topic.history.cost
-            topic.history.clear()
+            self._retained += topic.history.clear()
             self._forget(topic)
             return
         raise TooManyTopicsError(
@@ -494,10 +506,7 @@ class Topics:
             del self._idle[topic.name]
 
     def _trim(self, topic: _Topic, now: float) -> None:
-        history = topic.history
-        before = history.cost
-        history.trim(now)
-        self._retained += history.cost - before
+        self._retained += topic.history.trim(now)
 
     def _collect(self, topic: _Topic) -> None:
         """Forget ``topic`` if it has neither users nor history (it costs nothing); mark it
@@ -536,18 +545,6 @@ class Topics:
 
     # ------------------------------------------------------------------ the history budget
 
-    def _retain(self, topic: _Topic, batch: Batch, now: float) -> None:
-        """Add ``batch`` to the topic's history; then, past ``history_total_bytes``, the
-        oldest messages of all topics go."""
-        history = topic.history
-        before = history.cost
-        history.add(batch, now)
-        self._retained += history.cost - before
-        if not topic.queued and len(history):
-            self._enqueue(topic)
-        if self._retained > self.history_total_bytes:
-            self._evict()
-
     def _enqueue(self, topic: _Topic) -> None:
         if len(self._oldest) > 2 * len(self._topics) + 64:
             self._rekey()  # entries of forgotten topics: O(topics), once per as many pushes
@@ -583,9 +580,7 @@ class Topics:
             if history.first_time > key:  # its oldest went since: key it anew
                 heapq.heapreplace(heap, (history.first_time, next(self._order), topic))
                 continue
-            before = history.cost
-            history.pop_oldest()
-            self._retained += history.cost - before
+            self._retained += history.pop_oldest()
             if len(history):
                 heapq.heapreplace(heap, (history.first_time, next(self._order), topic))
                 continue
@@ -602,10 +597,17 @@ class Topics:
         return Batch(topic.name, topic.last_seq + 1, payloads, texts, source, echo)
 
     def _commit(self, topic: _Topic, batch: Batch) -> None:
+        """Number ``batch`` and retain it; then, past ``history_total_bytes``, the oldest
+        messages of all topics go (the hot path: a few attribute reads when within it)."""
         topic.last_seq = batch.last_seq
         if topic.idle:
             self._idle.move_to_end(topic.name)  # used now: the last an idle topic to go
-        self._retain(topic, batch, trio.current_time())
+        history = topic.history
+        self._retained += history.add(batch, trio.current_time())
+        if not topic.queued and history.cost:
+            self._enqueue(topic)
+        if self._retained > self.history_total_bytes:
+            self._evict()
 
     def publish_nowait(
         self,
@@ -722,8 +724,7 @@ class Topics:
                 elif first_seq > topic.last_seq + 1 and len(topic.history):
                     # Messages this relay never saw (trimmed from the log while it was
                     # away): its history must not pretend to be complete across them.
-                    self._retained -= topic.history.cost
-                    topic.history.clear()
+                    self._retained += topic.history.clear()
             batch = Batch(name, first_seq, payloads, texts, source, echo)
             # Numbered and retained before delivery: a subscriber that joins while this
             # publish waits for room finds the batch in the history (and drops the copy
