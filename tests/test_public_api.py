@@ -10,6 +10,7 @@ import trio_relay.testing
 
 def test_the_package_exports_exactly_its_public_api() -> None:
     assert sorted(trio_relay.__all__) == [
+        "AuthRequest",
         "BackplaneStatistics",
         "Broadcast",
         "BroadcastStatistics",
@@ -21,15 +22,18 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "DEFAULT_TIMEOUT",
         "DeliveryReport",
         "Gap",
+        "Grant",
         "HandshakeRejected",
         "Message",
         "MessageBus",
         "MessageStream",
         "OverflowPolicy",
         "Producer",
+        "Publication",
         "PublishRejected",
         "PublishReport",
         "RedisBackplane",
+        "Refusal",
         "RelayConfig",
         "RelayConnectionClosed",
         "RelayError",
@@ -42,6 +46,7 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "SlowConsumerError",
         "Subscription",
         "SubscriptionStatistics",
+        "TokenError",
         "TooManyTopicsError",
         "TopicStatistics",
         "TopicSubscription",
@@ -53,6 +58,7 @@ def test_the_package_exports_exactly_its_public_api() -> None:
         "produce",
         "serve_metrics",
         "serve_relay",
+        "verify_token",
     ]
     for name in trio_relay.__all__:
         assert hasattr(trio_relay, name), name

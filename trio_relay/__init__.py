@@ -4,7 +4,12 @@ Every message a client sends reaches every connected client, through a broadcast
 that gives each consumer a bounded memory channel and a policy for when it is full.
 """
 
-from ._auth import mint_token as mint_token
+from ._auth import (
+    Grant as Grant,
+    TokenError as TokenError,
+    mint_token as mint_token,
+    verify_token as verify_token,
+)
 from ._backplane import (
     BackplaneStatistics as BackplaneStatistics,
     RedisBackplane as RedisBackplane,
@@ -44,6 +49,11 @@ from ._exceptions import (
     TooManyTopicsError as TooManyTopicsError,
 )
 from ._frames import CloseCode as CloseCode, encode_frame as encode_frame
+from ._hooks import (
+    AuthRequest as AuthRequest,
+    Publication as Publication,
+    Refusal as Refusal,
+)
 from ._server import (
     RelayServer as RelayServer,
     RelayStatistics as RelayStatistics,
@@ -65,6 +75,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_TIMEOUT",
     "SUBPROTOCOL",
+    "AuthRequest",
     "BackplaneStatistics",
     "Broadcast",
     "BroadcastStatistics",
@@ -74,15 +85,18 @@ __all__ = [
     "ConsumerState",
     "DeliveryReport",
     "Gap",
+    "Grant",
     "HandshakeRejected",
     "Message",
     "MessageBus",
     "MessageStream",
     "OverflowPolicy",
     "Producer",
+    "Publication",
     "PublishRejected",
     "PublishReport",
     "RedisBackplane",
+    "Refusal",
     "RelayConfig",
     "RelayConnectionClosed",
     "RelayError",
@@ -94,6 +108,7 @@ __all__ = [
     "SlowConsumerError",
     "Subscription",
     "SubscriptionStatistics",
+    "TokenError",
     "TooManyTopicsError",
     "TopicStatistics",
     "TopicSubscription",
@@ -105,4 +120,5 @@ __all__ = [
     "produce",
     "serve_metrics",
     "serve_relay",
+    "verify_token",
 ]

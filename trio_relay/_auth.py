@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 
 import jwt
 
+from ._exceptions import RelayError
 from ._redact import shown
 
 __all__ = ["Expiries", "Grant", "TokenError", "mint_token", "topic_matches", "verify_token"]
@@ -28,13 +29,21 @@ __all__ = ["Expiries", "Grant", "TokenError", "mint_token", "topic_matches", "ve
 ALGORITHM = "HS256"
 
 
-class TokenError(Exception):
-    """The token is missing, malformed, wrongly signed or expired (HTTP 401)."""
+class TokenError(RelayError):
+    """The token is missing, malformed, wrongly signed or expired (HTTP 401): what
+    :func:`verify_token` raises."""
 
 
 @dataclass(frozen=True)
 class Grant:
-    """What a verified token allows, and until when."""
+    """What a client may do, and until when: what a verified token allows, or what an
+    ``authorize`` hook (see :func:`~trio_relay.serve_relay`) answers, say
+    ``Grant(publish=("chat/*",), subscribe=("**",), expires=time.time() + 3600)``.
+
+    ``publish`` and ``subscribe`` are topic patterns (:func:`topic_matches`). A hook's
+    grant may be a subclass: one that overrides :meth:`may_publish` and
+    :meth:`may_subscribe` (for rules patterns cannot say), or that carries the
+    application's own fields (who the user is), which ``on_publish`` then sees."""
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
@@ -49,14 +58,18 @@ class Grant:
         return self.expires - (time.time() if wall_now is None else wall_now)
 
     def may_publish(self, topic: str) -> bool:
+        """Whether the client may publish to ``topic``."""
         return any(topic_matches(pattern, topic) for pattern in self.publish)
 
     def may_subscribe(self, topic: str) -> bool:
+        """Whether the client may subscribe to (read) ``topic``."""
         return any(topic_matches(pattern, topic) for pattern in self.subscribe)
 
 
 OPEN = Grant(publish=("**",), subscribe=("**",))
 """What every client may do when the relay has no secret: anything."""
+NOBODY = Grant(publish=(), subscribe=())
+"""What a client may do before it is authorized: nothing."""
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -44,9 +45,18 @@ from ._config import RelayConfig
 from ._counters import RelayCounters
 from ._exceptions import SlowConsumerError, TooManyTopicsError
 from ._frames import CloseCode
+from ._hooks import (
+    Authorize,
+    AuthRequest,
+    HookFailed,
+    OnPublish,
+    Refusal,
+    ask_authorize,
+    filter_publications,
+)
 from ._limits import ConnectionLimits
-from ._listen import nowait_sender
-from ._protocol import Publish, Reject, RelayProtocol, Subscribe, Unsubscribe
+from ._listen import nowait_sender, peer_name
+from ._protocol import Publish, Reject, RelayProtocol, Subscribe, Unsubscribe, Upgrade
 from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, Topics
 from ._v2 import TopicChannel
@@ -80,23 +90,6 @@ class _Stalled(Exception):
     """The client accepted no chunk of a write within slow_consumer_timeout."""
 
 
-def peer_name(stream: trio.abc.Stream) -> str:
-    """``host:port`` of the remote end for socket streams, a short tag for anything else."""
-    inner: object = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    if isinstance(inner, trio.SocketStream):
-        try:
-            address = inner.socket.getpeername()
-        except OSError:
-            return "unknown"
-        if isinstance(address, tuple):
-            host, port = address[0], address[1]
-            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-        return str(address) or "unix"
-    return "in-memory"
-
-
 class _Channel:
     """One subscription of a ``trio-relay.v2`` connection: the protocol's view of it (topic,
     cursor), the topic's subscription with its own bounded queue, and the context that
@@ -124,6 +117,7 @@ class RelayConnection:
     # Slots: with thousands of connections, a __dict__ each is a kilobyte each.
     __slots__ = (
         "_admit",
+        "_authorize",
         "_channel_writer",
         "_channels",
         "_close_request",
@@ -135,6 +129,7 @@ class RelayConnection:
         "_held_topic",
         "_limits",
         "_nursery",
+        "_on_publish",
         "_on_subscribed",
         "_peer_closed",
         "_peer_gone",
@@ -169,15 +164,23 @@ class RelayConnection:
         unfinished: ByteBudget | None = None,
         expiries: Expiries[RelayConnection] | None = None,
         limits: ConnectionLimits | None = None,
+        *,
+        authorize: Authorize | None = None,
+        on_publish: OnPublish | None = None,
     ) -> None:
         self.id = next(_ids)
+        # The embedding application's hooks (see serve_relay), if any.
+        self._authorize = authorize
+        self._on_publish = on_publish
         # Where the open connection waits for its token to expire (the server's timer
         # calls expire()); None: the connection is not watched for expiry.
         self._expiries = expiries
         self._on_subscribed = on_subscribed
         self._admit = admit
         self._counters = counters or RelayCounters()
-        self.protocol = RelayProtocol(config, self._counters, unfinished)
+        self.protocol = RelayProtocol(
+            config, self._counters, unfinished, hooked=authorize is not None
+        )
         """The connection's sans-IO protocol state (topic, envelope, rules)."""
         self.peer = peer_name(stream)
         self.host = self.peer.rpartition(":")[0].strip("[]") or self.peer
@@ -336,7 +339,7 @@ class RelayConnection:
 
     async def _handshake(self) -> bool:
         protocol = self.protocol
-        with trio.move_on_after(self._config.handshake_timeout):
+        with trio.move_on_after(self._config.handshake_timeout) as handshake:
             while True:
                 try:
                     data = await self._stream.receive_some(self._config.receive_buffer_size)
@@ -350,6 +353,8 @@ class RelayConnection:
                 outcome = protocol.receive_request(data)
                 if outcome is None:
                     continue
+                if self._authorize is not None and not isinstance(outcome, Reject):
+                    outcome = await self._authorized(self._authorize, outcome, handshake)
                 if isinstance(outcome, Reject):
                     await self._reject(outcome)
                     return False
@@ -365,6 +370,42 @@ class RelayConnection:
         logger.info("connection #%d from %s: handshake timed out", self.id, self.peer)
         self._counters.rejections["handshake-timeout"] += 1
         return False
+
+    async def _authorized(
+        self, authorize: Authorize, upgrade: Upgrade, handshake: trio.CancelScope
+    ) -> Upgrade | Reject:
+        """Ask the ``authorize`` hook about ``upgrade``, within what is left of the
+        handshake's time: its grant applied, or the reject to answer (its refusal; 500 if
+        it failed; 503 if it did not answer in time, with ``close_timeout`` more seconds to
+        write that)."""
+        protocol = self.protocol
+        # A v2 connection to "/" names no topic: it subscribes by frame.
+        topic = None if protocol.v2 and protocol.path_topic is None else upgrade.topic
+        request = AuthRequest(
+            "websocket", upgrade.path, upgrade.query, upgrade.headers, self.peer, topic
+        )
+        # This scope times the hook instead of the handshake's, so that a hook that runs
+        # out of time is told apart (the innermost of two expired scopes would not catch).
+        deadline, handshake.deadline = handshake.deadline, math.inf
+        try:
+            with trio.move_on_at(deadline) as scope:
+                answer = await ask_authorize(authorize, request)
+        except HookFailed:
+            return protocol.reject(500, "the relay could not authorize this request")
+        finally:
+            handshake.deadline = deadline
+        if scope.cancelled_caught:
+            logger.warning(
+                "connection #%d from %s: the authorize hook did not answer within %s s",
+                self.id,
+                self.peer,
+                self._config.handshake_timeout,
+            )
+            handshake.deadline = trio.current_time() + self._config.close_timeout
+            return protocol.reject(503, "authorization timed out; try again later")
+        if isinstance(answer, Refusal):
+            return protocol.reject(answer.status, answer.text)
+        return protocol.authorize(answer) or upgrade
 
     def _hold_topic(self) -> str | None:
         """Hold the client's topic until it is subscribed, or say why it cannot be made.
@@ -723,6 +764,7 @@ class RelayConnection:
         protocol = self.protocol
         topics = self._topics
         topic = protocol.topic
+        on_publish = self._on_publish
         data: bytes | bytearray = b""  # first: the bytes that came with the handshake
         while True:
             received = protocol.receive_data(data, trio.current_time())
@@ -741,6 +783,11 @@ class RelayConnection:
                     if replies:  # pongs and errors go out before later messages' echoes
                         await self._send(b"".join(replies))
                         replies = []
+                    if on_publish is not None:
+                        kept = await self._filter(on_publish, step, replies)
+                        if kept is None:
+                            continue  # all dropped
+                        step = kept
                     if step.requests is None:
                         try:  # the hot path: publish synchronously when nobody must wait
                             topics.publish_nowait(topic, step.payloads, step.texts, source=protocol)
@@ -761,6 +808,9 @@ class RelayConnection:
             except (_PeerGone, _Stalled):
                 self._peer_gone = True
                 return
+            except HookFailed:  # logged by the hook's caller
+                self._request_close(CloseCode.INTERNAL_ERROR, "internal error")
+                return
             if close is not None:
                 self._request_close(*close, protocol_error=received.protocol_error)
                 return
@@ -776,6 +826,35 @@ class RelayConnection:
             if not data:
                 self._peer_gone = True
                 return
+
+    async def _filter(
+        self, on_publish: OnPublish, publish: Publish, replies: list[bytes]
+    ) -> Publish | None:
+        """``publish`` as the ``on_publish`` hook leaves it (None: it dropped every
+        message), with an ``error`` (``dropped``) in ``replies`` for each envelope message
+        it dropped. Raises :class:`HookFailed` if the hook failed: nothing is published."""
+        protocol = self.protocol
+        payloads, texts, kept = await filter_publications(
+            on_publish,
+            protocol.topic if publish.topic is None else publish.topic,
+            publish.payloads,
+            publish.texts,
+            protocol.grant,
+            self.peer,
+            "websocket",
+            self._config.max_message_size,
+        )
+        requests = publish.requests
+        if kept is not None and requests is not None:
+            chosen = set(kept)
+            refused = [request for i, request in enumerate(requests) if i not in chosen]
+            dropped = Publish([], [], requests=refused, topic=publish.topic)
+            detail = "the relay's on_publish hook dropped the message"
+            replies.append(protocol.refuse_publish(dropped, "dropped", detail))
+            requests = [requests[i] for i in kept]
+        if not payloads:
+            return None
+        return Publish(payloads, texts, publish.echo, requests, publish.topic)
 
     async def _publish(self, publish: Publish) -> bytes:
         """Publish an envelope client's batch (synchronously when nobody has to be waited

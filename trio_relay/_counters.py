@@ -17,14 +17,16 @@ REJECTION_REASONS = (
     "http-403",
     "http-426",
     "http-431",
+    "http-500",
     "http-503",
 )
 """Why a relay refuses connections: the handshake did not finish within
 ``handshake_timeout``, or the HTTP status it answered (400 a bad request, path or
 ``since``; 401 a missing or bad token; 403 a topic the token does not allow or an origin
-not allowed; 426 an unsupported WebSocket version; 431 a request head over 16 KiB; 503 a
-connection limit). Each is counted from 0, so that ``/metrics`` shows every one from the
-start."""
+not allowed; 426 an unsupported WebSocket version; 431 a request head over 16 KiB; 500 an
+``authorize`` hook that failed; 503 a connection limit, or an ``authorize`` hook that did
+not answer in time; a hook's own refusals count under their status). Each is counted from
+0, so that ``/metrics`` shows every one from the start."""
 
 
 class RelayCounters:

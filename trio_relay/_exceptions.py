@@ -5,6 +5,7 @@ The tree::
     RelayError
     ├── SlowConsumerError        a subscription was evicted because it fell behind
     ├── TooManyTopicsError       a new topic would exceed the topic cap (``max_topics``)
+    ├── TokenError               verify_token: a token missing, malformed, forged or expired
     └── ClientError              a client call (produce / consume) failed; has .url
         ├── RelayUnavailable     no TCP connection could be made (refused, unreachable, DNS)
         ├── HandshakeRejected    the relay answered the upgrade with an HTTP error (.status_code)

@@ -22,13 +22,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
 
 from ._auth import OPEN, Grant, TokenError, verify_token
 from ._exceptions import TooManyTopicsError
+from ._hooks import (
+    Authorize,
+    AuthRequest,
+    HookFailed,
+    OnPublish,
+    Refusal,
+    ask_authorize,
+    filter_publications,
+)
+from ._listen import peer_name
 from ._redact import shown
 from ._topics import DeliveryReport, Gap, Message, topic_from_path
 
@@ -431,7 +441,11 @@ async def _respond(
 ) -> tuple[int, dict[str, object]]:
     path, _, query = request.target.partition(b"?")
     name = route(request.method, path)
-    grant = grant_for(server.config.auth_secret, request.headers)
+    peer = peer_name(stream)
+    if server.authorize is None:
+        grant = grant_for(server.config.auth_secret, request.headers)
+    else:
+        grant = await ask_hook(server.authorize, request, peer)
     if name == "history":
         topic, since = parse_history_query(query)
         if not grant.may_subscribe(topic):
@@ -449,8 +463,77 @@ async def _respond(
     body = await _read_body(connection, stream, limit)
     items, many = parse_publish(body, max_message_size)
     authorize_publish(grant, items)
-    results = await publish(server.topics, items)
-    return 200, {"results": results} if many else results[0]
+    if server.on_publish is None:
+        results = await publish(server.topics, items)
+        return 200, {"results": results} if many else results[0]
+    kept = await filter_items(server.on_publish, items, grant, peer, max_message_size)
+    detail = "the relay's on_publish hook dropped the message"
+    if not many and not kept:
+        raise ApiError(422, "dropped", detail)
+    published = iter(await publish(server.topics, [item for _, item in kept]))
+    documents = [ApiError(422, "dropped", detail, index=i).document() for i in range(len(items))]
+    for index, _ in kept:
+        documents[index] = next(published)
+    return 200, {"results": documents} if many else documents[0]
+
+
+async def ask_hook(authorize: Authorize, request: h11.Request, peer: str) -> Grant:
+    """What the ``authorize`` hook allows the request, or :class:`ApiError`: its refusal
+    (``unauthorized`` for 401, ``forbidden`` for 403, else ``refused``), 500
+    ``internal-error`` if it failed, 503 ``timeout`` if it did not answer until
+    :data:`ANSWER_TIME` before the request's deadline."""
+    path, _, query = request.target.partition(b"?")
+    asked = AuthRequest(
+        "http",
+        unquote(path.decode("ascii", "replace")),
+        query.decode("ascii", "replace"),
+        tuple((name.lower(), value) for name, value in request.headers),
+        peer,
+    )
+    with trio.move_on_at(trio.current_effective_deadline() - ANSWER_TIME):
+        try:
+            answer = await ask_authorize(authorize, asked)
+        except HookFailed:
+            raise ApiError(
+                500, "internal-error", "the relay could not authorize this request"
+            ) from None
+        if isinstance(answer, Refusal):
+            code = {401: "unauthorized", 403: "forbidden"}.get(answer.status, "refused")
+            raise ApiError(answer.status, code, shown(answer.text, 512))
+        return answer
+    raise ApiError(503, "timeout", "authorization did not finish in time; try again later")
+
+
+async def filter_items(
+    on_publish: OnPublish,
+    items: Sequence[PublishItem],
+    grant: Grant,
+    peer: str,
+    max_message_size: int,
+) -> list[tuple[int, PublishItem]]:
+    """The messages of a request as the ``on_publish`` hook leaves them, each with its
+    index in the request (those it dropped are missing); :class:`ApiError` 500
+    ``internal-error`` if the hook failed: then nothing of the request is published."""
+    try:
+        payloads, texts, kept = await filter_publications(
+            on_publish,
+            [item.topic for item in items],
+            [item.payload for item in items],
+            [item.text for item in items],
+            grant,
+            peer,
+            "http",
+            max_message_size,
+        )
+    except HookFailed:
+        raise ApiError(
+            500, "internal-error", "the relay's on_publish hook failed: nothing was published"
+        ) from None
+    indices = range(len(items)) if kept is None else kept
+    return [
+        (index, PublishItem(items[index].topic, payload, text))
+        for index, payload, text in zip(indices, payloads, texts, strict=True)
+    ]
 
 
 def _too_large(size: int, limit: int) -> ApiError:

@@ -27,6 +27,7 @@ __all__ = [
     "LOG_INTERVAL",
     "LogThrottle",
     "nowait_sender",
+    "peer_name",
     "refuse_at_once",
     "serve_listeners",
 ]
@@ -86,6 +87,23 @@ async def refuse_at_once(stream: trio.abc.Stream, response: bytes) -> None:
         with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             send_nowait(response)
     await trio.aclose_forcefully(stream)
+
+
+def peer_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the remote end for socket streams, a short tag for anything else."""
+    inner: object = stream
+    while isinstance(inner, trio.SSLStream):
+        inner = inner.transport_stream
+    if isinstance(inner, trio.SocketStream):
+        try:
+            address = inner.socket.getpeername()
+        except OSError:
+            return "unknown"
+        if isinstance(address, tuple):
+            host, port = address[0], address[1]
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return str(address) or "unix"
+    return "in-memory"
 
 
 class LogThrottle:

@@ -35,7 +35,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
-from ._auth import OPEN, Grant, TokenError, verify_token
+from ._auth import NOBODY, OPEN, Grant, TokenError, verify_token
 from ._budget import ByteBudget
 from ._config import RelayConfig
 from ._counters import RelayCounters
@@ -125,13 +125,21 @@ class Reject(NamedTuple):
 
 class Upgrade(NamedTuple):
     """A valid upgrade request, awaiting the server's admission (its connection limits):
-    then :meth:`RelayProtocol.accept` or :meth:`RelayProtocol.reject`."""
+    then :meth:`RelayProtocol.accept` or :meth:`RelayProtocol.reject`. With an
+    ``authorize`` hook (``RelayProtocol(hooked=True)``) it awaits the hook's grant first
+    (:meth:`RelayProtocol.authorize`), and carries what the hook is asked about."""
 
     topic: str
     since: int | None
     envelope: bool
     v2: bool = False
     """``trio-relay.v2``: ``topic`` is subscribed only if the path names one (not ``/``)."""
+    path: str = ""
+    """The percent-decoded path (for the hook only)."""
+    query: str = ""
+    """The query string (for the hook only)."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """The headers, names in lower case (for the hook only)."""
 
 
 class Publish:
@@ -267,7 +275,7 @@ class RelayProtocol:
         "_control_bucket",
         "_counters",
         "_cursor",
-        "_grant",
+        "_hooked",
         "_next_ping",
         "_parser",
         "_ping_payload",
@@ -279,6 +287,7 @@ class RelayProtocol:
         "config",
         "envelope",
         "expires",
+        "grant",
         "may_read",
         "may_write",
         "path_topic",
@@ -293,8 +302,13 @@ class RelayProtocol:
         config: RelayConfig,
         counters: RelayCounters | None = None,
         unfinished: ByteBudget | None = None,
+        *,
+        hooked: bool = False,
     ) -> None:
         self.config = config
+        # An authorize hook decides what the client may do, not the token: the handshake
+        # waits for its grant (authorize()), and the client may do nothing until then.
+        self._hooked = hooked
         self._counters = counters if counters is not None else RelayCounters()
         self.state = State.HANDSHAKE
         self._buffer = bytearray()  # the request head, until it is complete
@@ -305,9 +319,10 @@ class RelayProtocol:
         self.topic = ""
         self.since: int | None = None
         self.envelope = False
-        self.may_read = True
-        self.may_write = True
-        self._grant: Grant = OPEN
+        self.may_read = self.may_write = not hooked
+        self.grant: Grant = NOBODY if hooked else OPEN
+        """What the client may do: its token's grant, the ``authorize`` hook's, or
+        everything on a relay that checks neither."""
         self.expires = math.inf
         """When the token expires, on the clock of ``now`` (set by :meth:`opening`; moved
         by a ``refresh`` frame). From then on the connection publishes nothing more and
@@ -384,6 +399,10 @@ class RelayProtocol:
         self.envelope = self.v2 or SUBPROTOCOL in request.subprotocols
         if self.v2 and self.since is not None and target.path in ("", "/"):
             return self.reject(400, "'since' needs a topic in the path (trio-relay.v2)")
+        if self.v2:
+            # Checked per topic, per frame; the path's topic (if any) is subscribed like
+            # any other, by subscribe_path() once the connection is open.
+            self.path_topic = None if target.path in ("", "/") else self.topic
         headers = {name.lower(): value for name, value in request.extra_headers}
         config = self.config
         origin = headers.get(b"origin")
@@ -391,6 +410,19 @@ class RelayProtocol:
             text = origin.decode("latin-1")
             if not any(fnmatch.fnmatchcase(text, p) for p in config.allowed_origins):
                 return self.reject(403, f"origin {shown(text, 128)!r} is not allowed")
+        if self._hooked:
+            self._ws = ws
+            path = unquote(target.path)
+            # wsproto keeps Host and the subprotocols apart from the other headers.
+            pairs: tuple[tuple[bytes, bytes], ...] = ((b"host", request.host.encode("utf-8")),)
+            if request.subprotocols:
+                protocols = ", ".join(request.subprotocols).encode("latin-1")
+                pairs += ((b"sec-websocket-protocol", protocols),)
+            pairs += tuple((name.lower(), value) for name, value in request.extra_headers)
+            query_string = target.query
+            return Upgrade(
+                self.topic, self.since, self.envelope, self.v2, path, query_string, pairs
+            )
         grant: Grant = OPEN
         if config.auth_secret is not None:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
@@ -401,20 +433,26 @@ class RelayProtocol:
                 grant = verify_token(config.auth_secret, token)
             except TokenError as exc:
                 return self.reject(401, str(exc))
-            if self.v2 and target.path in ("", "/"):
-                pass  # no topic yet: each subscribe and publish is checked on its own
-            elif not (grant.may_subscribe(self.topic) or grant.may_publish(self.topic)):
-                return self.reject(403, f"the token does not allow topic {self.topic!r}")
-        self._grant = grant
         self._ws = ws
-        if self.v2:
-            # Checked per topic, per frame; the path's topic (if any) is subscribed like
-            # any other, by subscribe_path() once the connection is open.
-            self.path_topic = None if target.path in ("", "/") else self.topic
-            return Upgrade(self.topic, self.since, True, v2=True)
-        self.may_read = grant.may_subscribe(self.topic)
-        self.may_write = grant.may_publish(self.topic)
-        return Upgrade(self.topic, self.since, self.envelope)
+        return self.authorize(grant) or Upgrade(self.topic, self.since, self.envelope, self.v2)
+
+    def authorize(self, grant: Grant) -> Reject | None:
+        """Let the client do what ``grant`` allows (from its token, or the shell's
+        ``authorize`` hook): None, or the 403 :class:`Reject` of a grant that allows
+        neither publishing nor subscribing to the path's topic. (A ``trio-relay.v2``
+        client whose path is ``/`` names no topic yet: each of its subscribes and
+        publishes is checked on its own.)"""
+        assert self.state is State.HANDSHAKE and self._ws is not None
+        topic = self.topic
+        may_read, may_write = grant.may_subscribe(topic), grant.may_publish(topic)
+        if not (may_read or may_write) and not (self.v2 and self.path_topic is None):
+            if self._hooked:
+                return self.reject(403, f"topic {topic!r} is not allowed for this connection")
+            return self.reject(403, f"the token does not allow topic {topic!r}")
+        self.grant = grant
+        if not self.v2:
+            self.may_read, self.may_write = may_read, may_write
+        return None
 
     def reject(
         self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
@@ -454,7 +492,7 @@ class RelayProtocol:
         for bucket in (self._publish_bucket, self._control_bucket):
             if bucket is not None:
                 bucket.refilled = now
-        self.expires = now + self._grant.seconds_left()
+        self.expires = now + self.grant.seconds_left()
         if self.expires <= now:
             return b"", (CloseCode.TOKEN_EXPIRED, "token expired")
         if self.config.ping_interval > 0:
@@ -662,6 +700,10 @@ class RelayProtocol:
         the answer is a ``refreshed`` frame; otherwise an ``error`` frame and nothing
         changes (the old token still expires when it would have)."""
         secret = self.config.auth_secret
+        if secret is None and self._hooked:
+            # The authorize hook decided, and no token can change that: reconnect.
+            detail = "this relay takes no tokens (it authorizes connections itself): reconnect"
+            return encode_error("bad-token", detail, request.id)
         if secret is None:
             return encode_refreshed(request.id, None)  # nothing expires here
         try:
@@ -676,7 +718,7 @@ class RelayProtocol:
                 if not grant.may_subscribe(topic):
                     detail = f"the new token does not allow subscribing to topic {clip(topic)}"
                     return encode_error("forbidden", detail, request.id, topic)
-            self._grant = grant
+            self.grant = grant
             self._publish_grants.clear()
             self.expires = now + grant.seconds_left()
             return encode_refreshed(request.id, grant.expires)
@@ -685,7 +727,7 @@ class RelayProtocol:
         if not (may_read or may_write):
             detail = f"the new token does not allow topic {clip(topic)}"
             return encode_error("forbidden", detail, request.id)
-        self._grant, self.may_read, self.may_write = grant, may_read, may_write
+        self.grant, self.may_read, self.may_write = grant, may_read, may_write
         self.expires = now + grant.seconds_left()
         return encode_refreshed(request.id, grant.expires)
 
@@ -732,7 +774,7 @@ class RelayProtocol:
             assert topic is not None
             allowed = self._publish_grants.get(topic)
             if allowed is None:
-                allowed = self._grant.may_publish(topic)
+                allowed = self.grant.may_publish(topic)
                 if len(self._publish_grants) >= _MAX_CACHED_GRANTS:
                     self._publish_grants.clear()
                 self._publish_grants[topic] = allowed
@@ -749,7 +791,7 @@ class RelayProtocol:
         return Unsubscribe(channel, request.id)
 
     def _subscribe(self, topic: str, since: int | None, request_id: str | int | None) -> Subscribe:
-        if not self._grant.may_subscribe(topic):
+        if not self.grant.may_subscribe(topic):
             detail = f"the token does not allow subscribing to topic {topic!r}"
             raise EnvelopeError("forbidden", detail, request_id, topic)
         if topic in self.channels:

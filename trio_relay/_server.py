@@ -17,6 +17,7 @@ from ._budget import ByteBudget
 from ._config import RelayConfig
 from ._connection import RelayConnection
 from ._counters import RelayCounters
+from ._hooks import Authorize, OnPublish
 from ._limits import ConnectionLimits
 from ._listen import LogThrottle, refuse_at_once, serve_listeners
 from ._protocol import http_response
@@ -105,12 +106,19 @@ class RelayServer:
         topics: Topics,
         config: RelayConfig,
         backplane: RedisBackplane | None = None,
+        *,
+        authorize: Authorize | None = None,
+        on_publish: OnPublish | None = None,
     ) -> None:
         self.listeners = tuple(listeners)
         self.topics = topics
         self.config = config
         self.backplane = backplane
         """The :class:`RedisBackplane` this relay shares topics through, if any."""
+        self.authorize = authorize
+        """The application's ``authorize`` hook, if any (see :func:`serve_relay`)."""
+        self.on_publish = on_publish
+        """The application's ``on_publish`` hook, if any (see :func:`serve_relay`)."""
         self._connections: set[RelayConnection] = set()
         self.counters = RelayCounters()
         """Lifetime counters (messages and bytes in and out, rejections by reason)."""
@@ -195,8 +203,10 @@ class RelayServer:
             admit=self._admit,
             counters=self.counters,
             unfinished=self.unfinished,
-            expiries=self._expiries if self.config.auth_secret is not None else None,
+            expiries=self._expiries if self._grants_expire else None,
             limits=self.limits,
+            authorize=self.authorize,
+            on_publish=self.on_publish,
         )
         refusal = self.limits.reserve_connection(connection.host)
         if refusal is not None:
@@ -218,6 +228,11 @@ class RelayServer:
                 self._admitted.discard(connection)
                 self.limits.release_subscriber(connection.topic)
             self._notify()
+
+    @property
+    def _grants_expire(self) -> bool:
+        """Whether a connection's grant may expire: it comes from a token or the hook."""
+        return self.config.auth_secret is not None or self.authorize is not None
 
     def _admit(self, connection: RelayConnection) -> str | None:
         """Take a slot on the topic of a connection whose handshake is valid, or say why it
@@ -245,12 +260,13 @@ class RelayServer:
 
     async def _tick(self) -> NoReturn:
         """One timer for all connections: keepalive pings every second (when enabled), the
-        close of connections whose token expired (every second, with a secret: each tick
+        close of connections whose token expired (every second, with a secret or an
+        ``authorize`` hook, whose grant may expire too: each tick
         looks only at the connections due, see :class:`Expiries`), and the sweep of
         expired histories, which expire even on topics nobody touches."""
         config = self.config
         sweep_every = min(max(config.history_age, 1.0), 60.0)
-        every_second = config.ping_interval > 0 or config.auth_secret is not None
+        every_second = config.ping_interval > 0 or self._grants_expire
         tick = 1.0 if every_second else sweep_every
         next_sweep = trio.current_time() + sweep_every
         while True:
@@ -343,6 +359,8 @@ async def serve_relay(
     listeners: Sequence[trio.abc.Listener[Any]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     backplane: RedisBackplane | None = None,
+    authorize: Authorize | None = None,
+    on_publish: OnPublish | None = None,
     task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay until cancelled; supports ``server = await nursery.start(serve_relay, ...)``.
@@ -357,7 +375,38 @@ async def serve_relay(
 
     On cancellation the listeners close, every client gets close 1001 ("going away") within
     ``config.close_timeout`` seconds, and the cancellation propagates.
+
+    Two hooks let an application embed the relay (README "Embedding hooks"):
+
+    ``authorize``: ``async def authorize(request: AuthRequest) -> Grant | Refusal``, asked
+    for every WebSocket handshake and every request to the HTTP API (of a side port
+    serving this relay). It replaces the token check: with a secret set too, the hook
+    decides alone (it may call :func:`verify_token` with ``request.token`` to take the
+    relay's tokens besides its own sessions); the secret then serves only ``refresh``
+    frames (without a secret, those are answered ``bad-token``: reconnect to renew). A
+    :class:`Grant` allows its topic patterns until its ``expires`` (then close 4401, as a
+    token's); a handshake whose path names a topic the grant allows neither way gets 403.
+    A :class:`Refusal` answers its HTTP status and reason. A hook that raises or answers
+    anything else gets the client 500 (logged with its traceback); one that has not
+    answered within ``config.handshake_timeout`` (counted from the connection's start)
+    gets it 503. Either way only that client is refused.
+
+    ``on_publish``: ``async def on_publish(message: Publication) -> str | bytes | None``,
+    awaited for each message a WebSocket client (raw, ``trio-relay.v1``) or the HTTP API
+    publishes, in order, before it is numbered: what it returns is published instead
+    (``str``: a text message; ``bytes``: binary), ``None`` drops it (an envelope client
+    gets ``error`` ``dropped`` for it; the HTTP API answers 422 ``dropped``, or that error
+    in the message's place in a list). It does not see :meth:`RelayServer.publish` (the
+    application's own) nor messages other relays deliver through a backplane (their relay
+    ran its hook). A hook that raises, or returns anything else or a message over
+    ``max_message_size``, drops the whole batch it was in (what one read brought): the
+    client is closed with 1011 (the HTTP API answers 500) and the traceback logged. While
+    the hook runs, that client's next messages wait (unread: back-pressure); nobody else
+    does. Its cost is per message: see README "Embedding hooks" for the measured figures.
     """
+    for name, hook in (("authorize", authorize), ("on_publish", on_publish)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name} must be an async function, not {type(hook).__name__}")
     config = config or RelayConfig()
     if topics is None:
         topics = Topics(
@@ -375,5 +424,7 @@ async def serve_relay(
         listeners = await open_listeners(host, port, ssl_context)
     if backplane is None and config.backplane is not None:
         backplane = RedisBackplane(config.backplane)
-    server = RelayServer(listeners, topics, config, backplane)
+    server = RelayServer(
+        listeners, topics, config, backplane, authorize=authorize, on_publish=on_publish
+    )
     await server._run(task_status=task_status)

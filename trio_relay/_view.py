@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ._broadcast import BroadcastTotals
     from ._config import RelayConfig
     from ._counters import RelayCounters
+    from ._hooks import Authorize, OnPublish
     from ._topics import DeliveryReport, Gap, Message
 
 __all__ = ["BackplaneView", "RelayView", "StatisticsView", "TopicsView"]
@@ -88,5 +89,11 @@ class RelayView(Protocol):
 
     @property
     def ports(self) -> tuple[int, ...]: ...
+
+    @property
+    def authorize(self) -> Authorize | None: ...
+
+    @property
+    def on_publish(self) -> OnPublish | None: ...
 
     def statistics(self) -> StatisticsView: ...

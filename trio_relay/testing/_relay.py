@@ -11,6 +11,7 @@ import trio_websocket
 
 from .._client import DEFAULT_TIMEOUT, consume, produce
 from .._config import RelayConfig
+from .._hooks import Authorize, OnPublish
 from .._server import RelayServer, serve_relay
 from .._topics import DeliveryReport
 from ._streams import DEFAULT_CAPACITY, MemoryListener
@@ -143,12 +144,18 @@ class MemoryRelay:
 
 @asynccontextmanager
 async def open_memory_relay(
-    config: RelayConfig | None = None, *, capacity: int = DEFAULT_CAPACITY
+    config: RelayConfig | None = None,
+    *,
+    capacity: int = DEFAULT_CAPACITY,
+    authorize: Authorize | None = None,
+    on_publish: OnPublish | None = None,
 ) -> AsyncIterator[MemoryRelay]:
     """Run a relay over in-memory connections for the ``async with`` block.
 
     ``capacity`` is the bytes each direction of each connection buffers (a socket's
-    buffers, in effect). On exit the relay shuts down as on cancellation: clients get 1001.
+    buffers, in effect). ``authorize`` and ``on_publish`` are the application's hooks, as
+    :func:`~trio_relay.serve_relay` takes them (to test yours). On exit the relay shuts
+    down as on cancellation: clients get 1001.
     """
     listener = MemoryListener(capacity)
     cancel_scope = trio.CancelScope()
@@ -157,7 +164,13 @@ async def open_memory_relay(
     async def run(task_status: trio.TaskStatus[RelayServer]) -> None:
         try:
             with cancel_scope:
-                await serve_relay(config=config, listeners=[listener], task_status=task_status)
+                await serve_relay(
+                    config=config,
+                    listeners=[listener],
+                    authorize=authorize,
+                    on_publish=on_publish,
+                    task_status=task_status,
+                )
         finally:
             stopped.set()
 
