@@ -31,7 +31,14 @@ from test_end_to_end import (
 
 import trio_relay
 from trio_relay import DEFAULT_TIMEOUT, Gap, RelayConfig
-from trio_relay._cli import build_parser, configure_logging, describe_gap, main, serve_settings
+from trio_relay._cli import (
+    _client_target,
+    build_parser,
+    configure_logging,
+    describe_gap,
+    main,
+    serve_settings,
+)
 from trio_relay.testing import open_memory_relay
 
 __all__ = ["redis_server"]  # a fixture, used by name
@@ -92,17 +99,20 @@ def test_serve_defaults_are_the_relay_config_defaults() -> None:
     assert RelayConfig(**{name: args[name] for name in names}) == RelayConfig()
 
 
-def test_client_defaults() -> None:
+def test_client_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIO_RELAY_TOKEN", raising=False)
     parser = build_parser()
     consume = parser.parse_args(["consume"])
     produce = parser.parse_args(["produce", "hi"])
+    # None: not given, so that --url can refuse them; _client_target fills in the defaults.
+    where = {"host": None, "port": None, "topic": None, "url": None}
+    credentials = {"token": None, "cafile": None}
     assert vars(consume) == {
         "command": "consume",
-        "host": "localhost",
-        "port": 4000,
+        **where,
+        **credentials,
         "log_level": "INFO",
         "timeout": 10.0,
-        "topic": "",
         "since": None,
         "resume": False,
         "show_seq": False,
@@ -111,16 +121,17 @@ def test_client_defaults() -> None:
     }
     assert vars(produce) == {
         "command": "produce",
-        "host": "localhost",
-        "port": 4000,
+        **where,
+        **credentials,
         "log_level": "INFO",
         "timeout": 10.0,
-        "topic": "",
         "message": "hi",
         "report": False,
         "whole": False,
         "binary": False,
     }
+    for args in (consume, produce):
+        assert _client_target(args) == ("ws://localhost:4000/", None, None)
     assert DEFAULT_TIMEOUT == 10.0
 
 

@@ -10,16 +10,25 @@ client and the relay at DEBUG.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import ssl
 import traceback
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 import trustme
+from test_end_to_end import (
+    DEADLINE,
+    ENV,
+    PYTHON,
+    Launch,
+    launch as launch,  # the fixture: it starts and kills programs
+)
 
 from trio_relay import (
     ClientError,
@@ -35,6 +44,7 @@ from trio_relay import (
     produce,
     serve_relay,
 )
+from trio_relay._cli import main
 from trio_relay._redact import redact
 from trio_relay.testing import MemoryListener, open_memory_relay, socket_like_stream_pair
 
@@ -404,3 +414,274 @@ async def test_a_wrong_port_is_named_without_the_token(
             assert "cannot connect" in str(raised.value)
             assert isinstance(raised.value, ClientError)
             assert_hidden(WRITER, raised.value, caplog)
+
+
+# ------------------------------------------------------------------------ the command line
+
+
+@pytest.fixture
+def _logging_restored() -> Iterator[None]:
+    """main() configures logging for its process; put the test process's back after."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("coredis").level)
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    logging.getLogger("coredis").setLevel(saved[2])
+
+
+@pytest.mark.usefixtures("_logging_restored")
+@pytest.mark.parametrize(
+    ("argv", "environ", "status", "error"),
+    [
+        (
+            ["produce", "--url", "ws://127.0.0.1:1/news", "--host", "h", "--topic", "t", "hi"],
+            {},
+            2,
+            "give --url or --host/--topic, not both (the URL names the host, port and topic)",
+        ),
+        (
+            ["consume", "--url", "ws://127.0.0.1:1/", "--port", "4000"],
+            {},
+            2,
+            "give --url or --port, not both (the URL names the host, port and topic)",
+        ),
+        (
+            ["consume", "--url", f"http://127.0.0.1:1/news?token={WRITER}"],
+            {},
+            2,
+            "--url http://127.0.0.1:1/news?token=<redacted>: not a ws:// or wss:// URL",
+        ),
+        (
+            ["consume", "--url", "ws://127.0.0.1:99999/"],
+            {},
+            2,
+            "--url ws://127.0.0.1:99999/: Port out of range 0-65535",
+        ),
+        (
+            ["consume", "--url", "ws://127.0.0.1:1/", "--cafile", "ca.pem"],
+            {},
+            2,
+            "--cafile is for TLS: give --url wss://...",
+        ),
+        (
+            ["consume", "--url", "wss://127.0.0.1:1/", "--cafile", "/no/ca.pem"],
+            {},
+            1,
+            "--cafile /no/ca.pem: [Errno 2] No such file or directory",
+        ),
+        (
+            ["produce", "--port", "1", "--token", f"{WRITER} x", "hi"],
+            {},
+            2,
+            "--token: a token is printable ASCII without spaces",
+        ),
+        (
+            ["produce", "--port", "1", "hi"],
+            {"TRIO_RELAY_TOKEN": f"{WRITER}\u00e9"},
+            2,
+            "TRIO_RELAY_TOKEN: a token is printable ASCII without spaces",
+        ),
+    ],
+)
+def test_the_command_refuses_a_bad_url_cafile_or_token_in_one_line(
+    argv: list[str],
+    environ: dict[str, str],
+    status: int,
+    error: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRIO_RELAY_TOKEN", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == status
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"trio-relay {argv[0]}: {error}\n")
+
+
+def test_the_help_prefers_the_environment_for_the_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in ("consume", "produce"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert (
+            "--token TOKEN access token, sent as Authorization: Bearer (default: the "
+            "TRIO_RELAY_TOKEN environment variable; prefer it: a command line is visible to "
+            "other users of this machine)"
+        ) in text
+        assert "--url URL the relay and topic as one URL, ws://HOST:PORT/TOPIC" in text
+        assert "instead of --host/--port/--topic" in text
+        assert "--cafile PEM CA certificates to trust for a wss:// --url besides" in text
+
+
+def test_cafile_that_is_not_pem_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], _logging_restored: None
+) -> None:
+    path = tmp_path / "ca.pem"
+    path.write_text("not a certificate\n")
+    assert main(["consume", "--url", "wss://127.0.0.1:1/", "--cafile", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"trio-relay consume: --cafile {path}: no PEM certificates: ")
+    assert err.count("\n") == 1
+
+
+def _cli_env(token: str | None) -> dict[str, str]:
+    env = {name: value for name, value in ENV.items() if name != "TRIO_RELAY_TOKEN"}
+    if token is not None:
+        env["TRIO_RELAY_TOKEN"] = token
+    return env
+
+
+async def _cli(*argv: str, token: str | None = None) -> tuple[int, str, str]:
+    """Run ``trio-relay ARGV`` (at DEBUG), with ``TRIO_RELAY_TOKEN`` set to ``token``."""
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process(
+            [PYTHON, "-m", "trio_relay", *argv, "--log-level", "DEBUG"],
+            stdin=b"",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_cli_env(token),
+        )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_produce_and_consume_take_a_token_and_a_url(
+    nursery: trio.Nursery, refused_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0, config=CONFIG))
+    url = f"ws://127.0.0.1:{server.port}/news"
+    at = ("--host", "127.0.0.1", "--port", str(server.port), "--topic", "news")
+    runs = {
+        "env": (("produce", "--url", url, "--report", "by env"), WRITER),
+        "flag": (("produce", "--url", url, "--token", WRITER, "by flag"), None),
+        "host-port": (("produce", *at, "by host and port"), WRITER),
+        "flag-wins": (("produce", "--url", url, "--token", WRITER, "flag wins"), FORGED),
+        "none": (("produce", "--url", url, "x"), None),
+        "bad": (("produce", "--url", url, "x"), FORGED),
+        "forbidden": (("produce", "--url", url, "x"), SPORT),
+        "in-url": (("produce", "--url", f"{url}?token={FORGED}", "x"), None),
+        "resume": (("consume", "--url", url, "--resume"), FORGED),
+        "wrong-port": (("produce", "--port", str(refused_port), "x"), WRITER),
+    }
+    results: dict[str, tuple[int, str, str]] = {}
+
+    async def run(name: str) -> None:
+        argv, token = runs[name]
+        results[name] = await _cli(*argv, token=token)
+
+    await run("env")  # alone, for an exact delivery report
+    async with trio.open_nursery() as each:  # the rest at once: each starts an interpreter
+        for name in runs:
+            if name != "env":
+                each.start_soon(run, name)
+
+    def ok(name: str) -> str:
+        code, out, err = results[name]
+        assert code == 0, (name, out, err)
+        return out
+
+    assert ok("env") == "acknowledged: seq=1 queued=1 dropped=0 evicted=0\n"
+    assert {ok(name) for name in ("flag", "host-port", "flag-wins")} == {
+        "acknowledged: by flag\n",
+        "acknowledged: by host and port\n",
+        "acknowledged: flag wins\n",
+    }
+    refused = f"trio-relay produce: {url}: handshake rejected with HTTP"
+    expected_last_line = {
+        "none": f"{refused} 401: a token is required: Authorization: Bearer <token>, or ?token=",
+        "bad": f"{refused} 401: invalid token: Signature verification failed",
+        "forbidden": f"{refused} 403: the token does not allow topic 'news'",
+        "in-url": (
+            f"trio-relay produce: {url}?token=<redacted>: handshake rejected with HTTP 401: "
+            "invalid token: Signature verification failed"
+        ),
+        "resume": (
+            f"trio-relay consume: {url}: handshake rejected with HTTP 401: invalid token: "
+            "Signature verification failed"
+        ),
+        "wrong-port": (
+            f"trio-relay produce: ws://localhost:{refused_port}/: cannot connect: "
+            f"all attempts to connect to localhost:{refused_port} failed"
+        ),
+    }
+    for name, line in expected_last_line.items():
+        code, out, err = results[name]
+        assert (code, out) == (1, ""), (name, err)
+        assert err.splitlines()[-1] == line, name
+        assert "Traceback" not in err
+    for _code, out, err in results.values():
+        for token in (WRITER, READER, SPORT, FORGED):
+            assert token.rsplit(".", 1)[-1] not in out + err
+    for token in (WRITER, READER, SPORT, FORGED):
+        assert token.rsplit(".", 1)[-1] not in caplog.text  # the relay's own lines
+    nursery.cancel_scope.cancel()
+
+
+async def test_consume_over_wss_with_a_private_ca(
+    nursery: trio.Nursery,
+    launch: Launch,
+    ca: trustme.CA,
+    server_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    server = await nursery.start(
+        partial(serve_relay, "127.0.0.1", 0, ssl_context=server_context, config=CONFIG)
+    )
+    url = f"wss://127.0.0.1:{server.port}/news"
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    consumer = await launch(
+        PYTHON, "-m", "trio_relay", "consume", "--url", url, "--cafile", cafile, "--token", READER
+    )
+    untrusted = await _cli("produce", "--url", url, "x", token=WRITER)  # no --cafile
+    with trio.fail_after(DEADLINE):
+        await server.wait_until(lambda s: s.subscribers == 1)
+    await server.publish("over TLS", "news")
+    await consumer.expect("stdout", "over TLS\n")
+    consumer.process.send_signal(signal.SIGINT)
+    assert await consumer.finish() == 130, consumer.describe()
+    code, out, err = untrusted
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1].startswith(
+        f"trio-relay produce: {url}: TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]"
+    )
+    assert WRITER.rsplit(".", 1)[-1] not in err
+    assert READER.rsplit(".", 1)[-1] not in consumer.output["stderr"]
+    nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------ the README
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+async def test_the_readmes_credentials_example_runs_as_written(
+    nursery: trio.Nursery,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    start = README.index("```python\n", README.index("The Python clients carry credentials"))
+    example = README[start + len("```python\n") : README.index("```\n", start + 1)]
+    server = await nursery.start(
+        partial(serve_relay, "127.0.0.1", 0, ssl_context=server_context, config=CONFIG)
+    )
+    namespace = {
+        "trio_relay": __import__("trio_relay"),
+        "url": f"wss://127.0.0.1:{server.port}/news",
+        "secret": SECRET,
+        "context": client_context,
+    }
+    body = "".join(f"    {line}\n" for line in example.splitlines())
+    exec(f"async def example():\n{body}", namespace)  # the README's own code
+    with trio.fail_after(10):
+        await namespace["example"]()  # type: ignore[operator]
+    printed = example.rsplit("# ", 1)[1]
+    assert capsys.readouterr().out == printed
+    nursery.cancel_scope.cancel()

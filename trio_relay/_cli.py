@@ -24,6 +24,7 @@ import tomllib
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 import trio
 
@@ -31,10 +32,16 @@ from . import __version__
 from ._aggregate import open_unix_listener
 from ._auth import mint_token
 from ._broadcast import OverflowPolicy
-from ._client import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_TIMEOUT, consume, open_producer
+from ._client import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_TIMEOUT,
+    consume,
+    handshake_headers,
+    open_producer,
+)
 from ._config import RelayConfig
 from ._exceptions import ClientError
-from ._redact import redact
+from ._redact import redact, shown
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._sideport import serve_metrics
 from ._topics import DeliveryReport, Gap, Message
@@ -163,6 +170,37 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         "--port", type=_port, default=DEFAULT_PORT, help="relay TCP port (default: %(default)s)"
     )
     common.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging threshold (default: %(default)s)",
+    )
+
+    # consume and produce: where the relay is, as --host/--port/--topic or as one --url, and
+    # the credentials. Their defaults are None so that --url can refuse them when given;
+    # _client_target fills in the rest.
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--host", help=f"relay host name or address (default: {DEFAULT_HOST})")
+    client.add_argument("--port", type=_port, help=f"relay TCP port (default: {DEFAULT_PORT})")
+    client.add_argument(
+        "--url",
+        help="the relay and topic as one URL, ws://HOST:PORT/TOPIC, or wss://... for TLS "
+        "(verified against the system's trusted CAs, and --cafile); instead of "
+        "--host/--port/--topic",
+    )
+    client.add_argument(
+        "--token",
+        help="access token, sent as Authorization: Bearer (default: the TRIO_RELAY_TOKEN "
+        "environment variable; prefer it: a command line is visible to other users of "
+        "this machine)",
+    )
+    client.add_argument(
+        "--cafile",
+        metavar="PEM",
+        help="CA certificates to trust for a wss:// --url besides the system's (a private CA)",
+    )
+    client.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -303,14 +341,13 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
 
     consume_cmd = commands.add_parser(
         "consume",
-        parents=[common],
+        parents=[client],
         help="print every message the relay sends",
         description="Connect and print every message, one per line, until interrupted.",
     )
     consume_cmd.add_argument(
         "--topic",
         type=_topic,
-        default="",
         help="the topic to consume, news or /news (default: the root topic, path /)",
     )
     consume_cmd.add_argument(
@@ -354,7 +391,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
 
     produce_cmd = commands.add_parser(
         "produce",
-        parents=[common],
+        parents=[client],
         help="send messages, each acknowledged",
         description="Send MESSAGE, or each line of standard input, and exit once the relay "
         "has acknowledged every one (raw: echoed it back).",
@@ -378,7 +415,6 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
     produce_cmd.add_argument(
         "--topic",
         type=_topic,
-        default="",
         help="the topic to publish to, news or /news (default: the root topic, path /)",
     )
     produce_cmd.add_argument(
@@ -398,6 +434,54 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
 def _url(host: str, port: int, topic: str = "") -> str:
     host = f"[{host}]" if ":" in host else host
     return f"ws://{host}:{port}/{topic}"
+
+
+def _client_target(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | None, str | None]:
+    """The URL, TLS context and token of ``consume`` or ``produce``: from ``--url``, or
+    ``--host``/``--port``/``--topic`` (not both); ``--cafile``; ``--token``, else the
+    ``TRIO_RELAY_TOKEN`` environment variable. A :class:`CommandError` (status 2) names the
+    option at fault, and never quotes a token."""
+    if args.url is None:
+        host = DEFAULT_HOST if args.host is None else args.host
+        port = DEFAULT_PORT if args.port is None else args.port
+        url = _url(host, port, args.topic or "")
+    else:
+        options = {"--host": args.host, "--port": args.port, "--topic": args.topic}
+        given = [option for option, value in options.items() if value is not None]
+        if given:
+            raise CommandError(
+                f"give --url or {'/'.join(given)}, not both (the URL names the host, port "
+                "and topic)",
+                2,
+            )
+        url = args.url
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError as exc:
+            raise CommandError(f"--url {shown(url)}: {exc}", 2) from None
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise CommandError(f"--url {shown(url)}: not a ws:// or wss:// URL", 2)
+    context = None
+    if args.cafile is not None:
+        if not url.startswith("wss://"):
+            raise CommandError("--cafile is for TLS: give --url wss://...", 2)
+        context = ssl.create_default_context()  # the system's trusted CAs, and the file's
+        try:
+            context.load_verify_locations(args.cafile)
+        except ssl.SSLError as exc:
+            raise CommandError(f"--cafile {args.cafile}: no PEM certificates: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"--cafile {args.cafile}: {_os_error(exc)}") from None
+    source, token = "--token", args.token
+    if token is None:
+        source, token = "TRIO_RELAY_TOKEN", os.environ.get("TRIO_RELAY_TOKEN")
+    token = token.strip() if token else None  # a token never has spaces; a file's newline
+    try:
+        handshake_headers(token)
+    except ValueError:
+        raise CommandError(f"{source}: a token is printable ASCII without spaces", 2) from None
+    return url, context, token or None
 
 
 def _show(message: str | bytes) -> str:
@@ -518,10 +602,12 @@ def _json_line(item: Message | Gap) -> str:
 
 
 async def _consume(args: argparse.Namespace) -> None:
-    url = _url(args.host, args.port, args.topic)
+    url, context, token = _client_target(args)
     envelope = args.show_seq or args.json
     async with consume(
         url,
+        token=token,
+        ssl_context=context,
         connect_timeout=args.timeout,
         since=args.since,
         resume=args.resume,
@@ -606,8 +692,10 @@ def _acknowledged(message: str | bytes, report: DeliveryReport | None) -> str:
 
 
 async def _produce(args: argparse.Namespace) -> None:
-    url = _url(args.host, args.port, args.topic)
-    async with open_producer(url, timeout=args.timeout, envelope=args.report) as producer:
+    url, context, token = _client_target(args)
+    async with open_producer(
+        url, timeout=args.timeout, envelope=args.report, token=token, ssl_context=context
+    ) as producer:
         if args.message != "-":
             message = args.message.encode() if args.binary else args.message
             report = await producer.produce(message)
