@@ -685,3 +685,19 @@ async def test_the_readmes_credentials_example_runs_as_written(
     printed = example.rsplit("# ", 1)[1]
     assert capsys.readouterr().out == printed
     nursery.cancel_scope.cancel()
+
+
+async def test_the_testing_kit_carries_a_token_too(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_relay(CONFIG) as relay:
+        async with relay.consume("news", envelope=True, token=READER, headers=ORIGIN) as items:
+            report = await relay.produce("kit", "news", envelope=True, token=WRITER)
+            assert report is not None
+            assert report.seq == 1
+            assert await anext(items) == Message("news", 1, "kit")
+        async with relay.consume("news", resume=True, token=READER) as items:
+            await relay.server.wait_until(lambda s: s.subscribers == 1)
+            await relay.produce("resumed", "news", token=WRITER)
+            assert (await anext(items)).data == "resumed"
+        with pytest.raises(HandshakeRejected) as raised:
+            await relay.produce("no token", "news")
+        assert raised.value.status_code == 401

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from .._client import DEFAULT_TIMEOUT, consume, produce
+from .._client import DEFAULT_TIMEOUT, Headers, consume, produce
 from .._config import RelayConfig
 from .._hooks import Authorize, OnPublish
 from .._server import RelayServer, serve_relay
@@ -96,8 +96,11 @@ class MemoryRelay:
         since: int | None = None,
         resume: bool = False,
         connect_timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        headers: Headers | None = None,
     ) -> AsyncIterator[AsyncIterator[Any]]:
-        """:func:`trio_relay.consume` against this relay (in-memory connections)."""
+        """:func:`trio_relay.consume` against this relay (in-memory connections), with the
+        ``token`` and ``headers`` a relay with a secret or an ``authorize`` hook asks for."""
         url = self.url + topic
         if resume:
             cm = consume(
@@ -106,6 +109,8 @@ class MemoryRelay:
                 since=since,
                 resume=True,
                 connector=self.open_stream,
+                token=token,
+                headers=headers,
             )
         else:
             cm = consume(
@@ -114,6 +119,8 @@ class MemoryRelay:
                 stream=await self.open_stream(),
                 envelope=envelope,
                 since=since,
+                token=token,
+                headers=headers,
             )
         async with cm as messages:
             yield messages
@@ -126,8 +133,11 @@ class MemoryRelay:
         envelope: bool = False,
         echo: bool = True,
         timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - passed on to produce()
+        token: str | None = None,
+        headers: Headers | None = None,
     ) -> DeliveryReport | None:
-        """:func:`trio_relay.produce` against this relay (in-memory connections)."""
+        """:func:`trio_relay.produce` against this relay (in-memory connections), with
+        ``token`` and ``headers`` as :meth:`consume` has them."""
         return await produce(
             self.url + topic,
             message,
@@ -135,6 +145,8 @@ class MemoryRelay:
             stream=await self.open_stream(),
             envelope=envelope,
             echo=echo,
+            token=token,
+            headers=headers,
         )
 
     async def publish(self, message: str | bytes, topic: str = "") -> DeliveryReport:
