@@ -1,6 +1,8 @@
 """The JavaScript client, ``trio_relay/console/trio-relay.js``: served by the side port, and
 its own tests (``tests/js/*.test.mjs``) run by Node's test runner from here, so that the
-suite (and ``.ci/run``) runs them. Its browser tests are in ``tests/test_console.py``.
+suite (and ``.ci/run``) runs them: against a fake WebSocket, and against a real relay
+(``trio-relay serve``, a subprocess) over Node's own WebSocket. Its browser tests are in
+``tests/test_console.py``.
 
 Without Node.js 20 or later the Node tests skip, saying how to install it, except where
 ``TRIO_RELAY_REQUIRE_INTEGRATION=1`` (CI), where they fail.
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import trio
 from helpers import http_request, unavailable
+from test_console import ENV, SECRET, Program, Relay
 
+import trio_relay
 from trio_relay import serve_metrics, serve_relay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +49,24 @@ def node_or_skip() -> str:
     return found
 
 
+def _websocket_flag(node: str) -> list[str]:
+    """Node 22 has a global WebSocket; 20 and 21 have it behind a flag."""
+    probe = subprocess.run(
+        [node, "-p", "typeof WebSocket"],
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        check=False,
+    )
+    return [] if probe.stdout.strip() == "function" else ["--experimental-websocket"]
+
+
 def run_node_tests(*files: Path, env: dict[str, str] | None = None) -> dict[str, int]:
     """Run ``node --test`` on ``files``; assert that it passed; return its TAP summary
     (``tests``, ``pass``, ``fail``, ``cancelled``, ``skipped``, ``todo``)."""
     node = node_or_skip()
     result = subprocess.run(
-        [node, "--test", "--test-reporter=tap", *map(str, files)],
+        [node, *_websocket_flag(node), "--test", "--test-reporter=tap", *map(str, files)],
         capture_output=True,
         text=True,
         timeout=NODE_TIMEOUT,
@@ -74,6 +90,29 @@ def test_the_client_passes_its_node_tests() -> None:
     summary = run_node_tests(NODE_TESTS / "client.test.mjs")
     assert summary["pass"] == summary["tests"] >= 20
     assert summary["fail"] == summary["cancelled"] == summary["skipped"] == summary["todo"] == 0
+
+
+def test_the_client_works_with_a_real_relay() -> None:
+    node_or_skip()
+    program = Program(
+        "serve",
+        *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--history-size", "3"),
+        env={"TRIO_RELAY_AUTH_SECRET": SECRET},
+    )
+    try:
+        relay = Relay(program)
+        grant = {"publish": ["news/**"], "subscribe": ["news/**"], "ttl": 600}
+        env = {
+            **ENV,
+            "TRIO_RELAY_TEST_URL": relay.url(),
+            "TRIO_RELAY_TEST_TOKEN": trio_relay.mint_token(SECRET, **grant),  # type: ignore[arg-type]
+            "TRIO_RELAY_TEST_OTHER": trio_relay.mint_token(SECRET, **grant),  # type: ignore[arg-type]
+        }
+        summary = run_node_tests(NODE_TESTS / "relay.test.mjs", env=env)
+    finally:
+        program.stop()
+    assert summary["pass"] == summary["tests"] == 5
+    assert summary["skipped"] == 0
 
 
 def test_the_client_ships_in_the_package() -> None:

@@ -76,7 +76,14 @@ test("the URL must be the relay's root, over ws or wss", () => {
     name: "TypeError",
     message: /must be ws:\/\/ or wss:\/\//,
   });
-  assert.throws(() => connect(URL_, { WebSocket: undefined }), /no WebSocket class/);
+  // Node 20 without --experimental-websocket has no global WebSocket.
+  const global = globalThis.WebSocket;
+  delete globalThis.WebSocket;
+  try {
+    assert.throws(() => connect(URL_), { name: "TypeError", message: /no WebSocket class: pass one/ });
+  } finally {
+    if (global !== undefined) globalThis.WebSocket = global;
+  }
   // Behind a proxy that maps a prefix to the relay's root.
   connect("wss://example.com/relay/", { WebSocket: FakeWebSocket }).close();
 });
@@ -292,6 +299,23 @@ test("the backoff doubles up to its cap while attempts fail, and resets once one
   FakeWebSocket.last.end(1006);
   assert.deepEqual(delays.at(-1), [0.5, true]);
   assert.equal(FakeWebSocket.made.length, 7);
+  await relay.close();
+});
+
+test("a handshake that fails with an error event alone (Node 20) is retried", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const relay = connect(URL_, { WebSocket: FakeWebSocket, jitter: 0 });
+  const states = record(relay, "state");
+  await settle();
+  const socket = FakeWebSocket.last;
+  socket.failWithoutClose();
+  assert.deepEqual(states.at(-1), { type: "state", state: "retrying", reason: "code 1006", code: 1006, closeReason: "", delay: 0.1, opened: false });
+  assert.ok(socket.closedWith !== null);
+  await settle(); // the fake's close of a connecting socket ends it: nothing more happens
+  assert.equal(states.length, 2);
+  t.mock.timers.tick(100);
+  await settle();
+  assert.equal(FakeWebSocket.made.length, 2);
   await relay.close();
 });
 

@@ -67,6 +67,11 @@ export class FakeWebSocket {
     this.onclose?.({ type: "close", code, reason, wasClean: code !== 1006 });
   }
 
+  /** The handshake fails as in Node 20: an error event, and no close event ever. */
+  failWithoutClose() {
+    this.onerror?.({ type: "error" });
+  }
+
   /** The frames sent since the last call. */
   take() {
     const frames = this.sent;

@@ -376,7 +376,13 @@ export class Relay extends EventTarget {
       if (socket !== this.#socket) return;
       this.#lost(socket, event.code, event.reason);
     };
-    socket.onerror = noop; // a close event follows
+    socket.onerror = () => {
+      // Browsers follow an error with a close event; Node 20's WebSocket, when the handshake
+      // fails, does not (it stays CONNECTING): a failed handshake ends here.
+      if (socket !== this.#socket || this.#opened) return;
+      this.#lost(socket, 1006, "");
+      socket.close();
+    };
   }
 
   #isOpen() {
