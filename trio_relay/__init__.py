@@ -46,6 +46,7 @@ from ._exceptions import (
     RelayTimeout as RelayTimeout,
     RelayUnavailable as RelayUnavailable,
     SlowConsumerError as SlowConsumerError,
+    SubscriptionRejected as SubscriptionRejected,
     TooManyTopicsError as TooManyTopicsError,
 )
 from ._frames import CloseCode as CloseCode, encode_frame as encode_frame
@@ -58,6 +59,11 @@ from ._server import (
     RelayServer as RelayServer,
     RelayStatistics as RelayStatistics,
     serve_relay as serve_relay,
+)
+from ._session import (
+    Session as Session,
+    Unsubscribed as Unsubscribed,
+    connect as connect,
 )
 from ._sideport import serve_metrics as serve_metrics
 from ._topics import (
@@ -105,14 +111,18 @@ __all__ = [
     "RelayTimeout",
     "RelayUnavailable",
     "RunningTotals",
+    "Session",
     "SlowConsumerError",
     "Subscription",
+    "SubscriptionRejected",
     "SubscriptionStatistics",
     "TokenError",
     "TooManyTopicsError",
     "TopicStatistics",
     "TopicSubscription",
     "Topics",
+    "Unsubscribed",
+    "connect",
     "consume",
     "encode_frame",
     "mint_token",

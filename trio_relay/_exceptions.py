@@ -11,7 +11,8 @@ The tree::
         ├── HandshakeRejected    the relay answered the upgrade with an HTTP error (.status_code)
         ├── RelayTimeout         a bounded wait ran out (connect, handshake, acknowledgement)
         ├── RelayConnectionClosed the relay closed an open connection (.code, .reason)
-        └── PublishRejected      the relay answered a publish with an error frame (.code)
+        ├── PublishRejected      the relay answered a publish with an error frame (.code)
+        └── SubscriptionRejected the relay refused a v2 subscribe or unsubscribe (.code, .topic)
 
 trio-websocket's own exceptions never escape the client functions: they are
 wrapped at the boundary, with the original attached as ``__cause__`` unless its text
@@ -32,6 +33,7 @@ __all__ = [
     "RelayTimeout",
     "RelayUnavailable",
     "SlowConsumerError",
+    "SubscriptionRejected",
     "TooManyTopicsError",
 ]
 
@@ -124,9 +126,24 @@ class RelayConnectionClosed(ClientError):
 
 
 class PublishRejected(ClientError):
-    """The relay refused a ``trio-relay.v1`` publish with an ``error`` frame (:attr:`code`)."""
+    """The relay refused a ``trio-relay.v1`` or ``v2`` publish with an ``error`` frame
+    (:attr:`code`)."""
 
     def __init__(self, url: str, code: str, detail: str) -> None:
         super().__init__(url, f"publish rejected ({code}): {detail}")
         self.code = code
         self.detail = detail
+
+
+class SubscriptionRejected(ClientError):
+    """The relay refused a ``trio-relay.v2`` ``subscribe`` (or ``unsubscribe``) of
+    :attr:`topic` with an ``error`` frame: :attr:`code` is ``forbidden``,
+    ``already-subscribed``, ``not-subscribed``, ``too-many-subscriptions``,
+    ``too-many-subscribers``, ``too-many-topics``, ... (PROTOCOL.md). The session and its
+    other subscriptions go on."""
+
+    def __init__(self, url: str, code: str, detail: str, topic: str) -> None:
+        super().__init__(url, f"subscription to {topic!r} rejected ({code}): {detail}")
+        self.code = code
+        self.detail = detail
+        self.topic = topic
