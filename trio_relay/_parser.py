@@ -124,6 +124,11 @@ class FrameParser:
         self._fragmenting = False
         self._fragment_size = 0
         self._decoder: codecs.IncrementalDecoder | None = None
+        self.unfinished = 0
+        """Payload bytes held of the message in progress, as of the last :meth:`feed`: its
+        fragments so far, and what of the frame that has not fully arrived is past its
+        first 14 bytes (a header's most, so that a message of ``max_message_size`` counts
+        as at most that). Unparsed whole frames held back by a rate count too."""
         self.too_big = "message of {size} bytes over the {limit}-byte limit"
         """The reason of the 1009 error, with ``{size}`` and ``{limit}`` to fill in."""
         self.stopped: int | None = None
@@ -159,22 +164,19 @@ class FrameParser:
         except ProtocolError as exc:
             self._closed = True
             self._buffer = bytearray()
+            self.unfinished = self._fragment_size
             exc.events = events
             raise
         if consumed == len(view):
             self._buffer = bytearray()
-        elif view is buffer:
+            self.unfinished = self._fragment_size
+            return events
+        if view is buffer:
             del buffer[:consumed]
         else:
             self._buffer = bytearray(view[consumed:])
+        self.unfinished = self._fragment_size + max(len(self._buffer) - MAX_HEADER, 0)
         return events
-
-    @property
-    def unfinished(self) -> int:
-        """Payload bytes held of the message in progress: its fragments so far, and the
-        frame that has not fully arrived (less up to 14 bytes of its header, so that a
-        message of ``max_message_size`` counts as at most that)."""
-        return self._fragment_size + max(len(self._buffer) - MAX_HEADER, 0)
 
     def abandon(self) -> None:
         """Let go of the message in progress and ignore whatever comes after: the
@@ -185,6 +187,7 @@ class FrameParser:
         self._fragment_size = 0
         self._fragmenting = False
         self._decoder = None
+        self.unfinished = 0
 
     def _parse(
         self, data: bytes | bytearray, events: list[Event], messages: int, controls: int
