@@ -12,6 +12,8 @@ output through a condition variable, the page through Playwright's ``expect``.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
@@ -42,7 +44,7 @@ from trio_relay._console import CONTENT_SECURITY_POLICY
 from trio_relay._counters import REJECTION_REASONS
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, Playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "console.png"
@@ -120,7 +122,7 @@ async def test_the_page_and_its_assets_are_served_with_a_content_security_policy
         assert int(headers["content-length"]) == len(page)
         text = page.decode()
         # Its own script and style sheet only: nothing inline, nothing from elsewhere.
-        assert '<script src="console.js" defer></script>' in text
+        assert '<script type="module" src="console.js"></script>' in text
         assert '<link rel="stylesheet" href="console.css">' in text
         assert "<script>" not in text
         assert "<style" not in text
@@ -337,18 +339,30 @@ def produce(url: str, message: str | bytes) -> trio_relay.DeliveryReport:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def playwright() -> Iterator[Playwright]:
     sync_api = playwright_or_skip()
-    executable = chromium_or_skip()
     sync_api.expect.set_options(timeout=DEADLINE_MS)
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=DEADLINE_MS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
+        yield playwright
+
+
+def launch_chromium(playwright: Playwright, *arguments: str) -> Browser:
+    """Debian's Chromium, headless, with ``CHROMIUM_ARGS`` and ``arguments``."""
+    return playwright.chromium.launch(
+        executable_path=chromium_or_skip(),
+        headless=True,
+        args=[*CHROMIUM_ARGS, *arguments],
+        timeout=DEADLINE_MS,
+    )
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    browser = launch_chromium(playwright)
+    try:
+        yield browser
+    finally:
+        browser.close()
 
 
 @pytest.fixture
@@ -413,14 +427,18 @@ def test_a_message_published_from_the_page_reaches_a_python_consumer(
     )
     consumer.expect("stderr", "connected to")
     relay.program.expect("stderr", OPENED)
+    sockets: list[str] = []
+    page.on("websocket", lambda websocket: sockets.append(websocket.url))
     page.goto(relay.console)
     state = page.locator("#state")
     expect(state).to_have_attribute("data-state", "open")
+    expect(state).to_contain_text(f"open ws://127.0.0.1:{relay.port}/, topic / (root)")
     # With the keyboard only: type the topic and press Enter, then the message and Enter.
     topic = page.get_by_label("Topic")
     topic.fill("news")
     topic.press("Enter")
-    expect(state).to_contain_text(f"open ws://127.0.0.1:{relay.port}/news")
+    expect(state).to_contain_text(f"open ws://127.0.0.1:{relay.port}/, topic news")
+    expect(page.locator("#messages")).to_contain_text("subscribed to news, which is at #0")
     message = page.get_by_label("Message", exact=True)
     message.fill("héllo from Chromium ✓")
     message.press("Enter")
@@ -431,6 +449,8 @@ def test_a_message_published_from_the_page_reaches_a_python_consumer(
     )
     expect(page.locator("#messages li.mine")).to_have_count(1)  # marked as this page's
     assert "?topic=news" in page.url  # a reload comes back to the topic
+    # trio-relay.v2: another topic is another subscription on the same connection.
+    assert sockets == [f"ws://127.0.0.1:{relay.port}/"]
 
 
 async def _burst(url: str, count: int) -> None:
@@ -472,8 +492,17 @@ def test_the_page_resumes_after_the_relay_restarts_and_shows_the_gap(
 ) -> None:
     expect = _expect()
     relay = start_relay()
-    sockets: list[str] = []
-    page.on("websocket", lambda websocket: sockets.append(websocket.url))
+    subscribes: list[dict[str, object]] = []
+
+    def record(websocket: Any) -> None:
+        def sent(payload: str | bytes) -> None:
+            frame = json.loads(payload)
+            if frame["type"] == "subscribe":
+                subscribes.append({k: v for k, v in frame.items() if k != "id"})
+
+        websocket.on("framesent", sent)
+
+    page.on("websocket", record)
     page.goto(relay.console + "?topic=news")
     state = page.locator("#state")
     expect(state).to_have_attribute("data-state", "open")
@@ -500,7 +529,13 @@ def test_the_page_resumes_after_the_relay_restarts_and_shows_the_gap(
     expect(log.locator("li.mine")).to_have_count(1)  # #1 is no longer this page's message
     expect(state).to_have_attribute("data-state", "open")
     expect(page.locator("#error")).to_be_hidden()
-    assert f"ws://127.0.0.1:{relay.port}/news?since=2" in sockets
+    # It resubscribed from the last message it had seen, #2.
+    assert subscribes == [
+        {"type": "subscribe", "topic": "news"},
+        {"type": "subscribe", "topic": "news", "since": 2},
+    ]
+    # At #0 or #1: the message published while it was away may come before or after.
+    expect(log).to_contain_text(re.compile(r"resumed news after #2 \(the topic is at #[01]\)"))
     produce(relay.url("news"), "and life goes on")
     expect(log.locator("li.message").last).to_contain_text("#2 and life goes on")
     expect(page.locator("#stat-connections")).to_have_text("1")
@@ -544,3 +579,106 @@ def test_a_wrong_token_shows_an_error_and_a_good_one_connects(
     page.get_by_label("Message", exact=True).fill("authorised")
     page.get_by_label("Message", exact=True).press("Enter")
     expect(page.locator("#messages li.message")).to_have_text([re.compile(r"#1 authorised$")])
+
+    # A topic the token does not allow: that subscription is refused, the connection stays.
+    page.get_by_label("Topic").fill("secret")
+    page.get_by_label("Topic").press("Enter")
+    expect(error).to_have_text(re.compile(r"^Not subscribed to secret: forbidden: .+"))
+    expect(page.locator("#messages li.error")).to_have_text([re.compile(r"secret: forbidden: ")])
+    expect(state).to_have_attribute("data-state", "open")
+    page.get_by_label("Message", exact=True).fill("psst")
+    page.get_by_label("Message", exact=True).press("Enter")
+    expect(page.locator("#publish-status")).to_have_text(re.compile(r"^not published: forbidden: "))
+    page.get_by_label("Topic").fill("news")
+    page.get_by_label("Topic").press("Enter")
+    expect(error).to_be_hidden()
+    expect(page.locator("#messages")).to_contain_text("subscribed to news, which is at #1")
+    page.get_by_label("Message", exact=True).fill("still authorised")
+    page.get_by_label("Message", exact=True).press("Enter")
+    expect(page.locator("#messages li.message")).to_have_text([re.compile(r"#2 still authorised$")])
+
+
+# ------------------------------------------------------------------------ the README's example
+
+
+def _readme_example() -> str:
+    """The README's browser example for trio-relay.js, exactly as written there."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### In the browser (and Node): trio-relay.js\n", 1)[1]
+    match = re.search(r"```html\n(.*?)```", section, re.DOTALL)
+    assert match is not None
+    return match[1]
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_readme_example_works_pasted_into_a_page_next_to_the_relay(
+    playwright: Playwright, launch: Launch, tmp_path: Path
+) -> None:
+    example = _readme_example()
+    assert len(example.splitlines()) == 10  # "a ten-line browser example"
+    relay_port = int(re.findall(r'"ws://localhost:(\d+)/"', example)[0])
+    http_port = int(re.findall(r'"http://localhost:(\d+)/trio-relay\.js"', example)[0])
+    # The example names localhost and fixed ports. Chromium maps localhost to an address of
+    # this test's own (127.0.0.0/8 is all loopback), where those ports are free, whatever
+    # listens on 127.0.0.1.
+    address = f"127.77.{os.getpid() // 250 % 250 + 1}.{os.getpid() % 250 + 1}"
+
+    def start() -> Program:
+        program = launch(
+            "serve",
+            *("--host", address, "--port", str(relay_port)),
+            *("--http-host", address, "--http-port", str(http_port)),
+        )
+        program.expect("stderr", rf"relay listening on ws://{re.escape(address)}:{relay_port}/")
+        return program
+
+    relay = start()
+    # The page: the example and nothing else, served by a server of its own.
+    (tmp_path / "index.html").write_text(example, encoding="utf-8")
+    (tmp_path / "favicon.ico").write_bytes(b"")  # which the browser asks for
+    server = http.server.ThreadingHTTPServer((address, 0), partial(_Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    browser = launch_chromium(playwright, f"--host-resolver-rules=MAP localhost {address}")
+    try:
+        page = browser.new_page()
+        lines: list[str] = []
+        page.on("console", lambda message: lines.append(f"{message.type}: {message.text}"))
+        page.on("pageerror", lambda error: lines.append(f"uncaught: {error}"))
+
+        def wait_for(line: str) -> None:
+            deadline = time.monotonic() + DEADLINE
+            while line not in lines:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"{line!r} not in the page's console: {lines}"
+                with contextlib.suppress(playwright_or_skip().TimeoutError):
+                    page.wait_for_event("console", timeout=remaining * 1000)
+
+        page.goto(f"http://localhost:{server.server_address[1]}/")
+        wait_for("log: relay: connected")
+        wait_for("log: news 1 hello from a browser")
+        wait_for("log: published as #1, queued for 1")
+        produce(f"ws://{address}:{relay_port}/news", "from Python")
+        wait_for("log: news 2 from Python")
+        assert [line for line in lines if line.startswith(("error", "uncaught"))] == []
+
+        # The relay restarts: the page resumes news after #2, and is told that it was reset.
+        relay.stop()
+        wait_for("log: relay: retrying")
+        relay = start()
+        produce(f"ws://{address}:{relay_port}/news", "after the restart")
+        wait_for("warning: news was reset")
+        wait_for("log: news 1 after the restart")
+        refused = re.compile(r"error: WebSocket connection to .* failed: .*ERR_CONNECTION_REFUSED")
+        errors = [line for line in lines if line.startswith(("error", "uncaught"))]
+        # Only the browser's own lines for attempts while the relay was down.
+        assert [line for line in errors if not refused.fullmatch(line)] == []
+    finally:
+        browser.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(DEADLINE)
