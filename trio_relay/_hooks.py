@@ -25,7 +25,7 @@ import http.cookies
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import parse_qs
 
 from ._auth import Grant
@@ -140,9 +140,10 @@ class Refusal:
             return "refused"
 
 
-@dataclass(frozen=True, slots=True)
-class Publication:
-    """One message a client publishes, as ``on_publish`` sees it."""
+class Publication(NamedTuple):
+    """One message a client publishes, as ``on_publish`` sees it (immutable; a named
+    tuple, not a frozen dataclass: it is made for every message, and this is the cheaper
+    of the two by half a microsecond)."""
 
     topic: str
     data: str | bytes
@@ -207,9 +208,10 @@ async def filter_publications(
     kept_payloads: list[bytes] = []
     kept_texts: list[bool] = []
     kept: list[int] = []
+    one_topic = topic if isinstance(topic, str) else None
     for index, payload in enumerate(payloads):
         text = texts[index]
-        name = topic if isinstance(topic, str) else topic[index]
+        name = one_topic if one_topic is not None else topic[index]
         data: str | bytes = payload.decode("utf-8") if text else payload
         try:
             result = await on_publish(Publication(name, data, grant, peer, kind))
@@ -220,32 +222,40 @@ async def filter_publications(
                 shown(name, 128),
             )
             raise HookFailed("on_publish raised") from None
-        if result is None:
-            continue
-        if result is data:
-            pass  # unchanged: publish the bytes as received
-        elif isinstance(result, str):
-            payload, text = result.encode("utf-8"), True
-        elif isinstance(result, bytes | bytearray | memoryview):
-            payload, text = bytes(result), False
-        else:
-            logger.error(
-                "the on_publish hook returned %s for a message to topic %r: str, bytes or "
-                "None is needed",
-                shown(type(result).__name__, 64),
-                shown(name, 128),
-            )
-            raise HookFailed("on_publish returned neither str, bytes nor None")
-        if len(payload) > max_message_size:
-            logger.error(
-                "the on_publish hook returned %d bytes for a message to topic %r, over "
-                "max_message_size (%d)",
-                len(payload),
-                shown(name, 128),
-                max_message_size,
-            )
-            raise HookFailed("on_publish returned a message over max_message_size")
-        kept_payloads.append(payload)
-        kept_texts.append(text)
-        kept.append(index)
+        if result is data:  # unchanged (the usual case): the bytes as received
+            kept_payloads.append(payload)
+            kept_texts.append(text)
+            kept.append(index)
+        elif result is not None:
+            converted = _converted(result, name, max_message_size)
+            kept_payloads.append(converted)
+            kept_texts.append(isinstance(result, str))
+            kept.append(index)
     return kept_payloads, kept_texts, None if len(kept) == len(payloads) else kept
+
+
+def _converted(result: object, topic: str, max_message_size: int) -> bytes:
+    """The payload of what ``on_publish`` returned in place of a message; :class:`HookFailed`
+    (logged) for anything but ``str`` or ``bytes``, or a message over the size limit."""
+    if isinstance(result, str):
+        payload = result.encode("utf-8")
+    elif isinstance(result, bytes | bytearray | memoryview):
+        payload = bytes(result)
+    else:
+        logger.error(
+            "the on_publish hook returned %s for a message to topic %r: str, bytes or None "
+            "is needed",
+            shown(type(result).__name__, 64),
+            shown(topic, 128),
+        )
+        raise HookFailed("on_publish returned neither str, bytes nor None")
+    if len(payload) > max_message_size:
+        logger.error(
+            "the on_publish hook returned %d bytes for a message to topic %r, over "
+            "max_message_size (%d)",
+            len(payload),
+            shown(topic, 128),
+            max_message_size,
+        )
+        raise HookFailed("on_publish returned a message over max_message_size")
+    return payload
