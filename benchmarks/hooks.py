@@ -4,6 +4,7 @@ shared benchmark, and a run that compares them.
     python benchmarks/hooks.py                   # the comparison (about 2 minutes)
     python benchmarks/hooks.py --reps 3 --scenarios fan1-100B-w1,fan100-100B-w1,fan1-100B
     python benchmarks/hooks.py serve --port 4000 --hook on_publish   # one relay, for run.py
+    python benchmarks/hooks.py micro             # the hook's own CPU per message, in-process
 
 ``serve`` runs :func:`trio_relay.serve_relay` as ``trio-relay serve`` runs it (its garbage
 collector and allocator settings, default configuration) with ``--hook``:
@@ -12,6 +13,11 @@ collector and allocator settings, default configuration) with ``--hook``:
 * ``on_publish``: ``async def on_publish(message): return message.data``, a hook that
   looks at every message and changes nothing: its fixed cost per message;
 * ``both``: that, and an ``authorize`` that allows everything (asked once per connection).
+
+``micro`` times, in one process with CPU time (less disturbed by other processes than
+the shared benchmark), what the relay adds per message to call such a hook
+(``filter_publications``: the :class:`~trio_relay.Publication`, the ``str`` of a text
+message, the ``await``, the bookkeeping) beside the hook's own call.
 
 The comparison drives ``../shared/bench/run.py`` (BENCH_DIR elsewhere) with those three
 beside ``trio-relay serve`` and ``benchmarks/floor.py``, interleaved in one run, and prints
@@ -29,12 +35,14 @@ import json
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import trio
 
 import trio_relay
 from trio_relay._cli import tune_allocator, tune_garbage_collector
+from trio_relay._hooks import filter_publications
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = "fan1-100B-w1,fan100-100B-w1,fan1-100B,fan100-100B"
@@ -61,6 +69,36 @@ def serve(args: argparse.Namespace) -> None:
     tune_allocator()
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_serve, args.host, args.port, args.hook)
+
+
+async def _micro(batch: int, count: int) -> tuple[float, float]:
+    async def on_publish(message: trio_relay.Publication) -> str | bytes:
+        return message.data
+
+    payloads, texts = [b"x" * 100] * batch, [True] * batch
+    grant = trio_relay.Grant(publish=("**",), subscribe=("**",))
+    start = time.process_time()
+    for _ in range(count // batch):
+        await filter_publications(
+            on_publish, "news", payloads, texts, grant, "127.0.0.1:5", "websocket", 1 << 20
+        )
+    whole = (time.process_time() - start) / count
+    start = time.process_time()
+    for _ in range(count):
+        await on_publish(trio_relay.Publication("news", "x" * 100, grant, "p", "websocket"))
+    call = (time.process_time() - start) / count
+    return whole, call
+
+
+def micro(args: argparse.Namespace) -> None:
+    print("CPU µs per message (best of 5 runs of 300,000 messages), 100-byte text:")
+    for batch in (1, 10):
+        runs = [trio.run(_micro, batch, 300_000) for _ in range(5)]
+        whole, call = min(r[0] for r in runs), min(r[1] for r in runs)
+        print(
+            f"  {batch:2} message(s) per read: {whole * 1e6:.2f} with the hook "
+            f"(of which the hook's own call and its Publication: {call * 1e6:.2f})"
+        )
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -117,12 +155,16 @@ def main() -> int:
     one.add_argument("--host", default="127.0.0.1")
     one.add_argument("--port", type=int, default=4000)
     one.add_argument("--hook", choices=("none", "on_publish", "both"), default="none")
+    sub.add_parser("micro", help="the hook's own CPU per message, in-process")
     parser.add_argument("--scenarios", default=SCENARIOS, help="default: %(default)s")
     parser.add_argument("--reps", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--baseline", help="a checkout of trio_relay to compare against")
     args = parser.parse_args()
     if args.command == "serve":
         serve(args)
+        return 0
+    if args.command == "micro":
+        micro(args)
         return 0
     return compare(args)
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -646,3 +647,59 @@ async def test_a_v2_connection_takes_the_hooks_grant_per_subscription_and_publis
         assert (dropped["type"], dropped["code"], dropped["id"]) == ("error", "dropped", 5)
         assert dropped["topic"] == "chat/a"
     assert topics == ["chat/a", "chat/a"]
+
+
+# --------------------------------------------------------------------------- the README
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+@dataclass
+class User:
+    name: str
+    rooms: tuple[str, ...]
+    session_expires: float | None = None
+
+
+class Sessions:
+    """The README example's session store."""
+
+    async def get(self, session: str | None) -> User | None:
+        return User("ann", ("1", "2")) if session == "s3cret" else None
+
+
+async def test_the_readmes_hooks_example_runs_as_written() -> None:
+    start = README.index("```python\n", README.index("#### Embedding hooks"))
+    example = README[start + len("```python\n") : README.index("```\n", start + 1)]
+    # Port 0, not the README's 4000, which may be taken here.
+    assert '"127.0.0.1", 4000,' in example
+    example = example.replace('"127.0.0.1", 4000,', '"127.0.0.1", 0,')
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            namespace = {
+                "trio_relay": trio_relay,
+                "json": json,
+                "partial": partial,
+                "nursery": nursery,
+                "sessions": Sessions(),
+                "is_spam": lambda text: "spam" in text,
+            }
+            body = "".join(f"    {line}\n" for line in example.splitlines())
+            exec(f"async def example():\n{body}    return server", namespace)  # as written
+            server = await namespace["example"]()  # type: ignore[operator]
+            url = f"ws://127.0.0.1:{server.port}/rooms/1"
+            cookie = {"Cookie": "session=s3cret"}
+            async with trio_relay.consume(url, headers=cookie) as messages:
+                with pytest.raises(trio_relay.PublishRejected) as dropped:
+                    await trio_relay.produce(url, "buy spam", headers=cookie, envelope=True)
+                assert dropped.value.code == "dropped"
+                report = await trio_relay.produce(url, "hi", headers=cookie, envelope=True)
+                assert report is not None and report.seq == 1
+                assert json.loads(await anext(messages)) == {"from": "ann", "text": "hi"}
+            with pytest.raises(trio_relay.HandshakeRejected) as refused:
+                await trio_relay.produce(url, "hi")
+            assert refused.value.status_code == 401
+            with pytest.raises(trio_relay.HandshakeRejected) as refused:
+                await trio_relay.produce(url.replace("/rooms/1", "/rooms/3"), "hi", headers=cookie)
+            assert refused.value.status_code == 403
+            nursery.cancel_scope.cancel()
