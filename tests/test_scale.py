@@ -158,3 +158,47 @@ async def test_evicting_the_oldest_retained_message_costs_the_same_at_2000_topic
     small = await eviction_cost(SMALL)
     large = await eviction_cost(LARGE)
     assert large <= small * 1.2 + 100, (small, large)
+
+
+async def v2_costs(count: int) -> dict[str, int]:
+    """Calls made by a trio-relay.v2 connection to subscribe to the topic ``count`` idle
+    connections share, and to unsubscribe again (it has 50 other subscriptions)."""
+    costs: dict[str, int] = {}
+    async with relay_with(count) as relay:
+        server = relay.server
+        stream = await relay.open_stream()
+        await stream.send_all(upgrade_request(extra="Sec-WebSocket-Protocol: trio-relay.v2\r\n"))
+        for n in range(50):
+            await stream.send_all(
+                masked_frame(0x1, f'{{"type":"subscribe","topic":"other/{n}"}}'.encode())
+            )
+        await server.wait_until(lambda s: s.subscribers == count + 50)
+        answers = b""
+        while answers.count(b'"subscribed"') < 50:
+            answers += await stream.receive_some()
+
+        async def answered(frame: bytes, answer: bytes) -> None:
+            await stream.send_all(masked_frame(0x1, frame))
+            received = b""
+            while answer not in received:
+                received += await stream.receive_some()
+
+        async def subscribe() -> None:
+            await answered(b'{"type":"subscribe","topic":""}', b'"subscribed"')
+
+        async def unsubscribe() -> None:
+            await answered(b'{"type":"unsubscribe","topic":""}', b'"unsubscribed"')
+
+        costs["v2 subscribe"] = await count_calls(subscribe)
+        costs["v2 unsubscribe"] = await count_calls(unsubscribe)
+        await stream.aclose()
+    return costs
+
+
+async def test_v2_subscribing_costs_the_same_at_2000_subscribers_as_at_20(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    small = await v2_costs(SMALL)
+    large = await v2_costs(LARGE)
+    for event, cost in small.items():
+        assert large[event] <= cost * 1.2 + 100, (event, small, large)

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trustme
 
+import trio_relay
 from trio_relay import RelayUnavailable, consume, produce, serve_relay
 
 
@@ -69,4 +70,25 @@ async def test_a_client_that_does_not_trust_the_certificate_is_refused_and_harms
             "WebSocket handshake (a TLS port? try wss://)"
         )
         await produce(url, "still serving", ssl_context=client_context)
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_v2_session_over_wss(
+    nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    # Over TLS the relay cannot write through (no non-blocking send): every v2 delivery
+    # goes through the subscriptions' queues and the writer that serves them in turn.
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0, ssl_context=server_context))
+    with trio.fail_after(10):
+        url = f"wss://127.0.0.1:{server.port}/a"
+        async with trio_relay.connect(url, ssl_context=client_context) as session:
+            await session.subscribe("b")
+            for n in range(20):
+                await server.publish(f"a{n}", "a")
+                await server.publish(f"b{n}", "b")
+            items = [await anext(session) for _ in range(40)]
+            assert [i.data for i in items if i.topic == "a"] == [f"a{n}" for n in range(20)]
+            assert [i.data for i in items if i.topic == "b"] == [f"b{n}" for n in range(20)]
+            report = await session.publish("a", "back")
+            assert report.seq == 21
     nursery.cancel_scope.cancel()
