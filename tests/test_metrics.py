@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import trio_relay
 from trio_relay import HandshakeRejected, RelayConfig, consume, produce, serve_metrics, serve_relay
 from trio_relay._counters import REJECTION_REASONS
+from trio_relay._topics import ENTRY_OVERHEAD, TOPIC_OVERHEAD
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -89,6 +90,8 @@ async def test_metrics_from_the_start_every_reason_build_info_and_process_metric
         "trio_relay_batches_published_total",
         "trio_relay_queued_batches",
         "trio_relay_queued_bytes",
+        "trio_relay_history_bytes",
+        "trio_relay_unfinished_message_bytes",
     ):
         assert samples[(name, ())] == 0, name
     # The renamed ones are gone (README "Health and metrics" lists the renames).
@@ -103,6 +106,19 @@ async def test_metrics_from_the_start_every_reason_build_info_and_process_metric
     assert samples[("process_resident_memory_bytes", ())] > 0
     assert any(name == "python_info" for name, _ in samples)
     assert any(name == "python_gc_collections_total" for name, _ in samples)
+    nursery.cancel_scope.cancel()
+
+
+async def test_metrics_show_what_the_global_budgets_hold(nursery: trio.Nursery) -> None:
+    server = await nursery.start(partial(serve_relay, "127.0.0.1", 0))
+    [listener] = await nursery.start(serve_metrics, server, "127.0.0.1", 0)
+    await server.publish("kept for resuming", "news")
+    assert server.unfinished.claim().resize(1234)  # as a connection with half a message
+    _, body = await _get(listener.socket.getsockname()[1], "/metrics")
+    samples = _samples(body)
+    retained = len("kept for resuming") + ENTRY_OVERHEAD + TOPIC_OVERHEAD
+    assert samples[("trio_relay_history_bytes", ())] == retained == server.topics.retained_bytes
+    assert samples[("trio_relay_unfinished_message_bytes", ())] == 1234
     nursery.cancel_scope.cancel()
 
 

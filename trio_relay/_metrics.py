@@ -102,6 +102,18 @@ class _RelayCollector:
         yield gauge(
             "trio_relay_queued_bytes", "Bytes queued for all consumers.", totals.queued_bytes
         )
+        yield gauge(
+            "trio_relay_history_bytes",
+            "What all topics' histories count against history_total_bytes (payloads and "
+            "overheads).",
+            server.topics.retained_bytes,
+        )
+        yield gauge(
+            "trio_relay_unfinished_message_bytes",
+            "Bytes of unfinished incoming messages all connections hold, against "
+            "max_unfinished_bytes.",
+            server.unfinished.used,
+        )
         if server.backplane is not None:
             backplane = server.backplane.statistics()
             yield gauge(

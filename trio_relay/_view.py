@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._hooks import Authorize, OnPublish
     from ._topics import DeliveryReport, Gap, Message
 
-__all__ = ["BackplaneView", "RelayView", "StatisticsView", "TopicsView"]
+__all__ = ["BackplaneView", "BudgetView", "RelayView", "StatisticsView", "TopicsView"]
 
 
 class StatisticsView(Protocol):
@@ -50,6 +50,16 @@ class BackplaneView(Protocol):
     def statistics(self) -> BackplaneStatistics: ...
 
 
+class BudgetView(Protocol):
+    """What the side port reads of a :class:`~trio_relay._budget.ByteBudget`."""
+
+    @property
+    def used(self) -> int: ...
+
+    @property
+    def limit(self) -> int: ...
+
+
 class TopicsView(Protocol):
     """What the HTTP API uses of a relay's :class:`~trio_relay.Topics`: publishing (through
     the backplane, if any, as every publish) and reading a topic's history."""
@@ -68,6 +78,9 @@ class TopicsView(Protocol):
         self, name: str, since: int | None = None
     ) -> tuple[int, Gap | None, list[Message]]: ...
 
+    @property
+    def retained_bytes(self) -> int: ...
+
 
 class RelayView(Protocol):
     """A running relay as the side port sees it (:class:`~trio_relay.RelayServer` is one)."""
@@ -80,6 +93,9 @@ class RelayView(Protocol):
 
     @property
     def topics(self) -> TopicsView: ...
+
+    @property
+    def unfinished(self) -> BudgetView: ...
 
     @property
     def backplane(self) -> BackplaneView | None: ...
