@@ -307,6 +307,16 @@ def test_v2_frames_count_against_the_publish_rate() -> None:
     assert isinstance(publish, Publish) and publish.topic == "d"
 
 
+def test_answered_v2_frames_count_against_the_control_rate() -> None:
+    protocol = opened(RelayConfig(control_rate=1, control_burst=2))
+    sent = [frame(type="subscribe", topic=t) for t in "abc"]
+    received = protocol.receive_data(b"".join(sent), now=0.0)
+    assert [step.channel.topic for step in received.steps] == ["a", "b"]
+    assert received.held and received.pause == pytest.approx(1.0)
+    (third,) = protocol.receive_data(b"", now=1.0).steps
+    assert isinstance(third, Subscribe) and third.channel.topic == "c"
+
+
 # ---------------------------------------------------------------------------- answers out
 
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
-from helpers import HOST, RawClient
+from helpers import HOST, RawClient, wall_clock
 from wsproto.events import AcceptConnection, Ping, Request
 
 from trio_relay import RelayConfig, mint_token, serve_relay
@@ -25,6 +25,7 @@ from trio_relay.testing import MemoryRelay, open_memory_relay, socket_like_strea
 
 SECRET = "k" * 32
 V2 = "trio-relay.v2"
+__all__ = ["wall_clock"]  # a fixture, used by name
 
 
 class Client:
@@ -260,6 +261,27 @@ async def test_server_limits_apply_per_subscribe(autojump_clock: Any) -> None:
             await first.request(type="unsubscribe", topic="a", id="u")
             await second.subscribe("a")
         assert relay.server.limits.topic_subscribers("a") == 0
+
+
+async def test_token_expiry_and_refresh_apply_to_v2(autojump_clock: Any, wall_clock: float) -> None:
+    config = RelayConfig(auth_secret=SECRET, ping_interval=0)
+    token = mint_token(SECRET, subscribe=["a", "b"], ttl=20, now=wall_clock)
+    async with open_memory_relay(config) as relay, v2_client(relay, token=token) as client:
+        await client.subscribe("a")
+        await trio.sleep_until(15.0)
+        narrower = mint_token(SECRET, subscribe=["b"], ttl=60, now=wall_clock + 15)
+        answer = await client.request(type="refresh", token=narrower, id="r1")
+        assert (answer["code"], answer["topic"]) == ("forbidden", "a")  # "a" is subscribed
+        fresh = mint_token(SECRET, subscribe=["a", "b"], ttl=60, now=wall_clock + 15)
+        answer = await client.request(type="refresh", token=fresh, id="r2")
+        assert answer == {"type": "refreshed", "id": "r2", "exp": wall_clock + 75}
+        await trio.sleep_until(30.0)  # past the first token's expiry
+        await relay.publish("still here", "a")
+        assert (await client.receive())["text"] == "still here"
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await client.receive()
+        assert closed.value.reason.code == 4401
+        assert 75.0 <= trio.current_time() < 76.0
 
 
 # ---------------------------------------------------------------------------- fairness

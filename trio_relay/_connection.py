@@ -705,8 +705,10 @@ class RelayConnection:
         """Called by the server's timer once the token's expiry is due: close 4401 "token
         expired", unless a ``refresh`` frame moved the expiry meanwhile (then wait for the
         new one)."""
-        if self._subscription is None or self._close_request is not None:
+        if self._close_request is not None:
             return
+        if self._subscription is None and (self._channels is None or self._nursery is None):
+            return  # not open (a v2 connection has its channels, and no one subscription)
         expires = self.protocol.expires
         if expires > now:
             if self._expiries is not None:
@@ -885,7 +887,12 @@ class RelayConnection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    protocol.opening(None, None, 0, trio.current_time())  # timers only
+                    _, close = protocol.opening(None, None, 0, trio.current_time())
+                    if close is not None:  # the token expired during the handshake
+                        self._request_close(*close)
+                        return
+                    if self._expiries is not None:
+                        self._expiries.schedule(self, protocol.expires)
                     first = protocol.subscribe_path()
                     replies: list[bytes] = []
                     if isinstance(first, bytes):
@@ -913,6 +920,8 @@ class RelayConnection:
                 await self._drain_channels()
             raise
         finally:
+            if self._expiries is not None:
+                self._expiries.discard(self)
             for channel in list(self._channels.values()):
                 await self._end_channel(channel)
 
