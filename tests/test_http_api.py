@@ -436,15 +436,18 @@ async def test_history_reports_the_gap_of_messages_no_longer_retained() -> None:
             assert len(response.json()["messages"]) == 2
 
 
-async def test_a_publish_reaches_raw_and_v1_consumers_and_reports_them() -> None:
+async def test_a_publish_reaches_raw_v1_and_v2_consumers_and_reports_them() -> None:
     with trio.fail_after(DEADLINE):
         async with (
             open_relay() as relay,
             consume(relay.ws("news")) as raw,
             consume(relay.ws("news"), envelope=True) as envelope,
+            trio_relay.connect(relay.ws("")) as session,
             consume(relay.ws("elsewhere")) as bystander,
         ):
-            await relay.server.wait_until(lambda s: s.subscribers == 3)
+            await session.subscribe("news")
+            await session.subscribe("other")
+            await relay.server.wait_until(lambda s: s.subscribers == 5)
             response = await relay.http.post(
                 "/api/publish",
                 json=[
@@ -454,15 +457,14 @@ async def test_a_publish_reaches_raw_and_v1_consumers_and_reports_them() -> None
             )
             assert response.json() == {
                 "results": [
-                    {"topic": "news", "seq": 1, "queued": 2, "dropped": 0, "evicted": 0},
-                    {"topic": "news", "seq": 2, "queued": 2, "dropped": 0, "evicted": 0},
+                    {"topic": "news", "seq": 1, "queued": 3, "dropped": 0, "evicted": 0},
+                    {"topic": "news", "seq": 2, "queued": 3, "dropped": 0, "evicted": 0},
                 ]
             }
             assert [await anext(raw), await anext(raw)] == ["hello", b"\x01\x02"]
-            assert [await anext(envelope), await anext(envelope)] == [
-                Message("news", 1, "hello"),
-                Message("news", 2, b"\x01\x02"),
-            ]
+            expected = [Message("news", 1, "hello"), Message("news", 2, b"\x01\x02")]
+            assert [await anext(envelope), await anext(envelope)] == expected
+            assert [await anext(session), await anext(session)] == expected
             # The consumer of another topic got nothing of it, and still gets its own.
             await relay.server.publish("own", "elsewhere")
             assert await anext(bystander) == "own"
