@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import re
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -44,6 +45,7 @@ from ._frames import frame_header
 __all__ = [
     "Backplane",
     "Batch",
+    "Cursor",
     "DeliveryReport",
     "Gap",
     "History",
@@ -51,6 +53,8 @@ __all__ = [
     "TopicStatistics",
     "TopicSubscription",
     "Topics",
+    "check_epoch",
+    "new_epoch",
     "topic_from_path",
 ]
 
@@ -66,6 +70,24 @@ TOPIC_OVERHEAD = 2048
 measured with tracemalloc), counted against ``history_total_bytes`` while it retains
 anything: a topic kept only for its history is paid for by the history budget."""
 _TOPIC = re.compile(r"[A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*")
+MAX_EPOCH_LENGTH = 32
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_EPOCH_LENGTH)
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 8 random hex digits (32 bits), so that two numberings of one topic
+    (before and after a restart, say) are never taken for one another."""
+    return os.urandom(4).hex()
+
+
+def check_epoch(value: str) -> str:
+    """``value`` if it can be an epoch (1 to 32 letters, digits, ``_`` or ``-``; the relay
+    makes 8 hex digits), else ``ValueError`` saying so."""
+    if not _EPOCH.fullmatch(value):
+        raise ValueError(
+            f"an epoch is 1 to {MAX_EPOCH_LENGTH} letters, digits, '_' or '-' (as the relay sent it)"
+        )
+    return value
 
 
 def topic_from_path(path: str) -> str:
@@ -94,30 +116,45 @@ def topic_from_path(path: str) -> str:
 
 @dataclass(frozen=True)
 class Message:
-    """One message of a topic, as subscribers of :meth:`Topics.subscribe` receive it."""
+    """One message of a topic, as subscribers of :meth:`Topics.subscribe` receive it.
+
+    ``(epoch, seq)`` names it: within one ``epoch`` (one numbering of the topic) every
+    ``seq`` is one message. Equality leaves ``epoch`` out, so that messages compare by topic,
+    number and data as they did before epochs; compare ``(m.epoch, m.seq)`` to tell two
+    numberings apart."""
 
     topic: str
     seq: int
     data: str | bytes
+    epoch: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class Gap:
-    """Messages ``since + 1`` to ``first - 1`` of ``topic`` are no longer retained.
+    """Messages ``since + 1`` to ``first - 1`` of ``topic`` are missing: no longer retained,
+    or skipped by the topic's numbering on this relay (its backplane's log was trimmed
+    while it was away). What follows comes from ``first``, in ``epoch``.
 
-    Or, when :attr:`reset`, the topic was reset: ``since`` is beyond its numbering, which
-    restarted (the relay restarted or forgot the topic); what it retains follows, from
-    ``first``.
+    Or, when :attr:`reset`, the topic's numbering changed: ``since`` was a number of
+    another epoch (the relay restarted, the backplane lost the topic, a relay numbered it
+    alone during an outage), or beyond the topic's last number. ``since`` and ``first``
+    then do not compare: whatever came after ``since`` may be missing, and what follows
+    starts at ``first`` of ``epoch``. Equality leaves ``epoch`` out, as for
+    :class:`Message`.
     """
 
     topic: str
     since: int
     first: int
+    epoch: str = field(default="", compare=False)
+    """The epoch of ``first`` and of the messages that follow."""
+    reset: bool = False
+    """Whether the topic's numbering changed (set when ``first`` is not above ``since``,
+    whatever is passed)."""
 
-    @property
-    def reset(self) -> bool:
-        """Whether the topic's numbering restarted: ``first`` is not above ``since``."""
-        return self.first <= self.since
+    def __post_init__(self) -> None:
+        if self.first <= self.since and not self.reset:
+            object.__setattr__(self, "reset", True)  # frozen: set once, while being made
 
 
 @dataclass(frozen=True)
@@ -128,7 +165,7 @@ class DeliveryReport:
 
     ``remote`` is None without a backplane; with one, True when the messages went through
     it to every relay, False when it was unreachable and only this relay's subscribers
-    got them."""
+    got them. ``epoch`` is the epoch of the numbers (see :class:`Message`)."""
 
     topic: str
     seq: int
@@ -137,6 +174,7 @@ class DeliveryReport:
     dropped: int
     evicted: int
     remote: bool | None = None
+    epoch: str = field(default="", compare=False)
 
 
 # A retained message: (seq, time, payload, text). A plain tuple: one is made per message.
@@ -154,7 +192,9 @@ class Batch:
     __slots__ = (
         "_envelope",
         "echo",
+        "epoch",
         "first_seq",
+        "gap",
         "last_seq",
         "payloads",
         "raw",
@@ -172,6 +212,8 @@ class Batch:
         source: object = None,
         echo: bool = True,
         raw: bytes | None = None,
+        epoch: str = "",
+        gap: bool = False,
     ) -> None:
         self.topic = topic
         self.first_seq = first_seq
@@ -180,6 +222,11 @@ class Batch:
         self.texts = texts
         self.source = source
         self.echo = echo
+        self.epoch = epoch
+        """The epoch of its numbers (see :class:`Message`)."""
+        self.gap = gap
+        """Whether the topic skipped numbers on this relay just before this batch (its
+        backplane's log lost or trimmed them): subscribers get a :class:`Gap` first."""
         if raw is None:
             if len(payloads) == 1:
                 raw = frame_header(len(payloads[0]), text=texts[0]) + payloads[0]
@@ -200,7 +247,9 @@ class Batch:
         if self._envelope is None:
             parts: list[bytes] = []
             for offset, (payload, text) in enumerate(zip(self.payloads, self.texts, strict=True)):
-                body = encode_message(self.topic, self.first_seq + offset, payload, text=text)
+                body = encode_message(
+                    self.topic, self.first_seq + offset, payload, text=text, epoch=self.epoch
+                )
                 parts.append(frame_header(len(body), text=True))
                 parts.append(body)
             self._envelope = b"".join(parts)
@@ -220,12 +269,16 @@ class Batch:
             self.texts[skip:],
             source=self.source,
             echo=self.echo,
+            epoch=self.epoch,
         )
 
     def messages(self) -> Iterator[Message]:
         for offset, (payload, text) in enumerate(zip(self.payloads, self.texts, strict=True)):
             yield Message(
-                self.topic, self.first_seq + offset, payload.decode() if text else payload
+                self.topic,
+                self.first_seq + offset,
+                payload.decode() if text else payload,
+                self.epoch,
             )
 
 
@@ -307,12 +360,18 @@ class History:
             self.bytes -= len(entries.popleft()[2])
         return self._recost()
 
-    def after(self, seq: int, topic: str) -> Batch | None:
+    def after(self, seq: int, topic: str, epoch: str = "") -> Batch | None:
         """A batch of the retained messages with sequence numbers above ``seq``."""
         entries = [entry for entry in self._entries if entry[0] > seq]
         if not entries:
             return None
-        return Batch(topic, entries[0][0], [e[2] for e in entries], [e[3] for e in entries])
+        return Batch(
+            topic,
+            entries[0][0],
+            [e[2] for e in entries],
+            [e[3] for e in entries],
+            epoch=epoch,
+        )
 
 
 @dataclass(frozen=True)
@@ -324,15 +383,70 @@ class TopicStatistics:
     history_messages: int
     history_bytes: int
     broadcast: BroadcastStatistics
+    epoch: str = ""
+
+
+class Cursor:
+    """Where one subscriber is in a topic: the ``epoch`` and number ``seq`` of the last
+    message it got (or was told about). :meth:`take` decides what it gets of each live
+    batch, so that it gets every message once, in order, or a :class:`Gap` saying what it
+    missed: never a silent jump or renumbering."""
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self, epoch: str, seq: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"Cursor({self.epoch!r}, {self.seq})"
+
+    def take(self, batch: Batch) -> tuple[Gap | None, Batch | None]:
+        """What the subscriber gets of ``batch``, and the cursor moved past it: the part of
+        the batch it has not had (None if it had it all: the replay gave it), after a
+        :class:`Gap` if the topic skipped numbers since (``batch.gap``) or its numbering
+        changed (another epoch: a reset, unless the subscriber had nothing yet and the
+        new numbering starts at 1)."""
+        seq = self.seq
+        if batch.epoch == self.epoch:
+            if batch.first_seq == seq + 1:
+                self.seq = batch.last_seq
+                return None, batch
+            if batch.first_seq <= seq:
+                fresh = batch.after(seq)  # what the replay gave already is left out
+                if fresh is not None:
+                    self.seq = fresh.last_seq
+                return None, fresh
+            self.seq = batch.last_seq
+            if batch.gap:
+                return Gap(batch.topic, seq, batch.first_seq, batch.epoch), batch
+            return None, batch  # missed here by this subscriber alone (the drop policy)
+        self.epoch, self.seq = batch.epoch, batch.last_seq
+        if seq == 0 and batch.first_seq == 1:
+            return None, batch
+        return Gap(batch.topic, seq, batch.first_seq, batch.epoch, reset=True), batch
 
 
 class _Topic:
-    __slots__ = ("broadcast", "history", "idle", "last_seq", "lock", "name", "queued", "users")
+    __slots__ = (
+        "broadcast",
+        "epoch",
+        "history",
+        "idle",
+        "last_seq",
+        "lock",
+        "name",
+        "queued",
+        "users",
+    )
 
-    def __init__(self, name: str, broadcast: MessageBus[Batch | bytes], history: History) -> None:
+    def __init__(
+        self, name: str, broadcast: MessageBus[Batch | bytes], history: History, epoch: str
+    ) -> None:
         self.name = name
         self.broadcast = broadcast
         self.history = history
+        self.epoch = epoch  # of the topic's numbering here
         self.last_seq = 0
         self.lock = trio.Lock()
         self.users = 0  # subscriptions and holds: while any, the topic is not forgotten
@@ -342,11 +456,11 @@ class _Topic:
 
 class Backplane(Protocol):
     """What :class:`Topics` asks of a backplane (:class:`~trio_relay.RedisBackplane` is
-    one): to publish a batch to every relay, and the last number any relay gave a topic.
+    one): to publish a batch to every relay, and where a topic's shared numbering is.
 
     The backplane drives the topics back through their public surface for it:
     :meth:`Topics.deliver_numbered`, :meth:`Topics.publish_locally`,
-    :meth:`Topics.last_number` and :meth:`Topics.last_numbers`.
+    :meth:`Topics.learn`, :meth:`Topics.position` and :meth:`Topics.positions`.
     """
 
     async def publish(
@@ -360,7 +474,10 @@ class Backplane(Protocol):
         echo: bool,
     ) -> DeliveryReport: ...
 
-    async def last_number(self, topic: str) -> int: ...
+    async def position(self, topic: str) -> tuple[str, int] | None:
+        """The epoch and last number of ``topic`` in the shared numbering; None if it has
+        none yet or the backplane cannot be asked now."""
+        ...
 
 
 class Topics:
@@ -417,10 +534,17 @@ class Topics:
         self._subscribers = 0  # a running total, for statistics at any scale
         self.backplane: Backplane | None = None
         """Set by :meth:`RedisBackplane.run`: publishes then go through it."""
-        # The last sequence number of topics forgotten for being idle, so that a topic used
-        # again goes on numbering where it stopped: a client resuming with an old `since`
-        # must not mistake new messages for ones it has seen. Bounded: the oldest go first.
-        self._retired: OrderedDict[str, int] = OrderedDict()
+        self.epoch = new_epoch()
+        """This relay's epoch, new per process: the numbering of every topic made here
+        without a backplane (with one, of a topic whose shared numbering is not known here
+        yet). A client resuming with another epoch gets a reset, never numbers of another
+        process taken for its own."""
+        # The last epoch and sequence number of topics forgotten for being idle, so that a
+        # topic used again goes on numbering where it stopped. Bounded: the oldest go first;
+        # once one went, a topic made anew gets an epoch of its own (its old numbers may
+        # have been this relay's epoch's).
+        self._retired: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._retired_lost = False
         # The global bounds. `_retained` is the sum of every history's cost (a running
         # total); `_oldest` a heap of (time of its oldest message, tie-breaker, topic) with
         # one entry per topic that has retained something since it entered, keyed by a
@@ -465,8 +589,15 @@ class Topics:
             if len(self._topics) >= self.max_topics:
                 self._make_room()
             history = History(self.history_size, self.history_bytes, self.history_age)
-            topic = self._topics[name] = _Topic(name, self._factory(name), history)
-            topic.last_seq = self._retired.pop(name, 0)
+            record = self._retired.pop(name, None)
+            if record is not None:
+                epoch, last = record
+            else:
+                epoch, last = self.epoch, 0
+                if self._retired_lost and self.backplane is None:
+                    epoch = new_epoch()
+            topic = self._topics[name] = _Topic(name, self._factory(name), history, epoch)
+            topic.last_seq = last
             topic.idle = True
             self._idle[name] = topic
         return topic
@@ -495,9 +626,13 @@ class Topics:
             topic.idle = False
             del self._idle[topic.name]
         if topic.last_seq:
-            self._retired[topic.name] = topic.last_seq
-            while len(self._retired) > MAX_RETIRED_TOPICS:
-                self._retired.popitem(last=False)
+            self._retire(topic.name, topic.epoch, topic.last_seq)
+
+    def _retire(self, name: str, epoch: str, last: int) -> None:
+        self._retired[name] = (epoch, last)
+        while len(self._retired) > MAX_RETIRED_TOPICS:
+            self._retired.popitem(last=False)
+            self._retired_lost = True
 
     def _use(self, topic: _Topic) -> None:
         topic.users += 1
@@ -594,7 +729,13 @@ class Topics:
     def _batch(
         self, topic: _Topic, payloads: list[bytes], texts: list[bool], source: object, echo: bool
     ) -> Batch:
-        return Batch(topic.name, topic.last_seq + 1, payloads, texts, source, echo)
+        first = topic.last_seq + 1
+        return Batch(topic.name, first, payloads, texts, source, echo, epoch=topic.epoch)
+
+    def _switch(self, topic: _Topic, epoch: str) -> None:
+        """Start another numbering of ``topic``: what it retains was of the old one."""
+        self._retained += topic.history.clear()
+        topic.epoch = epoch
 
     def _commit(self, topic: _Topic, batch: Batch) -> None:
         """Number ``batch`` and retain it; then, past ``history_total_bytes``, the oldest
@@ -630,7 +771,13 @@ class Topics:
         report = topic.broadcast.publish_nowait(batch)
         self._commit(topic, batch)
         return DeliveryReport(
-            name, batch.first_seq, len(payloads), report.queued, report.dropped, report.evicted
+            name,
+            batch.first_seq,
+            len(payloads),
+            report.queued,
+            report.dropped,
+            report.evicted,
+            epoch=batch.epoch,
         )
 
     async def publish_batch(
@@ -660,100 +807,136 @@ class Topics:
         *,
         source: object = None,
         echo: bool = True,
+        epoch: str | None = None,
     ) -> DeliveryReport:
         """Number and deliver a batch on this relay only, bypassing the backplane (if any).
 
         What :meth:`publish_batch` does without a backplane, and what a backplane does with
-        a publish it cannot share (the others are unreachable): its report says
-        ``remote=False``."""
-        report, _ = await self._deliver(name, None, payloads, texts, source=source, echo=echo)
-        return report
+        a publish it cannot share (the others are unreachable): then ``epoch`` is the
+        relay-local epoch it numbers in, never the shared one's (the topic switches to it,
+        and its subscribers get a reset), and the report says ``remote=False``."""
+        topic = self._get(name)
+        async with topic.lock:
+            if epoch is not None and epoch != topic.epoch:
+                self._switch(topic, epoch)
+            batch = self._batch(topic, payloads, texts, source, echo)
+            # Numbered and retained before delivery: a subscriber that joins while this
+            # publish waits for room finds the batch in the history (and drops the copy
+            # it may also get live, by sequence number).
+            self._commit(topic, batch)
+            report = await topic.broadcast.publish(batch)
+        return DeliveryReport(
+            name,
+            batch.first_seq,
+            len(payloads),
+            report.queued,
+            report.dropped,
+            report.evicted,
+            False if self.backplane is not None else None,
+            epoch=batch.epoch,
+        )
 
     async def deliver_numbered(
         self,
         name: str,
+        epoch: str,
         first_seq: int,
         payloads: list[bytes],
         texts: list[bool],
         *,
         source: object = None,
         echo: bool = True,
+        fill: bool = False,
     ) -> tuple[DeliveryReport, bool]:
-        """Deliver a batch a backplane numbered from ``first_seq`` (one read from its log,
-        this relay's own publishes included), so that every relay numbers a topic alike.
+        """Deliver a batch a backplane numbered from ``first_seq`` in ``epoch`` (one read
+        from its log, this relay's own publishes included), so that every relay names a
+        topic's messages alike.
 
-        Returns its report and whether it was renumbered: this relay numbered the topic
-        beyond ``first_seq`` alone, during an outage, and numbers never go back.
+        Returns its report and whether it was new here. It is not when this relay has
+        those numbers of that epoch already (then nothing is delivered: a name never
+        means two messages); only its numbers this relay has not had are delivered. A
+        batch of another epoch starts that numbering here (what the topic retained goes:
+        it was of the old one); one that skips numbers (the log lost or trimmed them)
+        empties the history (it would not be whole) and is marked :attr:`Batch.gap`, so
+        that live subscribers get a :class:`Gap` with it.
 
-        A new topic past ``max_topics`` is not made: nobody here subscribes to it, so the
-        batch reaches nobody (its number is remembered, as for a forgotten topic)."""
+        ``fill``: retain only; live subscribers do not get it (a relay filling its
+        histories from the log). A new topic past ``max_topics`` is not made: nobody here
+        subscribes to it, so the batch reaches nobody (its number is remembered, as for a
+        forgotten topic)."""
+        count = len(payloads)
+        last = first_seq + count - 1
         if name not in self._topics:
             try:
                 self._get(name)
             except TooManyTopicsError:
-                last = first_seq + len(payloads) - 1
-                if last > self._retired.get(name, 0):
-                    self._retired[name] = last
-                    while len(self._retired) > MAX_RETIRED_TOPICS:
-                        self._retired.popitem(last=False)
-                report = DeliveryReport(name, first_seq, len(payloads), 0, 0, 0, True)
-                return report, False
-        return await self._deliver(name, first_seq, payloads, texts, source=source, echo=echo)
-
-    async def _deliver(
-        self,
-        name: str,
-        first_seq: int | None,
-        payloads: list[bytes],
-        texts: list[bool],
-        *,
-        source: object = None,
-        echo: bool = True,
-    ) -> tuple[DeliveryReport, bool]:
-        """Deliver a batch numbered from ``first_seq`` by the backplane, or from this topic's
-        numbering when None; return its report and whether it had to be renumbered (this
-        relay numbered the topic beyond ``first_seq`` alone, during an outage)."""
+                record = self._retired.get(name)
+                if record is None or record[0] != epoch or last > record[1]:
+                    self._retire(name, epoch, last)
+                report = DeliveryReport(name, first_seq, count, 0, 0, 0, True, epoch=epoch)
+                return report, True
         topic = self._get(name)
         async with topic.lock:
-            if first_seq is None:
-                first_seq, remote, renumbered = topic.last_seq + 1, False, False
-            else:
-                remote, renumbered = True, first_seq <= topic.last_seq
-                if renumbered:
-                    first_seq = topic.last_seq + 1
-                elif first_seq > topic.last_seq + 1 and len(topic.history):
-                    # Messages this relay never saw (trimmed from the log while it was
-                    # away): its history must not pretend to be complete across them.
-                    self._retained += topic.history.clear()
-            batch = Batch(name, first_seq, payloads, texts, source, echo)
-            # Numbered and retained before delivery: a subscriber that joins while this
-            # publish waits for room finds the batch in the history (and drops the copy
-            # it may also get live, by sequence number).
+            gap = False
+            if epoch != topic.epoch:
+                self._switch(topic, epoch)
+                topic.last_seq = first_seq - 1
+            elif last <= topic.last_seq:
+                return DeliveryReport(name, first_seq, count, 0, 0, 0, True, epoch=epoch), False
+            elif first_seq <= topic.last_seq:
+                skip = topic.last_seq - first_seq + 1
+                first_seq, payloads, texts = topic.last_seq + 1, payloads[skip:], texts[skip:]
+            elif first_seq > topic.last_seq + 1:
+                # Numbers this relay never got (trimmed from the log while it was away):
+                # its history must not pretend to be whole across them.
+                gap = True
+                self._retained += topic.history.clear()
+            batch = Batch(name, first_seq, payloads, texts, source, echo, epoch=epoch, gap=gap)
             self._commit(topic, batch)
-            report = await topic.broadcast.publish(batch)
-        delivery = DeliveryReport(
+            if fill:
+                report = DeliveryReport(name, first_seq, len(payloads), 0, 0, 0, True, epoch=epoch)
+                return report, True
+            published = await topic.broadcast.publish(batch)
+        report = DeliveryReport(
             name,
             first_seq,
             len(payloads),
-            report.queued,
-            report.dropped,
-            report.evicted,
-            remote if self.backplane is not None else None,
+            published.queued,
+            published.dropped,
+            published.evicted,
+            True,
+            epoch=epoch,
         )
-        return delivery, renumbered
+        return report, True
+
+    def learn(self, name: str, epoch: str, seq: int) -> None:
+        """A backplane says where topic ``name``'s shared numbering is (``epoch``, last
+        number ``seq``): taken if this relay does not know yet (the topic is still in this
+        relay's own epoch, unnumbered), so that its subscribers start from there."""
+        topic = self._topics.get(name)
+        if topic is None or topic.epoch != self.epoch or topic.last_seq or topic.lock.locked():
+            return
+        self._switch(topic, epoch)
+        topic.last_seq = seq
 
     def last_number(self, name: str) -> int:
-        """The last sequence number topic ``name`` has had here (0 if none): the floor a
-        backplane numbers on from, and how a resume tells a ``since`` from the future."""
-        topic = self._topics.get(name)
-        return topic.last_seq if topic is not None else self._retired.get(name, 0)
+        """The last sequence number topic ``name`` has had here (0 if none), in its current
+        epoch (:meth:`position`)."""
+        return self.position(name)[1]
 
-    def last_numbers(self) -> dict[str, int]:
-        """The last sequence number of every topic numbered here, in use or forgotten: what
-        a backplane raises its counters to on reconnecting, so numbers never go back."""
+    def position(self, name: str) -> tuple[str, int]:
+        """The epoch of topic ``name`` here and its last sequence number in it (0 if none)."""
+        topic = self._topics.get(name)
+        if topic is not None:
+            return topic.epoch, topic.last_seq
+        return self._retired.get(name) or (self.epoch, 0)
+
+    def positions(self) -> dict[str, tuple[str, int]]:
+        """The epoch and last number of every topic numbered here, in use or forgotten:
+        what a backplane checks its own numbering against on reconnecting."""
         numbers = dict(self._retired)
-        numbers.update((name, topic.last_seq) for name, topic in self._topics.items())
-        return {name: seq for name, seq in numbers.items() if seq}
+        numbers.update((name, (t.epoch, t.last_seq)) for name, t in self._topics.items())
+        return {name: position for name, position in numbers.items() if position[1]}
 
     async def publish(self, name: str, message: str | bytes) -> DeliveryReport:
         """Publish one message on topic ``name`` and report its sequence number and delivery."""
@@ -769,6 +952,7 @@ class Topics:
         name: str,
         *,
         since: int | None = None,
+        epoch: str | None = None,
         max_buffer: int | None = None,
         max_bytes: int | None = None,
         policy: OverflowPolicy | None = None,
@@ -777,19 +961,17 @@ class Topics:
         write_through: Callable[[Batch | bytes], Batch | bytes | None] | None = None,
         on_evict: Callable[[], None] | None = None,
         on_backlog: Callable[[], None] | None = None,
-    ) -> AsyncIterator[tuple[Subscription[Batch | bytes], Gap | None, Batch | None, int]]:
+    ) -> AsyncIterator[tuple[Subscription[Batch | bytes], Gap | None, Batch | None, Cursor]]:
         """Subscribe to the batches of topic ``name``, for the server's connections.
 
         Yields the subscription, the gap (if ``since`` asks for messages no longer
-        retained), the replay batch (retained messages after ``since``), and the sequence
-        number the subscriber is up to once it has the replay: live batches at or below it
-        are duplicates of the replay, to be skipped.
+        retained, or names a number of another ``epoch``: a reset), the replay batch
+        (retained messages after ``since``), and the subscriber's :class:`Cursor` once it
+        has the replay: its :meth:`Cursor.take` tells what it gets of each live batch.
+        ``epoch`` None takes ``since`` to be of the topic's epoch here (clients from before
+        epochs).
         """
-        numbered = 0
-        if since is not None and self.backplane is not None and since > self.last_number(name):
-            # Ahead of this relay: numbered by another relay and still on its way here, or
-            # never numbered at all (a restart). Only Redis can tell.
-            numbered = await self.backplane.last_number(name)
+        shared = await self._shared_position(name, since, epoch)
         topic = self._get(name)
         self._use(topic)
         try:
@@ -807,7 +989,7 @@ class Topics:
                 try:
                     # No checkpoint since the subscription was registered: what the history
                     # holds now and what arrives live from now on meet without a gap.
-                    gap, replay, cursor = self._replay(topic, since, numbered)
+                    gap, replay, cursor = self._replay(topic, since, epoch, shared)
                     yield subscription, gap, replay, cursor
                 finally:
                     self._subscribers -= 1
@@ -815,29 +997,54 @@ class Topics:
             topic.users -= 1
             self._collect(topic)
 
+    async def _shared_position(
+        self, name: str, since: int | None, epoch: str | None
+    ) -> tuple[str, int] | None:
+        """With a backplane, ask it where topic ``name``'s shared numbering is when this
+        relay cannot tell alone: the topic is not numbered here yet (its first subscriber
+        then starts from there, not from 0), or ``since`` is ahead of this relay (numbered
+        elsewhere and on its way here, or never numbered: only the backplane knows)."""
+        if self.backplane is None:
+            return None
+        here, last = self.position(name)
+        if here == self.epoch and not last and not self.subscribers(name):
+            shared = await self.backplane.position(name)
+            if shared is not None:
+                self._get(name)  # a TooManyTopicsError here, before anything is subscribed
+                self.learn(name, *shared)
+            return shared
+        if since is not None and since > last and epoch in (None, here):
+            return await self.backplane.position(name)
+        return None
+
     def _replay(
-        self, topic: _Topic, since: int | None, numbered: int = 0
-    ) -> tuple[Gap | None, Batch | None, int]:
-        if since is None or since == topic.last_seq:
-            return None, None, topic.last_seq
+        self,
+        topic: _Topic,
+        since: int | None,
+        epoch: str | None = None,
+        shared: tuple[str, int] | None = None,
+    ) -> tuple[Gap | None, Batch | None, Cursor]:
+        current, last = topic.epoch, topic.last_seq
+        if since is None or (since == last and epoch in (None, current)):
+            return None, None, Cursor(current, last)
         if since < 0:
             raise ValueError("since must be a sequence number >= 0")
-        if topic.last_seq < since <= numbered:
-            # Numbered by another relay and not read from the log here yet: it is on its
-            # way, so the subscriber goes on from `since` with nothing to replay.
-            return None, None, since
-        if since > topic.last_seq:
-            # Beyond anything this topic numbered: the relay restarted (or forgot the topic
-            # longer ago than it remembers). Say so, and give everything retained.
-            self._trim(topic, trio.current_time())
-            history = topic.history
-            first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
-            return Gap(topic.name, since, first), history.after(0, topic.name), topic.last_seq
         self._trim(topic, trio.current_time())
         history = topic.history
-        first = history.first_seq if history.first_seq is not None else topic.last_seq + 1
-        gap = Gap(topic.name, since, first) if since + 1 < first else None
-        return gap, history.after(since, topic.name), topic.last_seq
+        first = history.first_seq if history.first_seq is not None else last + 1
+        if since == 0 or (epoch in (None, current) and since < last):
+            gap = Gap(topic.name, since, first, current) if since + 1 < first else None
+            return gap, history.after(since, topic.name, current), Cursor(current, last)
+        if epoch in (None, current) and shared is not None and shared[0] == current:
+            if since <= shared[1]:
+                # Numbered by another relay and not read from the log here yet: it is on
+                # its way, so the subscriber goes on from `since` with nothing to replay.
+                return None, None, Cursor(current, since)
+        # Of another numbering (the relay restarted, the backplane lost the topic, a relay
+        # numbered it alone), or beyond anything this topic numbered: say so (a reset),
+        # and give everything retained.
+        gap = Gap(topic.name, since, first, current, reset=True)
+        return gap, history.after(0, topic.name, current), Cursor(current, last)
 
     @asynccontextmanager
     async def subscribe(
@@ -845,6 +1052,7 @@ class Topics:
         name: str,
         *,
         since: int | None = None,
+        epoch: str | None = None,
         max_buffer: int | None = None,
         max_bytes: int | None = None,
         policy: OverflowPolicy | None = None,
@@ -854,11 +1062,14 @@ class Topics:
 
         With ``since=seq``, the retained messages after ``seq`` come first, then live
         ones, each exactly once and in order; a :class:`Gap` comes first if some of them
-        are no longer retained. Iterate the yielded :class:`TopicSubscription`.
+        are no longer retained, and later wherever the topic skips numbers or changes
+        epoch. ``epoch`` is that of ``seq`` (as the messages carry it); another than the
+        topic's gets a reset. Iterate the yielded :class:`TopicSubscription`.
         """
         async with self.open_subscription(
             name,
             since=since,
+            epoch=epoch,
             max_buffer=max_buffer,
             max_bytes=max_bytes,
             policy=policy,
@@ -867,36 +1078,39 @@ class Topics:
             yield TopicSubscription(subscription, gap, replay, cursor)
 
     async def retained(
-        self, name: str, since: int | None = None
+        self, name: str, since: int | None = None, epoch: str | None = None
     ) -> tuple[int, Gap | None, list[Message]]:
         """Read topic ``name``'s history without subscribing: its last sequence number, the
-        :class:`Gap` (if any), and the retained messages after ``since`` in order.
+        :class:`Gap` (if any), and the retained messages after ``since`` in order (their
+        epoch is the topic's: :meth:`position` says it too).
 
-        What a subscription with ``since`` would replay (same gap, same messages, the
-        number its ``welcome`` would carry); with ``since=None``, every retained message
-        and no gap. Raises ``ValueError`` for a negative ``since``. Subscribes nothing and
-        leaves no topic behind.
+        What a subscription with ``since`` (and ``epoch``) would replay (same gap, same
+        messages, the number its ``welcome`` would carry); with ``since=None``, every
+        retained message and no gap. Raises ``ValueError`` for a negative ``since``.
+        Subscribes nothing and leaves no topic behind.
         """
         if since is not None and since < 0:
             raise ValueError("since must be a sequence number >= 0")
-        numbered = 0
-        if since is not None and self.backplane is not None and since > self.last_number(name):
+        shared = None
+        here, last = self.position(name)
+        if since is not None and self.backplane is not None and since > last:
             # As for open_subscription: only Redis knows whether it is on its way here.
-            numbered = await self.backplane.last_number(name)
+            shared = await self.backplane.position(name)
         else:
             await trio.sleep(0)  # a checkpoint, as every async method makes
         topic = self._topics.get(name)
         if topic is None:
             # Not in use: read it as it would be made, without making it (at max_topics,
             # making a topic forgets another to make room, or is refused).
-            topic = _Topic(name, Broadcast[Batch | bytes](), History(0, 0, 0))
-            topic.last_seq = self._retired.get(name, 0)
+            here, last = self.position(name)
+            topic = _Topic(name, Broadcast[Batch | bytes](), History(0, 0, 0), here)
+            topic.last_seq = last
         try:
-            gap, replay, cursor = self._replay(topic, 0 if since is None else since, numbered)
+            gap, replay, cursor = self._replay(topic, since or 0, epoch, shared)
         finally:
             self._collect(topic)
         messages = list(replay.messages()) if replay is not None else []
-        return cursor, gap if since is not None else None, messages
+        return cursor.seq, gap if since is not None else None, messages
 
     def statistics(self) -> dict[str, TopicStatistics]:
         """A snapshot of every topic, by name."""
@@ -907,6 +1121,7 @@ class Topics:
                 len(topic.history),
                 topic.history.bytes,
                 topic.broadcast.statistics(),
+                topic.epoch,
             )
             for name, topic in self._topics.items()
         }
@@ -914,14 +1129,15 @@ class Topics:
 
 class TopicSubscription:
     """The messages of one topic subscription: ``async for item in subscription``, where
-    each item is a :class:`Message` or, first and at most once, a :class:`Gap`."""
+    each item is a :class:`Message` or a :class:`Gap` (first, for messages no longer
+    retained, and wherever the topic skips numbers or changes epoch later)."""
 
     def __init__(
         self,
         subscription: Subscription[Batch | bytes],
         gap: Gap | None,
         replay: Batch | None,
-        cursor: int,
+        cursor: Cursor,
     ) -> None:
         self.subscription = subscription
         self._pending: deque[Message | Gap] = deque()
@@ -947,8 +1163,9 @@ class TopicSubscription:
         while not self._pending:
             item = await self.subscription.receive()
             if isinstance(item, Batch):
-                fresh = item.after(self._cursor)
+                gap, fresh = self._cursor.take(item)
+                if gap is not None:
+                    self._pending.append(gap)
                 if fresh is not None:
-                    self._cursor = fresh.last_seq
                     self._pending.extend(fresh.messages())
         return self._pending.popleft()
