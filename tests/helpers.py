@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from collections import deque
 from typing import NoReturn
@@ -30,6 +31,27 @@ from wsproto.events import (
 from trio_relay.testing import MemoryRelay
 
 HOST = "relay.test"
+EPOCH = re.compile(r"[0-9a-f]{8}")
+"""An epoch as the relay makes it (8 hex digits)."""
+
+
+def without_epoch(frame: dict[str, object]) -> dict[str, object]:
+    """``frame`` (a decoded envelope frame) without its ``epoch``, which must be one the
+    relay makes if present: for tests of other things, which compare frames whole (epochs
+    are random per process; their own tests check them)."""
+    frame = dict(frame)
+    epoch = frame.pop("epoch", None)
+    assert epoch is None or (isinstance(epoch, str) and EPOCH.fullmatch(epoch)), epoch
+    return frame
+
+
+def without_epochs(document: object) -> object:
+    """:func:`without_epoch` through a whole JSON document (lists and objects in it)."""
+    if isinstance(document, list):
+        return [without_epochs(item) for item in document]
+    if isinstance(document, dict):
+        return {key: without_epochs(value) for key, value in without_epoch(document).items()}
+    return document
 
 
 def upgrade_request(path: str = "/", *, extra: str = "") -> bytes:

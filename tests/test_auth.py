@@ -19,6 +19,7 @@ from trio_relay import SUBPROTOCOL, CloseCode, RelayConfig
 from trio_relay._auth import Expiries, Grant, TokenError, mint_token, topic_matches, verify_token
 from trio_relay._protocol import Publish, Received, RelayProtocol, Upgrade
 from trio_relay._redact import redact, shown
+from trio_relay._topics import Cursor
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
 __all__ = ["wall_clock"]  # the fixture, used by name
@@ -347,7 +348,7 @@ def _opened(token: str, *, envelope: bool = True, now: float = 0.0) -> RelayProt
     upgrade = protocol.receive_request(upgrade_request(f"/news?token={token}", extra=extra))
     assert isinstance(upgrade, Upgrade), upgrade
     protocol.accept()
-    assert protocol.opening(None, None, 0, now=now)[1] is None
+    assert protocol.opening(None, None, Cursor("", 0), now=now)[1] is None
     return protocol
 
 
@@ -385,7 +386,7 @@ def test_a_token_that_expired_during_the_handshake_closes_at_once(
     assert isinstance(protocol.receive_request(upgrade_request(f"/news?token={token}")), Upgrade)
     protocol.accept()
     monkeypatch.setattr(time, "time", lambda: wall_clock + 25)  # a slow admission, say
-    assert protocol.opening(None, None, 0, now=25.0) == (b"", (4401, "token expired"))
+    assert protocol.opening(None, None, Cursor("", 0), now=25.0) == (b"", (4401, "token expired"))
 
 
 def test_a_refresh_moves_the_expiry_and_replaces_the_grant(wall_clock: float) -> None:
@@ -455,7 +456,7 @@ def test_without_a_secret_a_refresh_is_answered_and_nothing_expires() -> None:
         Upgrade,
     )
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     received = protocol.receive_data(_frame("refresh", token="anything", id=1), 1e9)
     assert _frames(received) == [{"type": "refreshed", "id": 1, "exp": None}]
     assert protocol.expires == math.inf

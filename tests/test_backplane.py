@@ -25,7 +25,7 @@ from redis_support import RedisServer, redis_server
 
 import trio_relay
 from trio_relay import Gap, Message, RedisBackplane, RelayConfig, RelayServer
-from trio_relay._backplane import decode_entry, encode_values
+from trio_relay._backplane import Entry, decode_entry, encode_values
 from trio_relay._console import relay_stats
 from trio_relay._metrics import metrics_registry
 
@@ -169,8 +169,10 @@ async def test_an_interrupted_history_fill_goes_on_where_it_stopped(
     class FailsOnceAfterOneEntry(RedisBackplane):
         failed = False
 
-        async def _deliver(self, identifier: bytes, fields: dict[bytes, bytes]) -> None:
-            await super()._deliver(identifier, fields)
+        async def _deliver(
+            self, identifier: bytes, fields: dict[bytes, bytes], *, fill: bool = False
+        ) -> None:
+            await super()._deliver(identifier, fields, fill=fill)
             if not self.failed:
                 self.failed = True
                 raise OSError("connection lost during the fill")
@@ -208,9 +210,11 @@ async def test_a_consumer_ahead_of_a_lagging_relay_waits_for_the_log_instead_of_
         assert b.backplane is not None
         deliver, gate = b.backplane._deliver, trio.Event()
 
-        async def held_back(identifier: bytes, fields: dict[bytes, bytes]) -> None:
+        async def held_back(
+            identifier: bytes, fields: dict[bytes, bytes], *, fill: bool = False
+        ) -> None:
             await gate.wait()
-            await deliver(identifier, fields)
+            await deliver(identifier, fields, fill=fill)
 
         b.backplane._deliver = held_back  # type: ignore[method-assign]
         report = await a.publish("first", "t")
@@ -340,19 +344,23 @@ async def test_echo_false_skips_only_the_publishers_own_connection(
         assert got == [Message("q", 1, "x")]
 
 
-async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_again_after(
+async def test_when_redis_dies_each_relay_serves_its_own_clients_under_a_local_epoch(
     redis_server: RedisServer,
 ) -> None:
+    # The outage contract (README "Scaling out"): a relay cut off numbers its own publishes
+    # in an epoch of its own (its subscribers are told: a reset), never in the shared one;
+    # a Redis that comes back empty starts a fresh shared epoch (everyone is told).
     async with relays(redis_server.url, 2, timeout=1.0, block=0.2) as (a, b):
         assert a.backplane is not None and b.backplane is not None
         on_a: list[Any] = []
         on_b: list[Any] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(collect, ws(a, "t"), 4, on_a, lambda: None, resume=True))
-            nursery.start_soon(partial(collect, ws(b, "t"), 3, on_b, lambda: None, resume=True))
+            nursery.start_soon(partial(collect, ws(a, "t"), 6, on_a, lambda: None, resume=True))
+            nursery.start_soon(partial(collect, ws(b, "t"), 4, on_b, lambda: None, resume=True))
             await subscribed(a, "t")
             await subscribed(b, "t")
-            assert (await a.publish("before", "t")).remote is True
+            before = await a.publish("before", "t")
+            assert (before.seq, before.remote) == (1, True)
 
             redis_server.kill()
             with trio.fail_after(LIMIT):
@@ -360,9 +368,10 @@ async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_agai
                 await b.backplane.wait_until_up(False)
             assert await health(a) == {"status": "degraded", "connections": 1, "backplane": "down"}
             assert relay_stats(a)["backplane"] == "down"  # the console's panel shows it
-            # Published on a alone: a's clients get it, the producer hears that b did not.
-            report = await a.publish("alone", "t")
-            assert (report.seq, report.remote, report.queued) == (2, False, 1)
+            # Published on a alone: a's clients get it, numbered in a's own epoch.
+            alone = await a.publish("alone", "t")
+            assert (alone.seq, alone.remote, alone.queued) == (2, False, 1)
+            assert alone.epoch == a.backplane.local_epoch != before.epoch
 
             redis_server.start()  # same port, no data: the counters and the log are gone
             with trio.fail_after(LIMIT):
@@ -370,18 +379,37 @@ async def test_when_redis_dies_each_relay_serves_its_own_clients_and_shares_agai
                 await b.backplane.wait_until_up(True)
             assert (await health(a))["backplane"] == "up"
             assert relay_stats(a)["backplane"] == "up"
-            report = await b.publish("after", "t")
-            # Numbering never goes back: a raised Redis's counter to its own on reconnecting
-            # (b may publish first, though; then a renumbers, which the conflict counter says).
-            assert report.remote is True
-            report = await a.publish("again", "t")
-            assert report.remote is True
+            after = await b.publish("after", "t")
+            again = await a.publish("again", "t")
         assert a.backplane.statistics().reconnects == 1
         assert a.backplane.statistics().local_only == 1
-    assert [m.data for m in on_a] == ["before", "alone", "after", "again"]
-    assert [m.data for m in on_b] == ["before", "after", "again"]
-    seqs = [m.seq for m in on_a]
-    assert seqs == sorted(set(seqs)), seqs  # increasing, no repeat, on the relay that went on
+    # Redis lost the topic: a fresh epoch, numbered from 1, on every relay.
+    assert (after.seq, after.remote, again.seq, again.remote) == (1, True, 2, True)
+    assert after.epoch == again.epoch not in (before.epoch, alone.epoch)
+    assert on_a == [
+        Message("t", 1, "before"),
+        Gap("t", 1, 2, alone.epoch, reset=True),
+        Message("t", 2, "alone"),
+        Gap("t", 2, 1, after.epoch, reset=True),
+        Message("t", 1, "after"),
+        Message("t", 2, "again"),
+    ]
+    assert on_b == [
+        Message("t", 1, "before"),
+        Gap("t", 1, 1, after.epoch, reset=True),
+        Message("t", 1, "after"),
+        Message("t", 2, "again"),
+    ]
+    names = [(m.epoch, m.seq) for m in on_a + on_b if isinstance(m, Message)]
+    assert names == [
+        (before.epoch, 1),
+        (alone.epoch, 2),
+        (after.epoch, 1),
+        (after.epoch, 2),
+        (before.epoch, 1),
+        (after.epoch, 1),
+        (after.epoch, 2),
+    ]
 
 
 async def test_a_redis_that_stops_answering_is_noticed_within_the_command_bound(
@@ -413,32 +441,54 @@ async def test_a_redis_that_stops_answering_is_noticed_within_the_command_bound(
     assert [m.data for m in on_b] == ["thawed", "and again"]
 
 
-async def test_a_publish_that_timed_out_but_reached_the_log_is_not_delivered_twice(
+async def test_a_publish_that_got_no_answer_is_unknown_and_never_reaches_the_log_later(
     redis_server: RedisServer,
 ) -> None:
-    # Redis freezes with the publish script in its socket buffer: the publish times out and
-    # is delivered locally; once thawed, Redis runs the script and the entry reaches the
-    # log, where the publishing relay must skip it (the others deliver it).
+    # Redis freezes with the publish script in its socket buffer: the publish times out,
+    # its ack says remote=None (unknown) and it is delivered locally, in a's own epoch.
+    # Thawed, Redis runs the script past the deadline it carries: it refuses it, so the
+    # other relays never get it later under a number of their own.
     async with relays(redis_server.url, 2, timeout=0.5, block=5.0) as (a, b):
+        assert a.backplane is not None
         on_a: list[Any] = []
         on_b: list[Any] = []
         with trio.fail_after(LIMIT):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(collect, ws(a, "t"), 3, on_a, lambda: None))
-                nursery.start_soon(partial(collect, ws(b, "t"), 3, on_b, lambda: None))
+                nursery.start_soon(partial(collect, ws(a, "t"), 5, on_a, lambda: None))
+                nursery.start_soon(partial(collect, ws(b, "t"), 2, on_b, lambda: None))
                 await subscribed(a, "t")
                 await subscribed(b, "t")
                 # A publish first, so that the next one finds a pooled connection and gets
                 # its script written to Redis before Redis freezes.
-                assert (await a.publish("warm", "t")).remote is True
+                warm = await a.publish("warm", "t")
+                assert warm.remote is True
                 redis_server.pause()
-                report = await a.publish("timed out", "t")
-                assert (report.seq, report.remote) == (2, False)
+                unknown = await a.publish("timed out", "t")
+                assert (unknown.seq, unknown.remote) == (2, None)
+                assert unknown.epoch == a.backplane.local_epoch
                 redis_server.resume()
-                while (report := await a.publish("next", "t")).remote is not True:
-                    pass  # published alone while a finds out that Redis is back
-    assert [m.data for m in on_b] == ["warm", "timed out", "next"]
-    assert on_a == on_b
+                after = await a.publish("next", "t")
+                assert (after.seq, after.remote, after.epoch) == (2, True, warm.epoch)
+            log = await read_log(redis_server.url)
+    assert [fields[b"0"] for fields in log] == [b"twarm", b"tnext"]
+    assert on_b == [Message("t", 1, "warm"), Message("t", 2, "next")]
+    assert on_a == [
+        Message("t", 1, "warm"),
+        Gap("t", 1, 2, unknown.epoch, reset=True),
+        Message("t", 2, "timed out"),
+        Gap("t", 2, 2, warm.epoch, reset=True),
+        Message("t", 2, "next"),
+    ]
+
+
+async def read_log(url: str, prefix: str = "trio-relay") -> list[dict[bytes, bytes]]:
+    """The fields of every entry of the log in the Redis at ``url``."""
+    import coredis
+
+    client = coredis.Redis.from_url(url)
+    async with client:
+        entries = await client.xrange(f"{prefix}:log")
+    return [dict(entry.field_values) for entry in entries]
 
 
 async def test_a_relay_stops_promptly_while_redis_is_frozen(redis_server: RedisServer) -> None:
@@ -468,13 +518,16 @@ async def test_a_relay_whose_redis_is_unreachable_at_start_serves_locally(
         assert a.backplane is not None and not a.backplane.up
         assert await health(a) == {"status": "degraded", "connections": 0, "backplane": "down"}
         with trio.fail_after(LIMIT):
-            report = await trio_relay.produce(ws(a), "solo", envelope=True)
-        assert report is not None and (report.seq, report.remote) == (1, False)
+            solo = await trio_relay.produce(ws(a), "solo", envelope=True)
+        assert solo is not None and (solo.seq, solo.remote) == (1, False)
+        assert solo.epoch == a.backplane.local_epoch
         redis_server.start()
         with trio.fail_after(LIMIT):
             await a.backplane.wait_until_up(True)
         report = await a.publish("shared")
-        assert (report.seq, report.remote) == (2, True)
+        # Redis never had the topic: its numbering starts, in an epoch of its own.
+        assert (report.seq, report.remote) == (1, True)
+        assert report.epoch != solo.epoch
 
 
 async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServer) -> None:
@@ -497,21 +550,23 @@ async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServe
 )
 def test_a_log_entry_decodes_to_what_was_published(messages: list[tuple[bytes, bool]]) -> None:
     payloads, texts = [p for p, _ in messages], [t for _, t in messages]
-    fields = {b"t": b"a/b", b"s": b"7", b"o": b"relay:3"}
+    fields = {b"t": b"a/b", b"e": b"0a1b2c3d", b"s": b"7", b"o": b"relay:3"}
     fields |= {str(i).encode(): v for i, v in enumerate(encode_values(payloads, texts))}
-    assert decode_entry(fields) == ("a/b", 7, "relay:3", payloads, texts)
+    assert decode_entry(fields) == Entry("a/b", "0a1b2c3d", 7, "relay:3", payloads, texts)
 
 
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
         ({b"x": b"1"}, "no field b't'"),
-        ({b"t": b"a", b"s": b"0", b"o": b"r:1", b"0": b"tx"}, "a number below 1"),
-        ({b"t": b"a", b"s": b"one", b"o": b"r:1", b"0": b"tx"}, "invalid literal"),
-        ({b"t": b"a//b", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "topic names are"),
-        ({b"t": b"a", b"s": b"1", b"o": b"r:1", b"0": b"qx"}, "unknown kind b'q'"),
-        ({b"t": b"a", b"s": b"1", b"o": b"r:1", b"0": b"t\xff"}, "not UTF-8"),
-        ({b"t": b"a", b"s": b"1", b"o": b"r:1"}, "no messages"),
+        ({b"t": b"a", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "no field b'e'"),
+        ({b"t": b"a", b"e": b"e!", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "an epoch is"),
+        ({b"t": b"a", b"e": b"e", b"s": b"0", b"o": b"r:1", b"0": b"tx"}, "a number below 1"),
+        ({b"t": b"a", b"e": b"e", b"s": b"one", b"o": b"r:1", b"0": b"tx"}, "invalid literal"),
+        ({b"t": b"a//b", b"e": b"e", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "topic names are"),
+        ({b"t": b"a", b"e": b"e", b"s": b"1", b"o": b"r:1", b"0": b"qx"}, "unknown kind b'q'"),
+        ({b"t": b"a", b"e": b"e", b"s": b"1", b"o": b"r:1", b"0": b"t\xff"}, "not UTF-8"),
+        ({b"t": b"a", b"e": b"e", b"s": b"1", b"o": b"r:1"}, "no messages"),
     ],
 )
 def test_a_log_entry_no_relay_wrote_is_refused_with_a_reason(

@@ -567,9 +567,10 @@ async def test_consume_prints_sequence_numbers_or_json_lines(
     await shown.expect("stdout", "third\n")
     await lines.expect("stdout", "third")
     assert shown.lines("stdout") == ["/news #2: <2 bytes> 00ff", "/news #3: third"]
+    epoch = server.topics.epoch
     assert [json.loads(line) for line in lines.lines("stdout")] == [
-        {"type": "message", "topic": "news", "seq": 2, "binary": "AP8="},
-        {"type": "message", "topic": "news", "seq": 3, "text": "third"},
+        {"type": "message", "topic": "news", "seq": 2, "epoch": epoch, "binary": "AP8="},
+        {"type": "message", "topic": "news", "seq": 3, "epoch": epoch, "text": "third"},
     ]
     gap = await launch(PYTHON, "-m", "trio_relay", *common[:-1], "100", "--json")
     await gap.expect("stdout", "third")
@@ -578,6 +579,7 @@ async def test_consume_prints_sequence_numbers_or_json_lines(
         "topic": "news",
         "since": 100,
         "first": 1,
+        "epoch": epoch,
         "reset": True,
     }
     await gap.expect(

@@ -343,7 +343,7 @@ async def test_resume_gives_up_at_once_on_a_message_over_its_limit(
     assert str(raised.value).endswith(
         "max_message_size of 1000 (characters for text, bytes for binary): raise "
         "max_message_size; a relay's message frames are at most 6 x its --max-message-size "
-        "+ 267 bytes)"
+        "+ 310 bytes)"
     )
     assert attempts == 1
 

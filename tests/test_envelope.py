@@ -348,7 +348,18 @@ def test_a_gap_names_the_topic_since_and_first() -> None:
         "topic": "news",
         "since": 10,
         "first": 25,
+        "reset": False,
     }
+    # Of another numbering (epoch) than the client's: a reset, whatever the numbers say.
+    assert json.loads(encode_gap("news", 10, 25, "0a1b2c3d", reset=True)) == {
+        "type": "gap",
+        "topic": "news",
+        "since": 10,
+        "first": 25,
+        "epoch": "0a1b2c3d",
+        "reset": True,
+    }
+    assert json.loads(encode_gap("news", 10, 1))["reset"] is True  # beyond the numbering
 
 
 def test_an_error_carries_the_code_detail_and_id() -> None:

@@ -17,7 +17,7 @@ from trio_relay._budget import ByteBudget
 from trio_relay._envelope import MESSAGE_FRAME_OVERHEAD, encode_message, max_message_frame
 from trio_relay._parser import MAX_HEADER
 from trio_relay._protocol import OVER_BUDGET, Publish, Reject, RelayProtocol, State, Upgrade
-from trio_relay._topics import Batch, DeliveryReport, Gap
+from trio_relay._topics import Batch, Cursor, DeliveryReport, Gap
 
 SECRET = "s" * 32
 
@@ -28,7 +28,7 @@ def opened(config: RelayConfig | None = None, request: bytes | None = None) -> R
     upgrade = protocol.receive_request(request or upgrade_request())
     assert isinstance(upgrade, Upgrade), upgrade
     protocol.accept()
-    welcome, close = protocol.opening(None, None, 0, now=0.0)
+    welcome, close = protocol.opening(None, None, Cursor("", 0), now=0.0)
     assert (welcome != b"") == protocol.envelope  # only envelope clients get a welcome
     assert close is None
     return protocol
@@ -117,7 +117,7 @@ def test_frames_that_came_with_the_request_are_read_first() -> None:
     protocol = RelayProtocol(RelayConfig())
     protocol.receive_request(upgrade_request() + masked_frame(0x1, b"early"))
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     (step,) = protocol.receive_data(b"", now=0.0).steps
     assert isinstance(step, Publish)
     assert (step.payloads, step.texts, step.requests) == ([b"early"], [True], None)
@@ -305,13 +305,13 @@ def test_an_envelope_client_is_welcomed_and_told_of_a_gap_a_raw_one_is_closed_44
     envelope = RelayProtocol(RelayConfig())
     envelope.receive_request(envelope_request())
     envelope.accept()
-    first, close = envelope.opening(Gap("news", 2, 8), replay, 8, now=0.0)
+    first, close = envelope.opening(Gap("news", 2, 8), replay, Cursor("", 8), now=0.0)
     assert close is None
     assert b'"welcome"' in first and b'"gap"' in first and b'"seq":8' in first.replace(b" ", b"")
     raw = RelayProtocol(RelayConfig())
     raw.receive_request(upgrade_request("/news?since=2"))
     raw.accept()
-    first, close = raw.opening(Gap("news", 2, 8), replay, 8, now=0.0)
+    first, close = raw.opening(Gap("news", 2, 8), replay, Cursor("", 8), now=0.0)
     assert first == b""
     assert close == (CloseCode.GAP, "messages 3 to 7 are no longer retained")
 
@@ -404,7 +404,7 @@ def test_an_envelope_frame_over_the_size_limit_says_what_was_counted() -> None:
 def test_the_largest_envelope_frame_is_six_times_the_largest_payload() -> None:
     # Text of control characters is the worst case of the JSON encoding: \u0001 for each.
     payload = b"\x01" * 1000
-    body = encode_message("t" * 200, 2**63 - 1, payload, text=True)
+    body = encode_message("t" * 200, 2**63 - 1, payload, text=True, epoch="e" * 32)
     assert len(body) <= max_message_frame(1000) == 6 * 1000 + MESSAGE_FRAME_OVERHEAD
     assert max_message_frame(1000) - len(body) == 2  # tight: "binary" is 2 longer than "text"
     binary = encode_message("t" * 200, 2**63 - 1, bytes(range(256)) * 4, text=False)
@@ -416,7 +416,7 @@ def test_the_largest_envelope_frame_is_six_times_the_largest_payload() -> None:
 
 def test_render_skips_what_the_replay_sent_and_the_clients_own_message_without_echo() -> None:
     protocol = opened()
-    protocol.opening(None, None, 5, now=0.0)  # the replay went up to 5
+    protocol.opening(None, None, Cursor("", 5), now=0.0)  # the replay went up to 5
     assert protocol.render(Batch("", 4, [b"old", b"seen"], [True, True])) is None
     straddling = protocol.render(Batch("", 5, [b"seen", b"new"], [True, True]))
     assert straddling == b"\x81\x03new"
@@ -456,7 +456,7 @@ def sharing(budget: ByteBudget, config: RelayConfig) -> RelayProtocol:
     protocol = RelayProtocol(config, unfinished=budget)
     assert isinstance(protocol.receive_request(upgrade_request()), Upgrade)
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     return protocol
 
 

@@ -16,7 +16,7 @@ from helpers import masked_frame, upgrade_request
 from trio_relay import RelayConfig
 from trio_relay._auth import mint_token
 from trio_relay._protocol import Publish, Reject, RelayProtocol, Upgrade
-from trio_relay._topics import Batch, DeliveryReport, Gap
+from trio_relay._topics import Batch, Cursor, DeliveryReport, Gap
 from trio_relay._v2 import Subscribe, Unsubscribe, parse_v2_frame
 
 SECRET = "s" * 32
@@ -31,7 +31,7 @@ def opened(config: RelayConfig | None = None, path: str = "/") -> RelayProtocol:
     upgrade = protocol.receive_request(v2_request(path))
     assert isinstance(upgrade, Upgrade) and upgrade.v2, upgrade
     protocol.accept()
-    assert protocol.opening(None, None, 0, now=0.0) == (b"", None)  # no welcome in v2
+    assert protocol.opening(None, None, Cursor("", 0), now=0.0) == (b"", None)  # no welcome in v2
     return protocol
 
 
@@ -85,7 +85,7 @@ def test_the_path_names_an_optional_first_topic() -> None:
     request = news.subscribe_path()
     assert isinstance(request, Subscribe)
     assert (request.channel.topic, request.since, request.id) == ("news", 41, None)
-    answer = news.subscribed(request, None, None, 45)
+    answer = news.subscribed(request, None, None, Cursor("", 45))
     assert frames_of(answer) == [{"type": "subscribed", "topic": "news", "seq": 45}]
 
 
@@ -114,7 +114,7 @@ def test_a_path_topic_the_token_may_only_publish_to_gets_forbidden_not_a_subscri
     protocol = RelayProtocol(config)
     assert isinstance(protocol.receive_request(v2_request(f"/news?token={token}")), Upgrade)
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     refusal = protocol.subscribe_path()
     assert isinstance(refusal, bytes)
     (error,) = frames_of(refusal)
@@ -260,7 +260,7 @@ def test_the_token_is_checked_per_topic_for_subscribe_and_publish() -> None:
     protocol = RelayProtocol(config)
     assert isinstance(protocol.receive_request(v2_request(f"/?token={token}")), Upgrade)
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     received = steps(
         protocol,
         frame(type="subscribe", topic="news/a", id=1),
@@ -286,7 +286,7 @@ def test_a_raw_client_publishing_without_a_topic_is_not_affected() -> None:
         upgrade_request("/news", extra="Sec-WebSocket-Protocol: trio-relay.v1\r\n")
     )
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     (publish,) = steps(protocol, frame(type="publish", text="hi"))
     assert isinstance(publish, Publish) and publish.topic is None
     assert not protocol.v2
@@ -324,27 +324,27 @@ def test_subscribed_then_the_gap_and_the_replay_all_at_or_below_its_seq() -> Non
     protocol = opened()
     (request,) = steps(protocol, frame(type="subscribe", topic="news", since=2, id="s"))
     replay = Batch("news", 5, [b"e", b"f"], [True, True])
-    answer = protocol.subscribed(request, Gap("news", 2, 5), replay, 6)
+    answer = protocol.subscribed(request, Gap("news", 2, 5), replay, Cursor("", 6))
     assert frames_of(answer) == [
         {"type": "subscribed", "topic": "news", "seq": 6, "id": "s"},
-        {"type": "gap", "topic": "news", "since": 2, "first": 5},
+        {"type": "gap", "topic": "news", "since": 2, "first": 5, "reset": False},
         {"type": "message", "topic": "news", "seq": 5, "text": "e"},
         {"type": "message", "topic": "news", "seq": 6, "text": "f"},
     ]
-    assert request.channel.open and request.channel.cursor == 6
+    assert request.channel.open and request.channel.cursor.seq == 6
 
 
 def test_each_subscription_has_its_own_cursor() -> None:
     protocol = opened()
     a, b = steps(protocol, frame(type="subscribe", topic="a"), frame(type="subscribe", topic="b"))
     assert isinstance(a, Subscribe) and isinstance(b, Subscribe)
-    protocol.subscribed(a, None, None, 10)
-    protocol.subscribed(b, None, None, 0)
+    protocol.subscribed(a, None, None, Cursor("", 10))
+    protocol.subscribed(b, None, None, Cursor("", 0))
     # A live batch the replay already covered is cut to what is new, per topic.
     rendered = protocol.render_channel(a.channel, Batch("a", 9, [b"x", b"y", b"z"], [True] * 3))
     assert rendered is not None
     assert [f["seq"] for f in frames_of(rendered)] == [11]
-    assert a.channel.cursor == 11 and b.channel.cursor == 0
+    assert a.channel.cursor.seq == 11 and b.channel.cursor.seq == 0
     rendered = protocol.render_channel(b.channel, Batch("b", 1, [b"q"], [True]))
     assert rendered is not None
     assert frames_of(rendered) == [{"type": "message", "topic": "b", "seq": 1, "text": "q"}]
@@ -353,7 +353,7 @@ def test_each_subscription_has_its_own_cursor() -> None:
 def test_a_replayed_message_is_not_sent_again_live() -> None:
     protocol = opened()
     (request,) = steps(protocol, frame(type="subscribe", topic="a", since=0))
-    protocol.subscribed(request, None, Batch("a", 1, [b"1", b"2"], [True, True]), 2)
+    protocol.subscribed(request, None, Batch("a", 1, [b"1", b"2"], [True, True]), Cursor("", 2))
     rendered = protocol.render_channel(request.channel, Batch("a", 2, [b"2", b"3"], [True, True]))
     assert rendered is not None
     assert [f["seq"] for f in frames_of(rendered)] == [3]
@@ -363,10 +363,10 @@ def test_a_replayed_message_is_not_sent_again_live() -> None:
 def test_publishing_without_echo_skips_this_connection_only() -> None:
     protocol = opened()
     (request,) = steps(protocol, frame(type="subscribe", topic="a"))
-    protocol.subscribed(request, None, None, 0)
+    protocol.subscribed(request, None, None, Cursor("", 0))
     own = Batch("a", 1, [b"mine"], [True], source=protocol, echo=False)
     assert protocol.render_channel(request.channel, own) is None
-    assert request.channel.cursor == 1
+    assert request.channel.cursor.seq == 1
     other = RelayProtocol(RelayConfig())
     theirs = Batch("a", 2, [b"theirs"], [True], source=other, echo=False)
     assert protocol.render_channel(request.channel, theirs) is not None
@@ -396,8 +396,8 @@ def test_unsubscribed_answers_and_notices() -> None:
     protocol = opened()
     a, b = steps(protocol, frame(type="subscribe", topic="a"), frame(type="subscribe", topic="b"))
     assert isinstance(a, Subscribe) and isinstance(b, Subscribe)
-    protocol.subscribed(a, None, None, 0)
-    protocol.subscribed(b, None, None, 0)
+    protocol.subscribed(a, None, None, Cursor("", 0))
+    protocol.subscribed(b, None, None, Cursor("", 0))
     # The relay ends a subscription on its own: an unsolicited notice with a code.
     (notice,) = frames_of(protocol.dropped(a.channel, "slow-consumer", "too slow"))
     assert notice == {
@@ -434,10 +434,10 @@ def test_refresh_needs_a_token_that_allows_every_subscription() -> None:
     token = mint_token(SECRET, subscribe=["a", "b"], ttl=100)
     assert isinstance(protocol.receive_request(v2_request(f"/?token={token}")), Upgrade)
     protocol.accept()
-    protocol.opening(None, None, 0, now=0.0)
+    protocol.opening(None, None, Cursor("", 0), now=0.0)
     (request,) = steps(protocol, frame(type="subscribe", topic="a"))
     assert isinstance(request, Subscribe)
-    protocol.subscribed(request, None, None, 0)
+    protocol.subscribed(request, None, None, Cursor("", 0))
     # Publishing to "a" is refused (and the refusal remembered) under the first token.
     assert errors(steps(protocol, frame(type="publish", topic="a", text="x")))[0]["code"] == (
         "forbidden"

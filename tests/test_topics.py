@@ -1072,25 +1072,90 @@ async def test_a_backplane_delivers_numbered_batches_and_publishes_locally(
     topics = Topics()
     async with topics.subscribe("a") as subscription:
         await topics.publish("a", "one")
+        assert topics.position("a") == (topics.epoch, 1)
         assert (topics.last_number("a"), topics.last_number("b")) == (1, 0)
-        report, renumbered = await topics.deliver_numbered("a", 2, [b"two"], [True])
-        assert (report.seq, renumbered) == (2, False)
-        # Numbered 2 elsewhere, but this relay is past 2 already: numbers never go back.
-        report, renumbered = await topics.deliver_numbered("a", 2, [b"three"], [True])
-        assert (report.seq, renumbered) == (3, True)
-        report = await topics.publish_locally("a", [b"four"], [True])
-        assert report.seq == 4
-        assert topics.last_numbers() == {"a": 4}
+        report, new = await topics.deliver_numbered("a", topics.epoch, 2, [b"two"], [True])
+        assert (report.seq, report.epoch, new) == (2, topics.epoch, True)
+        # Named 2 already here: never delivered under that name again.
+        report, new = await topics.deliver_numbered("a", topics.epoch, 2, [b"dup"], [True])
+        assert new is False
+        # A batch that straddles what this relay has: only what is new is delivered.
+        report, new = await topics.deliver_numbered(
+            "a", topics.epoch, 2, [b"dup", b"three"], [True, True]
+        )
+        assert (report.seq, report.count, new) == (3, 1, True)
+        # Numbered alone, in a relay-local epoch: the topic switches to it (a reset).
+        report = await topics.publish_locally("a", [b"four"], [True], epoch="local1")
+        assert (report.seq, report.epoch) == (4, "local1")
+        assert topics.positions() == {"a": ("local1", 4)}
+        # Back to a shared numbering that skipped: another reset, from its number.
+        report, new = await topics.deliver_numbered("a", "shared2", 9, [b"nine"], [True])
+        assert (report.seq, new) == (9, True)
+        # The same epoch skipping numbers (trimmed from the log while away): a gap.
+        await topics.deliver_numbered("a", "shared2", 12, [b"twelve"], [True])
+        items = await take(subscription, 9)
+    assert items == [
+        Message("a", 1, "one"),
+        Message("a", 2, "two"),
+        Message("a", 3, "three"),
+        Gap("a", 3, 4, "local1", reset=True),
+        Message("a", 4, "four"),
+        Gap("a", 4, 9, "shared2", reset=True),
+        Message("a", 9, "nine"),
+        Gap("a", 9, 12, "shared2"),
+        Message("a", 12, "twelve"),
+    ]
+    epochs = [item.epoch for item in items[3:]]
+    assert epochs == ["local1", "local1", "shared2", "shared2", "shared2", "shared2"]
+
+
+async def test_a_filled_batch_is_retained_but_reaches_no_live_subscriber(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics()
+    async with topics.subscribe("a") as live:
+        await topics.deliver_numbered("a", "e1", 1, [b"old"], [True], fill=True)
+        await topics.deliver_numbered("a", "e1", 2, [b"new"], [True])
+        # It had nothing of e1 (it subscribed in this relay's own epoch): told so first.
+        assert await take(live, 2) == [Gap("a", 0, 2, "e1", reset=True), Message("a", 2, "new")]
+    async with topics.subscribe("a", since=0, epoch="e1") as resumed:
+        assert await take(resumed, 2) == [Message("a", 1, "old"), Message("a", 2, "new")]
+
+
+async def test_a_since_of_another_epoch_is_a_reset_with_everything_retained(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics()
+    for text in "abc":
+        await topics.publish("t", text)
+    async with topics.subscribe("t", since=2, epoch="other") as subscription:
         assert await take(subscription, 4) == [
-            Message("a", 1, "one"),
-            Message("a", 2, "two"),
-            Message("a", 3, "three"),
-            Message("a", 4, "four"),
+            Gap("t", 2, 1, topics.epoch, reset=True),
+            *messages("t", 1, "abc"),
         ]
+    async with topics.subscribe("t", since=2, epoch=topics.epoch) as subscription:
+        assert await take(subscription, 1) == [Message("t", 3, "c")]
+    # since=0 asks for everything: no epoch can make that a reset.
+    async with topics.subscribe("t", since=0, epoch="other") as subscription:
+        assert await take(subscription, 3) == messages("t", 1, "abc")
+    seq, gap, retained = await topics.retained("t", since=2, epoch="other")
+    assert (seq, gap, retained) == (3, Gap("t", 2, 1, reset=True), messages("t", 1, "abc"))
+
+
+async def test_two_relays_never_share_an_epoch_and_a_forgotten_topic_keeps_its_own(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    one, two = Topics(max_topics=1), Topics()
+    assert one.epoch != two.epoch
+    await one.publish("a", "x")
+    await one.publish("b", "y")  # the cap: "a" is forgotten, its number and epoch kept
+    assert "a" not in one and one.position("a") == (one.epoch, 1)
+    assert (await one.publish("a", "z")).seq == 2
 
 
 class _LogBackplane:
-    """A :class:`~trio_relay._topics.Backplane` whose log numbers every topic from 10."""
+    """A :class:`~trio_relay._topics.Backplane` whose log numbers every topic from 10, in
+    epoch ``"log"``."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, list[bytes]]] = []
@@ -1108,12 +1173,12 @@ class _LogBackplane:
         self.published.append((name, payloads))
         first = max(10, topics.last_number(name) + 1)
         report, _ = await topics.deliver_numbered(
-            name, first, payloads, texts, source=source, echo=echo
+            name, "log", first, payloads, texts, source=source, echo=echo
         )
         return report
 
-    async def last_number(self, topic: str) -> int:
-        return 10
+    async def position(self, topic: str) -> tuple[str, int] | None:
+        return "log", 10
 
 
 async def test_with_a_backplane_publishes_go_through_it(autojump_clock: trio.abc.Clock) -> None:
@@ -1124,7 +1189,7 @@ async def test_with_a_backplane_publishes_go_through_it(autojump_clock: trio.abc
     assert backplane.published == [("a", [b"x"])]
     with pytest.raises(trio.WouldBlock):
         topics.publish_nowait("a", [b"y"], [True])
-    async with topics.subscribe("a", since=10) as subscription:
+    async with topics.subscribe("a", since=10, epoch="log") as subscription:
         await topics.publish("a", "z")
         assert await take(subscription, 1) == [Message("a", 11, "z")]
 

@@ -3,23 +3,40 @@
 Design (a choice the issue left open; see README "Scaling out"):
 
 - One Redis **stream** is the log of every publish of every relay (``<prefix>:log``). A Lua
-  script numbers a batch with ``INCRBY <prefix>:seq:<topic>`` and appends it to the log
-  with ``XADD``, atomically, so the log's order is the topic's numbering order.
+  script names a batch (its topic's epoch and next numbers, kept in the topic's hash
+  ``<prefix>:t:<topic>``) and appends it to the log, atomically, so the log's order is
+  every topic's numbering order.
 - Every relay reads the whole log with ``XREAD`` from the last entry it has seen and
   delivers each entry to its local :class:`~trio_relay.Topics`, its own publishes included.
-  So every relay delivers a topic's messages in the same order with the same sequence
-  numbers, and its local history (for ``since=`` resume) is that of every relay.
+  So every relay delivers a topic's messages in the same order under the same names
+  (epoch, sequence number), and its local history (for ``since=`` resume) is that of
+  every relay.
+- **Epochs.** A topic's numbering has an epoch, kept in Redis beside its counter. The
+  script starts a fresh epoch (numbering from 1) whenever the numbering cannot simply go
+  on: Redis has no record of the topic (new, expired, or lost with Redis's data), or it
+  knows less of the numbering than the relay that publishes (Redis came back from an older
+  snapshot). So an (epoch, seq) pair names one message, whatever Redis lost.
+- **Loss is detected by data.** The log has an identity (``<prefix>:log-id``, set by the
+  first publish to a log); a relay that reconnects to the same log goes on from its last
+  entry (a restart with data or a failover repeats nothing and loses nothing), and one
+  that finds another reads the new log from its start. On reconnecting, a relay also
+  checks every topic it knows against Redis's counters and starts a fresh epoch where
+  Redis went back.
+- **Filling is not delivering.** A starting relay fills its histories from the log
+  (``XRANGE`` over the history age) without delivering those messages to anyone: its
+  subscribers get only what is read live after it.
+- **Outages** (the contract, in README "Scaling out"): a relay that cannot reach Redis
+  delivers its own publishes to its own subscribers under a relay-local epoch, fresh per
+  outage (``remote=False``; ``None`` when a publish got no answer in time: it may or may
+  not be in the log), and never numbers in a shared epoch alone. Each publish carries a
+  deadline in Redis's time, past which the script refuses it, so one that timed out
+  cannot reach the others much later. Back online, the relay reads what it missed; its
+  topics switch back to the shared numbering with the next entry of each (subscribers get
+  a reset).
 - Why a stream, not pub/sub: a reader that loses its connection goes on from the last
   entry it saw, so nothing is lost across a short outage; a starting relay fills its
-  histories from the log (``XRANGE`` over the history age), so a consumer can resume on a
-  relay other than the one it left; ``XREAD COUNT`` bounds what one read brings in, where a
-  pub/sub client buffers without bound; and there are no pub/sub contexts to leave.
-- When Redis is unreachable the relay goes on alone: publishes are delivered locally and
-  numbered on locally, the delivery report says ``remote=False``, logs, ``/healthz`` and
-  metrics say the backplane is down, and the reader reconnects with backoff. Back
-  online, it raises Redis's counters to its own (so numbers never go back), reads what it
-  missed, and shares again. Messages published alone during the outage stay local; if two
-  relays numbered the same topic alone, the later one renumbers (counted as a conflict).
+  histories from the log; ``XREAD COUNT`` bounds what one read brings in, where a pub/sub
+  client buffers without bound; and there are no pub/sub contexts to leave.
 
 coredis runs under trio through anyio. One client serves the relay's lifetime, opened
 outside every scope that gets cancelled; its retries are off (a retried publish could be
@@ -28,6 +45,7 @@ appended twice) and every command is bounded by ``timeout``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -38,48 +56,81 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from ._redact import shown
-from ._topics import topic_from_path
+from ._topics import DeliveryReport, check_epoch, new_epoch, topic_from_path
 
 if TYPE_CHECKING:
-    from ._topics import DeliveryReport, Topics
+    from ._topics import Topics
 
 __all__ = ["BackplaneStatistics", "RedisBackplane"]
 
 logger = logging.getLogger("trio_relay")
 
-# KEYS: the topic's counter, the log. ARGV: floor (the publishing relay's last number of
-# the topic: numbering never goes back below what it has seen), the topic, the origin,
-# the maximum log length, then one value per message, its first byte t(ext) or b(inary).
+# KEYS: the topic's hash (fields e: epoch, s: last number), the log, the log's identity.
+# ARGV: the publishing relay's epoch of the topic and last number in it, a fresh epoch
+# (taken if the numbering cannot go on), the topic, the origin, the log's maximum length,
+# the topic hash's time to live (s), the deadline (Redis time, ms; 0: none), a fresh log
+# identity (taken if the log has none), then one value per message, its first byte
+# t(ext) or b(inary). Returns {epoch, first number, entry id}, or {} past the deadline.
 _PUBLISH = """
-local count = #ARGV - 4
-local last = redis.call('INCRBY', KEYS[1], count)
-local floor = tonumber(ARGV[1])
-if last - count < floor then
-  last = floor + count
-  redis.call('SET', KEYS[1], last)
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local deadline = tonumber(ARGV[8])
+if deadline > 0 and now_ms > deadline then
+  return {}
 end
-local fields = {'t', ARGV[2], 's', last - count + 1, 'o', ARGV[3]}
-for i = 5, #ARGV do
-  fields[#fields + 1] = tostring(i - 5)
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local last = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if not epoch or (epoch == ARGV[1] and last < tonumber(ARGV[2])) then
+  epoch = ARGV[3]
+  last = 0
+end
+local first = last + 1
+last = last + #ARGV - 9
+redis.call('HSET', KEYS[1], 'e', epoch, 's', last)
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('SET', KEYS[3], ARGV[9], 'NX')
+local fields = {'t', ARGV[4], 'e', epoch, 's', first, 'o', ARGV[5]}
+for i = 10, #ARGV do
+  fields[#fields + 1] = tostring(i - 10)
   fields[#fields + 1] = ARGV[i]
 end
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
+return {epoch, first, id}
 """
 
-# KEYS: topic counters; ARGV: the same number of floors. Raises each counter to its floor.
-_RAISE = """
-for i = 1, #KEYS do
-  local floor = tonumber(ARGV[i])
-  if tonumber(redis.call('GET', KEYS[i]) or '0') < floor then
-    redis.call('SET', KEYS[i], floor)
+# KEYS: topic hashes; ARGV: for each, an epoch and a last number a relay saw in it, then
+# fresh epochs, one per key. Where Redis knows less of that epoch's numbering than the
+# relay did (it came back from an older snapshot, or a replica that lagged), the topic
+# starts a fresh epoch: its next numbers must not name messages some relay already has.
+_CHECK = """
+local n = #KEYS
+local bumped = 0
+for i = 1, n do
+  local epoch = redis.call('HGET', KEYS[i], 'e')
+  local last = tonumber(redis.call('HGET', KEYS[i], 's') or '0')
+  if epoch == ARGV[2 * i - 1] and last < tonumber(ARGV[2 * i]) then
+    redis.call('HSET', KEYS[i], 'e', ARGV[2 * n + i], 's', 0)
+    bumped = bumped + 1
   end
 end
-return #KEYS
+return bumped
 """
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 _MAX_LOCAL_ONLY = 100_000
+_CHUNK = 500
+"""Topics per script call when a reconnecting relay checks Redis's numbering."""
+
+
+class _LogLost(OSError):
+    """The log the reader reads is not Redis's log any more (Redis lost its data)."""
+
+
+def _id_key(identifier: bytes) -> tuple[int, int]:
+    """A stream entry ID (``b"<ms>-<seq>"``) as a tuple that orders as the log does."""
+    ms, _, seq = identifier.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 # ---------------------------------------------------------------------- the log's entries
@@ -93,18 +144,32 @@ def encode_values(payloads: list[bytes], texts: list[bool]) -> list[bytes]:
     ]
 
 
-def decode_entry(fields: dict[bytes, bytes]) -> tuple[str, int, str, list[bytes], list[bool]]:
-    """``(topic, first sequence number, origin, payloads, texts)`` of a log entry the publish
-    script wrote (fields ``t``, ``s``, ``o``, then ``0``, ``1``, ...).
+@dataclass(frozen=True)
+class Entry:
+    """A log entry the publish script wrote: a batch of ``topic`` named from ``first_seq``
+    in ``epoch``, published by ``origin`` (``relay id:number``)."""
+
+    topic: str
+    epoch: str
+    first_seq: int
+    origin: str
+    payloads: list[bytes]
+    texts: list[bool]
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> Entry:
+    """The :class:`Entry` of a log entry's fields (``t``, ``e``, ``s``, ``o``, then ``0``,
+    ``1``, ...).
 
     Raises ``ValueError`` saying what is wrong with any other entry: a missing field, a bad
-    topic name or number, a value of no known kind, text that is not UTF-8.
+    topic name, epoch or number, a value of no known kind, text that is not UTF-8.
     """
     try:
         name = fields[b"t"].decode()
+        epoch = check_epoch(fields[b"e"].decode())
         first_seq = int(fields[b"s"])
         origin = fields[b"o"].decode()
-        values = [fields[str(i).encode()] for i in range(len(fields) - 3)]
+        values = [fields[str(i).encode()] for i in range(len(fields) - 4)]
     except KeyError as exc:
         raise ValueError(f"no field {exc}") from None
     except UnicodeDecodeError as exc:
@@ -125,7 +190,7 @@ def decode_entry(fields: dict[bytes, bytes]) -> tuple[str, int, str, list[bytes]
             raise ValueError(f"a value of unknown kind {kind!r}")
         payloads.append(payload)
         texts.append(kind == b"t")
-    return name, first_seq, origin, payloads, texts
+    return Entry(name, epoch, first_seq, origin, payloads, texts)
 
 
 @dataclass(frozen=True)
@@ -138,16 +203,20 @@ class BackplaneStatistics:
     received: int
     """Batches read from the log that other relays published."""
     local_only: int
-    """Batches published while Redis was unreachable, delivered to local clients only."""
+    """Batches published while Redis was unreachable (or did not answer in time),
+    delivered to local clients only, under a relay-local epoch."""
     reconnects: int
     """Times the reader reconnected after losing Redis."""
     conflicts: int
-    """Batches renumbered because relays numbered a topic alone during an outage."""
+    """Entries of the log skipped because this relay had their names already (a Redis
+    that went back to an older snapshot, before any relay noticed)."""
+    epochs: int = 0
+    """Topics this relay started a fresh epoch of on reconnecting, Redis having gone back."""
 
 
 class _Pending:
-    """An own publish on its way through the log: delivered by the reader, or locally if the
-    backplane goes down first."""
+    """An own publish that the script appended, on its way through the log to this relay's
+    reader, which delivers it with its source and echo."""
 
     __slots__ = ("delivered", "echo", "name", "payloads", "report", "source", "texts")
 
@@ -169,7 +238,9 @@ class RedisBackplane:
     ``url`` is ``redis://host:port/db`` (``rediss://`` for TLS). ``prefix`` namespaces the
     keys, so relays that use another prefix share nothing; ``log_size`` bounds the log
     (entries; trimmed approximately); ``timeout`` bounds every Redis command (seconds);
-    ``block`` is how long one ``XREAD`` waits for new entries (seconds).
+    ``block`` is how long one ``XREAD`` waits for new entries (seconds); ``topic_ttl``
+    is how long a topic's numbering outlives its last publish in Redis (seconds; then a
+    publish starts a fresh epoch).
 
     Give it to :func:`~trio_relay.serve_relay` (``backplane=``) or set
     ``RelayConfig(backplane=url)``; the relay runs it (:meth:`run`) in its own nursery.
@@ -183,6 +254,7 @@ class RedisBackplane:
         log_size: int = 100_000,
         timeout: float = 2.0,
         block: float = 1.0,
+        topic_ttl: float = 86_400.0,
     ) -> None:
         try:
             import coredis  # an optional dependency: fail early and clearly
@@ -200,24 +272,30 @@ class RedisBackplane:
         self.log_size = log_size
         self.timeout = timeout
         self.block = block
+        self.topic_ttl = topic_ttl
         self.relay_id = os.urandom(6).hex()
         """Tells this relay's own entries in the log from those of other relays."""
         self.up = False
+        self.local_epoch = new_epoch()
+        """The epoch this relay numbers its own publishes in while it cannot reach Redis:
+        fresh for each outage, never a shared epoch."""
         self._log_key = f"{prefix}:log"
+        self._log_id_key = f"{prefix}:log-id"
         self._topics: Topics | None = None
         self._client: Any = None
         self._publish_script: Any = None
-        self._raise_script: Any = None
+        self._check_script: Any = None
         self._numbers = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        # Own publishes delivered locally (the backplane failed meanwhile) that may still
-        # reach the log: the reader skips them. Bounded, oldest forgotten first.
+        # Own publishes delivered locally (Redis gave no answer in time) that may still be
+        # in the log: the reader only fills histories with them. Bounded, oldest first.
         self._local_only: OrderedDict[int, None] = OrderedDict()
         self._last_id = b"0-0"
-        self._run_id: bytes | None = None
+        self._log_id: bytes | None = None
+        self._clock_offset = 0.0  # Redis's clock (ms) minus trio's (ms), as last measured
         self._changed = trio.Event()
         self._published = self._received = self._local = self._reconnects = 0
-        self._conflicts = 0
+        self._conflicts = self._epochs = 0
 
     def statistics(self) -> BackplaneStatistics:
         return BackplaneStatistics(
@@ -227,6 +305,7 @@ class RedisBackplane:
             self._local,
             self._reconnects,
             self._conflicts,
+            self._epochs,
         )
 
     async def wait_until_up(self, up: bool = True) -> None:
@@ -237,11 +316,13 @@ class RedisBackplane:
     def _set_up(self, up: bool) -> None:
         if self.up != up:
             self.up = up
+            if not up:
+                self.local_epoch = new_epoch()  # a new outage: a numbering of its own
             self._changed.set()
             self._changed = trio.Event()
 
-    def _seq_key(self, topic: str) -> str:
-        return f"{self.prefix}:seq:{topic}"
+    def _topic_key(self, topic: str) -> str:
+        return f"{self.prefix}:t:{topic}"
 
     # ------------------------------------------------------------------ running
 
@@ -267,7 +348,7 @@ class RedisBackplane:
         async with client:
             self._client = client
             self._publish_script = client.register_script(_PUBLISH)
-            self._raise_script = client.register_script(_RAISE)
+            self._check_script = client.register_script(_CHECK)
             started = False
             backoff = INITIAL_BACKOFF
             failures = 0
@@ -294,7 +375,6 @@ class RedisBackplane:
                             shown(exc) or type(exc).__name__,
                         )
                     self._set_up(False)
-                    await self._deliver_pending_locally()
                     if not started:
                         task_status.started()
                         started = True
@@ -302,49 +382,77 @@ class RedisBackplane:
                     backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _connect(self) -> None:
-        """Check Redis, raise its counters to ours, and find where to read the log from."""
+        """Check Redis, find where to read the log from, and check Redis's numbering of
+        every topic this relay knows against its own."""
+        from coredis.tokens import PureToken
+
         client = self._client
-        with trio.fail_after(self.timeout):
-            info = await client.info("server")
-        run_id = info.get("run_id")
-        run_id = run_id.encode() if isinstance(run_id, str) else run_id
         topics = self._topics
         assert topics is not None
-        if self._run_id is None:
+        with trio.fail_after(self.timeout):
+            sent = trio.current_time()
+            now = await client.time()  # Redis's clock: the log's IDs are its ms
+            received = trio.current_time()
+        now_ms = now.timestamp() * 1000
+        self._clock_offset = now_ms - (sent + received) * 500
+        with trio.fail_after(self.timeout):
+            await client.set(self._log_id_key, new_epoch().encode(), condition=PureToken.NX)
+            log_id = await client.get(self._log_id_key)
+        if self._log_id is None:
             # First connection: fill the histories from the log's last history_age seconds
             # (or go on from where an interrupted fill got: nothing is delivered twice).
             if self._last_id == b"0-0":
-                with trio.fail_after(self.timeout):
-                    now = await client.time()  # Redis's clock: the log's IDs are its ms
-                start_ms = int(now.timestamp() * 1000) - int(topics.history_age * 1000)
+                start_ms = int(now_ms) - int(topics.history_age * 1000)
                 self._last_id = f"{max(start_ms, 0)}-0".encode()
             await self._backfill()
-        elif run_id != self._run_id:
-            # Redis restarted and lost its data: what it held for us is gone. Read its new
-            # log from the start (what other relays published since it came back).
+        elif log_id != self._log_id:
+            # Not the log this relay read: Redis lost its data (or another took its place).
+            # Everything in the new one is new here: read it from its start.
             logger.warning(
-                "backplane %s restarted with no data: reading its log anew", self.shown_url
+                "backplane %s has a new log (its data was lost): reading it from the start",
+                self.shown_url,
             )
             self._last_id = b"0-0"
             self._local_only.clear()
-        self._run_id = run_id
-        await self._raise_counters()
+            self._pending.clear()  # their entries went with the old log
+        else:
+            # The same log (a reconnect, a restart with data, a failover): go on from the
+            # last entry read, or from the log's end if it went back (an older snapshot).
+            with trio.fail_after(self.timeout):
+                newest = await client.xrevrange(self._log_key, count=1)
+            if newest and _id_key(newest[0].identifier) < _id_key(self._last_id):
+                self._last_id = newest[0].identifier
+        self._log_id = log_id
+        await self._check_numbering()
 
-    async def _raise_counters(self) -> None:
-        """Make Redis number on from where this relay got, for every topic it knows."""
+    async def _check_numbering(self) -> None:
+        """Where Redis knows less of a topic's numbering than this relay saw (it came back
+        from an older snapshot), start a fresh epoch of it, so that no number is given
+        twice."""
         topics = self._topics
         assert topics is not None
-        floors = list(topics.last_numbers().items())
-        for start in range(0, len(floors), 500):
-            chunk = floors[start : start + 500]
+        positions = list(topics.positions().items())
+        for start in range(0, len(positions), _CHUNK):
+            chunk = positions[start : start + _CHUNK]
+            args: list[str | int] = []
+            for _, (epoch, seq) in chunk:
+                args += (epoch, seq)
+            args += [new_epoch() for _ in chunk]
             with trio.fail_after(self.timeout):
-                await self._raise_script(
-                    keys=[self._seq_key(name) for name, _ in chunk],
-                    args=[seq for _, seq in chunk],
+                bumped = await self._check_script(
+                    keys=[self._topic_key(name) for name, _ in chunk], args=args
+                )
+            if bumped:
+                self._epochs += int(bumped)
+                logger.warning(
+                    "backplane %s went back (an older snapshot?): %d topics start a new epoch",
+                    self.shown_url,
+                    bumped,
                 )
 
     async def _backfill(self) -> None:
-        """Deliver the log's retained entries after ``_last_id`` (to fill histories)."""
+        """Fill the histories with the log's retained entries after ``_last_id``, without
+        delivering them to anyone."""
         client = self._client
         while True:
             with trio.fail_after(self.timeout):
@@ -352,7 +460,7 @@ class RedisBackplane:
             if not entries:
                 return
             for entry in entries:
-                await self._deliver(entry.identifier, entry.field_values)
+                await self._deliver(entry.identifier, entry.field_values, fill=True)
 
     async def _read_forever(self) -> NoReturn:
         client = self._client
@@ -363,86 +471,104 @@ class RedisBackplane:
                     {self._log_key: self._last_id}, count=1000, block=block_ms
                 )
             if not reply:
+                # Idle: check the log is still the one read (a Redis that lost its data
+                # behind a reconnect the reader did not see).
+                with trio.fail_after(self.timeout):
+                    log_id = await client.get(self._log_id_key)
+                if log_id is not None and log_id != self._log_id:
+                    raise _LogLost("the log was replaced: Redis lost its data")
                 continue
             for entries in reply.values():
                 for entry in entries:
                     await self._deliver(entry.identifier, entry.field_values)
 
-    async def _deliver(self, identifier: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _deliver(
+        self, identifier: bytes, fields: dict[bytes, bytes], *, fill: bool = False
+    ) -> None:
         """Deliver one log entry to the local topics (or skip it, logged, if it is not one
-        a relay wrote: someone else's XADD must not stop the relay)."""
+        a relay wrote: someone else's XADD must not stop the relay). ``fill``: retain it
+        only (see :meth:`Topics.deliver_numbered`)."""
         self._last_id = identifier
         topics = self._topics
         assert topics is not None
         try:
-            name, first_seq, origin, payloads, texts = decode_entry(fields)
+            entry = decode_entry(fields)
         except ValueError as exc:
             logger.error(
                 "backplane log entry %s skipped, not a relay's batch: %s", identifier, shown(exc)
             )
             return
-        relay_id, _, number_text = origin.partition(":")
+        relay_id, _, number_text = entry.origin.partition(":")
         pending: _Pending | None = None
         if relay_id == self.relay_id:
             number = int(number_text)
             if number in self._local_only:
                 del self._local_only[number]
-                return  # delivered locally already, while the backplane was down
+                fill = True  # delivered here already, under the local epoch: retain only
             pending = self._pending.pop(number, None)
         else:
             self._received += 1
         source, echo = (pending.source, pending.echo) if pending else (None, True)
-        report, renumbered = await topics.deliver_numbered(
-            name, first_seq, payloads, texts, source=source, echo=echo
+        report, new = await topics.deliver_numbered(
+            entry.topic,
+            entry.epoch,
+            entry.first_seq,
+            entry.payloads,
+            entry.texts,
+            source=source,
+            echo=echo,
+            fill=fill,
         )
-        if renumbered:
+        if not new:
             self._conflicts += 1
             logger.warning(
-                "topic %r: seq %d was numbered here alone during an outage; delivered as %d",
-                name,
-                first_seq,
-                report.seq,
+                "topic %r: epoch %s, seq %d read from the log again, or named twice (a Redis "
+                "that went back): skipped",
+                entry.topic,
+                entry.epoch,
+                entry.first_seq,
             )
         if pending is not None:
             pending.report = report
             pending.delivered.set()
 
-    async def _deliver_pending_locally(self) -> None:
-        """The backplane is down: own publishes still on their way are delivered here now
-        (and skipped if the log brings them later), so no local message waits for Redis."""
-        topics = self._topics
-        assert topics is not None
-        pending, self._pending = self._pending, {}
-        for number, item in sorted(pending.items()):
-            self._remember_local_only(number)
-            await self._publish_locally(topics, item)
+    async def position(self, topic: str) -> tuple[str, int] | None:
+        """The epoch and last number of ``topic`` in Redis; None if Redis has none for it
+        or cannot be asked now."""
+        if not self.up:
+            return None
+        try:
+            with trio.fail_after(self.timeout):
+                epoch, seq = await self._client.hmget(self._topic_key(topic), ["e", "s"])
+        except self._failures:
+            return None
+        if epoch is None:
+            return None
+        try:
+            return check_epoch(epoch.decode()), int(seq or 0)
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ publishing
 
     def _remember_local_only(self, number: int) -> None:
         self._local_only[number] = None
         while len(self._local_only) > _MAX_LOCAL_ONLY:
             self._local_only.popitem(last=False)
 
-    async def _publish_locally(self, topics: Topics, item: _Pending) -> None:
+    async def _publish_locally(
+        self, topics: Topics, item: _Pending, remote: bool | None
+    ) -> DeliveryReport:
         self._local += 1
         report = await topics.publish_locally(
-            item.name, item.payloads, item.texts, source=item.source, echo=item.echo
+            item.name,
+            item.payloads,
+            item.texts,
+            source=item.source,
+            echo=item.echo,
+            epoch=self.local_epoch,
         )
-        item.report = report
-        item.delivered.set()
-
-    async def last_number(self, topic: str) -> int:
-        """The last sequence number Redis handed out for ``topic`` (0 if unknown or if
-        Redis cannot be asked now)."""
-        if not self.up:
-            return 0
-        try:
-            with trio.fail_after(self.timeout):
-                value = await self._client.get(self._seq_key(topic))
-        except self._failures:
-            return 0
-        return int(value or 0)
-
-    # ------------------------------------------------------------------ publishing
+        return dataclasses.replace(report, remote=remote)
 
     async def publish(
         self,
@@ -454,38 +580,69 @@ class RedisBackplane:
         source: object,
         echo: bool,
     ) -> DeliveryReport:
-        """Append a batch to the log and return its report once this relay delivered it;
-        while Redis is unreachable, deliver it locally (``remote=False``)."""
+        """Append a batch to the log and return its report once this relay delivered it.
+
+        While Redis is unreachable, deliver it here only, under this relay's local epoch
+        (``remote=False``); if Redis gives no answer within ``timeout``, the same, with
+        ``remote=None``: it may be in the log after all (then every other relay delivers
+        it, and this one retains it only)."""
         item = _Pending(name, payloads, texts, source, echo)
         if not self.up:
-            await self._publish_locally(topics, item)
-            assert item.report is not None
-            return item.report
+            return await self._publish_locally(topics, item, False)
         number = next(self._numbers)
+        # Registered before the script runs: the reader may read the entry back before
+        # this task hears the answer.
         self._pending[number] = item
-        values = encode_values(payloads, texts)
+        epoch, last = topics.position(name)
+        deadline = (trio.current_time() + self.timeout) * 1000 + self._clock_offset
         try:
             with trio.fail_after(self.timeout):
-                await self._publish_script(
-                    keys=[self._seq_key(name), self._log_key],
+                answer = await self._publish_script(
+                    keys=[self._topic_key(name), self._log_key, self._log_id_key],
                     args=[
-                        topics.last_number(name),
+                        epoch,
+                        last,
+                        new_epoch(),
                         name,
                         f"{self.relay_id}:{number}",
                         self.log_size,
-                        *values,
+                        max(1, int(self.topic_ttl)),
+                        int(deadline),
+                        new_epoch(),
+                        *encode_values(payloads, texts),
                     ],
                 )
-            self._published += 1
         except self._failures as exc:
             logger.warning(
-                "backplane publish on %r failed (%s): delivered locally",
+                "backplane publish on %r got no answer (%s): delivered locally",
                 name,
                 shown(exc) or type(exc).__name__,
             )
-            if self._pending.pop(number, None) is not None:
-                self._remember_local_only(number)
-                await self._publish_locally(topics, item)
-        await item.delivered.wait()
-        assert item.report is not None
-        return item.report
+            if self._pending.pop(number, None) is None:
+                assert item.report is not None
+                return item.report  # in the log after all: the reader delivered it
+            self._remember_local_only(number)
+            return await self._publish_locally(topics, item, None)
+        if not answer:
+            # Past its deadline when Redis ran it: refused there, so it is in no log.
+            del self._pending[number]
+            return await self._publish_locally(topics, item, False)
+        self._published += 1
+        # Delivered here by the reader, with this report; if the reader is down meanwhile
+        # (it delivers the entry once back), the report says what the script named it.
+        with trio.move_on_after(self.timeout):
+            await item.delivered.wait()
+        if item.report is not None:
+            return item.report
+        epoch_text, first, _ = answer
+        return DeliveryReport(
+            name,
+            int(first),
+            len(payloads),
+            0,
+            0,
+            0,
+            True,
+            epoch=epoch_text.decode() if isinstance(epoch_text, bytes) else str(epoch_text),
+            backplane=True,
+        )

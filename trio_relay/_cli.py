@@ -591,9 +591,12 @@ def _json_line(item: Message | Gap) -> str:
     """``item`` as its ``trio-relay.v1`` frame, on one line (a gap also says ``reset``)."""
     if isinstance(item, Gap):
         frame: dict[str, object] = {"type": "gap", **dataclasses.asdict(item)}
-        frame["reset"] = item.reset
+        if not item.epoch:
+            del frame["epoch"]
     else:
         frame = {"type": "message", "topic": item.topic, "seq": item.seq}
+        if item.epoch:
+            frame["epoch"] = item.epoch
         if isinstance(item.data, str):
             frame["text"] = item.data
         else:

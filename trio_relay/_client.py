@@ -82,7 +82,7 @@ connection with a :class:`RelayConnectionClosed` (code 1009) saying so.
 
 Room for everything a relay with ``--max-message-size`` up to 2.6 MiB sends (the default is
 1 MiB): a raw message is at most that, an envelope ``message`` frame at most 6 times that
-plus 267 bytes (control characters are escaped as ``\\u00XX`` in JSON)."""
+plus 310 bytes (control characters are escaped as ``\\u00XX`` in JSON)."""
 
 # trio-websocket's close reason when a received message exceeds its max_message_size
 # (trio_websocket/_impl.py, _handle_message_event): its only sign that the client, not the
@@ -505,6 +505,8 @@ class Producer:
                     int(reply["dropped"]),
                     int(reply["evicted"]),
                     reply.get("remote"),
+                    epoch=str(reply.get("epoch", "")),
+                    backplane="remote" in reply,
                 )
             raise PublishRejected(self.url, str(reply.get("code")), str(reply.get("detail")))
 
@@ -622,9 +624,15 @@ def _item(url: str, frame: dict[str, Any]) -> Message | Gap | None:
             data: str | bytes = frame["text"]
         else:
             data = base64.b64decode(frame["binary"])
-        return Message(frame["topic"], int(frame["seq"]), data)
+        return Message(frame["topic"], int(frame["seq"]), data, str(frame.get("epoch", "")))
     if kind == "gap":
-        return Gap(frame["topic"], int(frame["since"]), int(frame["first"]))
+        return Gap(
+            frame["topic"],
+            int(frame["since"]),
+            int(frame["first"]),
+            str(frame.get("epoch", "")),
+            bool(frame.get("reset", False)),
+        )
     return None
 
 
@@ -651,6 +659,8 @@ class MessageStream:
         self.max_message_size = max_message_size
         self.welcome_seq: int | None = None
         """Envelope only: the topic's last sequence number when this connection subscribed."""
+        self.welcome_epoch: str | None = None
+        """Envelope only: the epoch of :attr:`welcome_seq`."""
 
     def __aiter__(self) -> MessageStream:
         return self
@@ -665,6 +675,7 @@ class MessageStream:
                 decoded = _decode(self.url, frame)
                 if decoded.get("type") == "welcome":
                     self.welcome_seq = int(decoded["seq"])
+                    self.welcome_epoch = decoded.get("epoch")
                     continue
                 item = _item(self.url, decoded)
                 if item is not None:
@@ -724,6 +735,7 @@ async def consume(
     stream: trio.abc.Stream | None = None,
     envelope: bool = False,
     since: int | None = None,
+    epoch: str | None = None,
     resume: bool = False,
     backoff: tuple[float, float] = (0.1, 5.0),
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
@@ -744,16 +756,20 @@ async def consume(
     Raw (the default), the iterator yields ``str`` and ``bytes``. With ``envelope=True``
     (the ``trio-relay.v1`` protocol) it yields :class:`Message` values (topic, sequence
     number, data) and, when messages asked for with ``since`` are no longer retained, a
-    :class:`Gap`. ``since=seq`` first replays the retained messages after ``seq``.
+    :class:`Gap`. ``since=seq`` first replays the retained messages after ``seq``;
+    ``epoch`` is the epoch of ``seq`` (as :attr:`Message.epoch` has it): a relay whose
+    numbering of the topic is another (it restarted, say) answers with a :class:`Gap`
+    whose ``reset`` is set, never with numbers of its own taken for yours.
 
     ``resume=True`` (envelope implied) keeps going across dropped connections: it
     reconnects with exponential ``backoff`` (first delay, cap) and resumes after the last
-    sequence number it yielded, so every message arrives exactly once, in order, or a Gap
-    says which are lost. The backoff starts over only once a connection has delivered
-    something (a relay that accepts and then drops every connection is retried ever more
-    slowly). It stops, raising the error from the iterator, on what would not heal: a
-    handshake answered with anything but 101 or a 5xx status (a refusal, or a server that
-    is not a WebSocket endpoint), and a message over ``max_message_size``.
+    epoch and sequence number it yielded, so every message arrives exactly once, in order,
+    or a Gap says which are lost (or, ``reset``, that the numbering changed). The backoff
+    starts over only once a connection has delivered something (a relay that accepts and
+    then drops every connection is retried ever more slowly). It stops, raising the error
+    from the iterator, on what would not heal: a handshake answered with anything but 101
+    or a 5xx status (a refusal, or a server that is not a WebSocket endpoint), and a
+    message over ``max_message_size``.
     ``connector`` (an async function returning a connected stream) replaces opening a TCP
     connection for each attempt (see :mod:`trio_relay.testing`).
 
@@ -786,13 +802,20 @@ async def consume(
         if stream is not None:
             raise ValueError("resume=True opens its own connections: pass a connector")
         async with _resuming(
-            url, connect_timeout, handshake, since, backoff, connector, max_message_size, on_state
+            url,
+            connect_timeout,
+            handshake,
+            (since, epoch),
+            backoff,
+            connector,
+            max_message_size,
+            on_state,
         ) as items:
             yield items
         return
     _report(ConsumerState("connecting", redact(url)), on_state)
     async with handshake(
-        _with_since(url, since),
+        _with_since(url, since, epoch),
         stream=stream,
         subprotocol=SUBPROTOCOL if envelope else None,
     ) as ws:
@@ -800,11 +823,14 @@ async def consume(
         yield MessageStream(url, ws, envelope=envelope, max_message_size=max_message_size)
 
 
-def _with_since(url: str, since: int | None) -> str:
+def _with_since(url: str, since: int | None, epoch: str | None = None) -> str:
     if since is None:
         return url
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "since"] + [("since", str(since))]
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("since", "epoch")]
+    query.append(("since", str(since)))
+    if epoch:
+        query.append(("epoch", epoch))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
@@ -824,7 +850,7 @@ async def _resuming(
     url: str,
     connect_timeout: float,
     handshake: Callable[..., AbstractAsyncContextManager[WebSocketConnection]],
-    since: int | None,
+    position: tuple[int | None, str | None],
     backoff: tuple[float, float],
     connector: Callable[[], Awaitable[trio.abc.Stream]] | None,
     max_message_size: int,
@@ -836,7 +862,7 @@ async def _resuming(
     send, receive = trio.open_memory_channel[Any](64)
 
     async def keep_consuming() -> None:
-        last = since
+        last, last_epoch = position  # where to resume: the last message's number and epoch
         delay = backoff[0]
         # Closed without a checkpoint: with `async with`, aclose()'s checkpoint could turn an
         # exception on its way out (KeyboardInterrupt raised in this task) into Cancelled
@@ -852,7 +878,7 @@ async def _resuming(
                         with trio.fail_after(connect_timeout):
                             stream = await connector()
                     async with handshake(
-                        _with_since(url, last), stream=stream, subprotocol=SUBPROTOCOL
+                        _with_since(url, last, last_epoch), stream=stream, subprotocol=SUBPROTOCOL
                     ) as ws:
                         _report(ConsumerState("connected", shown_url), on_state)
                         connection = MessageStream(
@@ -860,11 +886,15 @@ async def _resuming(
                         )
                         async for item in connection:
                             if isinstance(item, Message):
-                                if last is not None and item.seq <= last:
+                                if (
+                                    last is not None
+                                    and item.seq <= last
+                                    and item.epoch == (last_epoch or item.epoch)
+                                ):
                                     continue
-                                last = item.seq
+                                last, last_epoch = item.seq, item.epoch or None
                             elif isinstance(item, Gap):
-                                last = item.first - 1
+                                last, last_epoch = item.first - 1, item.epoch or None
                             await send.send(item)
                             delay = backoff[0]  # it delivered: the backoff starts over
                 except ClientError as exc:
@@ -879,7 +909,7 @@ async def _resuming(
                 if last is None and connection is not None:
                     # Dropped before any message: go on from where that connection started,
                     # as its welcome frame said, so nothing published meanwhile is lost.
-                    last = connection.welcome_seq
+                    last, last_epoch = connection.welcome_seq, connection.welcome_epoch
                 _report(ConsumerState("retrying", shown_url, reason, delay), on_state)
                 await trio.sleep(delay)
                 delay = min(delay * 2, backoff[1])

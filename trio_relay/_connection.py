@@ -56,9 +56,9 @@ from ._hooks import (
 )
 from ._limits import ConnectionLimits
 from ._listen import nowait_sender, peer_name
-from ._protocol import Publish, Reject, RelayProtocol, Subscribe, Unsubscribe, Upgrade
+from ._protocol import LiveGap, Publish, Reject, RelayProtocol, Subscribe, Unsubscribe, Upgrade
 from ._redact import MAX_SHOWN, shown
-from ._topics import Batch, Topics
+from ._topics import Batch, Cursor, Topics
 from ._v2 import TopicChannel
 
 __all__ = ["RelayConnection"]
@@ -285,6 +285,7 @@ class RelayConnection:
         async with self._topics.open_subscription(
             protocol.topic,
             since=protocol.since,
+            epoch=protocol.epoch,
             max_buffer=config.queue_size,
             max_bytes=config.max_queue_bytes,
             policy=config.overflow_policy,
@@ -565,7 +566,12 @@ class RelayConnection:
                             rendered = render(subscription.receive_nowait())
                             if rendered is not None:
                                 frames.append(rendered)
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    except (
+                        trio.WouldBlock,
+                        trio.EndOfChannel,
+                        trio.ClosedResourceError,
+                        LiveGap,  # nothing more renders: the 1001 close follows
+                    ):
                         pass
                     except SlowConsumerError:
                         return
@@ -580,7 +586,11 @@ class RelayConnection:
         takes now; return the rest (queued by the broadcast for a writer task) or None."""
         send_nowait = self._send_nowait
         assert send_nowait is not None
-        data = self.protocol.render(item)
+        try:
+            data = self.protocol.render(item)
+        except LiveGap as exc:
+            self._request_close(CloseCode.GAP, exc.reason)
+            return None
         if data is None:
             return None
         if self._writing or self._write_broken or self._remainder is not None:
@@ -638,6 +648,8 @@ class RelayConnection:
                     close = (CloseCode.SLOW_CONSUMER, "slow consumer")
                 except trio.EndOfChannel:
                     close = (CloseCode.GOING_AWAY, "relay shutting down")
+                except LiveGap as exc:
+                    close = (CloseCode.GAP, exc.reason)  # after what came before the gap
                 except trio.ClosedResourceError:
                     return  # unsubscribed: the connection is closing
                 if batch:
@@ -887,7 +899,7 @@ class RelayConnection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    _, close = protocol.opening(None, None, 0, trio.current_time())
+                    _, close = protocol.opening(None, None, Cursor("", 0), trio.current_time())
                     if close is not None:  # the token expired during the handshake
                         self._request_close(*close)
                         return
@@ -970,6 +982,7 @@ class RelayConnection:
         context = self._topics.open_subscription(
             topic,
             since=step.since,
+            epoch=step.epoch,
             max_buffer=config.queue_size,
             max_bytes=config.max_queue_bytes,
             policy=config.overflow_policy,

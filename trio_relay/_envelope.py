@@ -184,13 +184,18 @@ def dump(frame: dict[str, object]) -> bytes:
 _dump = dump
 
 
-def encode_message(topic: str, seq: int, payload: bytes, *, text: bool) -> bytes:
+def encode_message(topic: str, seq: int, payload: bytes, *, text: bool, epoch: str = "") -> bytes:
     """The JSON of a ``message`` frame (UTF-8 bytes, to be sent as a text frame); at most
-    :func:`max_message_frame` of ``len(payload)`` bytes."""
+    :func:`max_message_frame` of ``len(payload)`` bytes. ``epoch``: of ``seq`` (the relay
+    always has one; left out when empty)."""
+    frame: dict[str, object] = {"type": "message", "topic": topic, "seq": seq}
+    if epoch:
+        frame["epoch"] = epoch
     if text:
-        return _dump({"type": "message", "topic": topic, "seq": seq, "text": payload.decode()})
-    encoded = base64.b64encode(payload).decode("ascii")
-    return _dump({"type": "message", "topic": topic, "seq": seq, "binary": encoded})
+        frame["text"] = payload.decode()
+    else:
+        frame["binary"] = base64.b64encode(payload).decode("ascii")
+    return _dump(frame)
 
 
 def encode_ack(
@@ -201,26 +206,41 @@ def encode_ack(
     dropped: int,
     evicted: int,
     remote: bool | None = None,
+    epoch: str = "",
+    backplane: bool = False,
 ) -> bytes:
     """The JSON of an ``ack`` frame: the delivery report of one publish. ``remote`` (only
-    with a backplane): whether the message reached the other relays."""
+    with a ``backplane``): whether the message reached the other relays (``null``:
+    unknown). ``epoch``: of ``seq``."""
     frame: dict[str, object] = {"type": "ack", "topic": topic, "seq": seq}
+    if epoch:
+        frame["epoch"] = epoch
     if request_id is not None:
         frame["id"] = request_id
     frame.update(queued=queued, dropped=dropped, evicted=evicted)
-    if remote is not None:
+    if remote is not None or backplane:
         frame["remote"] = remote
     return _dump(frame)
 
 
-def encode_welcome(topic: str, seq: int) -> bytes:
-    """The JSON of a ``welcome`` frame: the topic's last sequence number at subscription."""
-    return _dump({"type": "welcome", "topic": topic, "seq": seq})
+def encode_welcome(topic: str, seq: int, epoch: str = "") -> bytes:
+    """The JSON of a ``welcome`` frame: the topic's epoch and last sequence number at
+    subscription."""
+    frame: dict[str, object] = {"type": "welcome", "topic": topic, "seq": seq}
+    if epoch:
+        frame["epoch"] = epoch
+    return _dump(frame)
 
 
-def encode_gap(topic: str, since: int, first: int) -> bytes:
-    """The JSON of a ``gap`` frame: messages ``since + 1`` to ``first - 1`` are gone."""
-    return _dump({"type": "gap", "topic": topic, "since": since, "first": first})
+def encode_gap(topic: str, since: int, first: int, epoch: str = "", reset: bool = False) -> bytes:
+    """The JSON of a ``gap`` frame: messages ``since + 1`` to ``first - 1`` are missing;
+    or, with ``reset``, the topic's numbering changed (``since`` was of another epoch, or
+    beyond it). What follows starts at ``first`` of ``epoch``."""
+    frame: dict[str, object] = {"type": "gap", "topic": topic, "since": since, "first": first}
+    if epoch:
+        frame["epoch"] = epoch
+    frame["reset"] = reset or first <= since
+    return _dump(frame)
 
 
 def encode_refreshed(request_id: str | int | None, expires: float | None) -> bytes:
@@ -245,11 +265,10 @@ def encode_error(
     return _dump(frame)
 
 
-MESSAGE_FRAME_OVERHEAD = len(
-    _dump({"type": "message", "topic": "t" * 200, "seq": 2**63 - 1, "binary": ""})
-)
+MESSAGE_FRAME_OVERHEAD = len(encode_message("t" * 200, 2**63 - 1, b"", text=False, epoch="e" * 32))
 """Bytes of a ``message`` frame's JSON around its payload, at most: a topic of 200
-characters (names are ASCII: nothing in them is escaped) and a 19-digit sequence number."""
+characters (names are ASCII: nothing in them is escaped), a 19-digit sequence number and
+an epoch of 32 characters (relays make 8)."""
 
 
 def max_message_frame(max_payload: int) -> int:

@@ -40,7 +40,7 @@ from ._hooks import (
 )
 from ._listen import peer_name
 from ._redact import shown
-from ._topics import DeliveryReport, Gap, Message, topic_from_path
+from ._topics import DeliveryReport, Gap, Message, check_epoch, topic_from_path
 
 if TYPE_CHECKING:
     from ._view import RelayView, TopicsView
@@ -313,17 +313,31 @@ def parse_history_query(query: bytes) -> tuple[str, int | None]:
 
 def report_document(report: DeliveryReport, offset: int = 0) -> dict[str, object]:
     """The answer for one published message: ``offset`` is its place in its batch (its
-    number is ``report.seq + offset``; the counts are those of the batch)."""
-    document: dict[str, object] = {
-        "topic": report.topic,
-        "seq": report.seq + offset,
-        "queued": report.queued,
-        "dropped": report.dropped,
-        "evicted": report.evicted,
-    }
-    if report.remote is not None:
+    number is ``report.seq + offset`` of ``report.epoch``; the counts are those of the
+    batch)."""
+    document: dict[str, object] = {"topic": report.topic, "seq": report.seq + offset}
+    if report.epoch:
+        document["epoch"] = report.epoch
+    document.update(queued=report.queued, dropped=report.dropped, evicted=report.evicted)
+    if report.remote is not None or report.backplane:
         document["remote"] = report.remote
     return document
+
+
+def history_epoch(query: bytes, since: int | None) -> str | None:
+    """The ``epoch`` of an ``/api/history`` query (that of ``since``), or None; raises
+    :class:`ApiError` 400 ``bad-epoch`` for one that cannot be an epoch, is repeated, or
+    comes without ``since``."""
+    fields = parse_qs(query.decode("ascii", "replace"), keep_blank_values=True, errors="replace")
+    values = fields.get("epoch")
+    if values is None:
+        return None
+    try:
+        if len(values) != 1 or since is None:
+            raise ValueError("give one epoch, with since (the epoch of since)")
+        return check_epoch(values[0])
+    except ValueError as exc:
+        raise ApiError(400, "bad-epoch", str(exc)) from None
 
 
 def batches(items: Sequence[PublishItem]) -> list[tuple[str, list[int]]]:
@@ -375,13 +389,15 @@ async def publish(topics: TopicsView, items: Sequence[PublishItem]) -> list[dict
 
 
 def history_document(
-    topic: str, seq: int, gap: Gap | None, messages: Iterable[Message]
+    topic: str, seq: int, gap: Gap | None, messages: Iterable[Message], epoch: str = ""
 ) -> dict[str, object]:
-    """The answer of ``/api/history``: the topic's last number, the gap (if any) and the
-    retained messages (``text``, or ``binary`` in base64)."""
+    """The answer of ``/api/history``: the topic's last number (of ``epoch``), the gap (if
+    any) and the retained messages (``text``, or ``binary`` in base64)."""
     document: dict[str, object] = {"topic": topic, "seq": seq}
+    if epoch:
+        document["epoch"] = epoch
     if gap is not None:
-        document["gap"] = {"since": gap.since, "first": gap.first}
+        document["gap"] = {"since": gap.since, "first": gap.first, "reset": gap.reset}
     document["messages"] = [
         {"seq": message.seq, "text": message.data}
         if isinstance(message.data, str)
@@ -452,8 +468,11 @@ async def _respond(
             raise ApiError(
                 403, "forbidden", f"the token does not allow subscribing to {_quote(topic)}"
             )
-        seq, gap, messages = await server.topics.retained(topic, since)
-        return 200, history_document(topic, seq, gap, messages)
+        epoch = history_epoch(query, since)
+        seq, gap, messages = await server.topics.retained(topic, since, epoch)
+        # No checkpoint since: the position is the one the answer was read at.
+        here = gap.epoch if gap is not None else server.topics.position(topic)[0]
+        return 200, history_document(topic, seq, gap, messages, here)
     check_content_type(request.headers)
     max_message_size = server.config.max_message_size
     limit = body_limit(max_message_size)

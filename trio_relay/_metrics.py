@@ -140,9 +140,15 @@ class _RelayCollector:
                 backplane.reconnects,
             )
             yield counter(
-                "trio_relay_backplane_batches_renumbered",
-                "Batches renumbered after relays numbered a topic alone during an outage.",
+                "trio_relay_backplane_entries_skipped",
+                "Log entries skipped: this relay had their names already (read again, or "
+                "named twice by a Redis that went back to an older snapshot).",
                 backplane.conflicts,
+            )
+            yield counter(
+                "trio_relay_backplane_epochs_started",
+                "Topics this relay started a fresh epoch of, finding that Redis went back.",
+                backplane.epochs,
             )
 
 

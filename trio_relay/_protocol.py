@@ -73,7 +73,7 @@ from ._parser import (
     ProtocolError,
 )
 from ._redact import MAX_SHOWN, shown
-from ._topics import Batch, DeliveryReport, Gap, topic_from_path
+from ._topics import Batch, Cursor, DeliveryReport, Gap, check_epoch, topic_from_path
 from ._v2 import (
     SUBPROTOCOL_V2,
     Subscribe,
@@ -87,6 +87,7 @@ from ._v2 import (
 __all__ = [
     "MAX_REQUEST_HEAD",
     "OVER_BUDGET",
+    "LiveGap",
     "Publish",
     "Received",
     "Reject",
@@ -261,6 +262,42 @@ def _since(values: list[str] | None) -> int | None:
     return int(values[0])
 
 
+def _epoch(values: list[str] | None, since: int | None) -> str | None:
+    """The ``epoch`` query parameter (of ``since``): as the relay sent it, or absent."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError("'epoch' must be given once")
+    if since is None:
+        raise ValueError("'epoch' is the epoch of 'since': give both")
+    try:
+        return check_epoch(values[0])
+    except ValueError as exc:
+        raise ValueError(f"'epoch': {exc}") from None
+
+
+def gap_frame(gap: Gap) -> bytes:
+    """The ``gap`` frame (framed) that tells an envelope client about ``gap``."""
+    return _text_frame(encode_gap(gap.topic, gap.since, gap.first, gap.epoch, gap.reset))
+
+
+def gap_reason(gap: Gap) -> str:
+    """The reason of the 4410 close that tells a raw client about ``gap``."""
+    if gap.reset:
+        return f"the topic's numbering changed (since={gap.since}); it goes on from {gap.first}"
+    return f"messages {gap.since + 1} to {gap.first - 1} are missing"
+
+
+class LiveGap(Exception):
+    """A raw client's topic skipped numbers or changed epoch while it was subscribed (raised
+    by :meth:`RelayProtocol.render`): a raw client cannot be told in-band, so the shell
+    closes it with 4410 and :attr:`reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RelayProtocol:
     """One connection's protocol state: feed it bytes and time, act on what it returns.
 
@@ -286,6 +323,7 @@ class RelayProtocol:
         "channels",
         "config",
         "envelope",
+        "epoch",
         "expires",
         "grant",
         "may_read",
@@ -318,6 +356,8 @@ class RelayProtocol:
         # after (query "since").
         self.topic = ""
         self.since: int | None = None
+        self.epoch: str | None = None
+        """The epoch of ``since`` (query ``epoch``), None if not given."""
         self.envelope = False
         self.may_read = self.may_write = not hooked
         self.grant: Grant = NOBODY if hooked else OPEN
@@ -334,9 +374,9 @@ class RelayProtocol:
         self.channels: dict[str, TopicChannel] = {}
         self.path_topic: str | None = None
         self._publish_grants: dict[str, bool] = {}
-        # The highest sequence number of this topic already sent to this client: replays
-        # and live batches meet here without duplicates.
-        self._cursor = 0
+        # The epoch and highest sequence number of this topic already sent to this client:
+        # replays and live batches meet here without duplicates, and a skip is told.
+        self._cursor = Cursor("", 0)
         self._parser = FrameParser(config.max_message_size)
         # This connection's share of the relay's budget for unfinished incoming messages
         # (shared by all its connections; a budget of its own when none is given).
@@ -391,6 +431,7 @@ class RelayProtocol:
             self.topic = topic_from_path(unquote(target.path))
             query = parse_qs(target.query)
             self.since = _since(query.get("since"))
+            self.epoch = _epoch(query.get("epoch"), self.since)
         except ValueError as exc:
             # The path only, cut short: the query may hold the token.
             path = shown(target.path, 128)
@@ -482,7 +523,7 @@ class RelayProtocol:
         return data
 
     def opening(
-        self, gap: Gap | None, replay: Batch | None, cursor: int, now: float
+        self, gap: Gap | None, replay: Batch | None, cursor: Cursor, now: float
     ) -> tuple[bytes, tuple[int, str] | None]:
         """What the client gets first once subscribed (welcome, gap, replayed messages), or
         a close instead: a raw client cannot be told about a gap in-band (close 4410); a
@@ -498,18 +539,16 @@ class RelayProtocol:
         if self.config.ping_interval > 0:
             self._next_ping = now + self.config.ping_interval
         if gap is not None and not self.envelope:
-            if gap.first > gap.since:
-                reason = f"messages {gap.since + 1} to {gap.first - 1} are no longer retained"
+            if gap.reset:
+                reason = f"since={gap.since} is not of this topic's numbering (a reset)"
             else:
-                reason = f"since={gap.since} is beyond this topic's last sequence number"
+                reason = f"messages {gap.since + 1} to {gap.first - 1} are no longer retained"
             return b"", (CloseCode.GAP, reason)
         first: list[bytes] = []
         if self.envelope and not self.v2:
-            body = encode_welcome(self.topic, cursor)
-            first += (frame_header(len(body), text=True), body)
+            first.append(_text_frame(encode_welcome(self.topic, cursor.seq, cursor.epoch)))
         if gap is not None:
-            body = encode_gap(gap.topic, gap.since, gap.first)
-            first += (frame_header(len(body), text=True), body)
+            first.append(gap_frame(gap))
         if replay is not None and self.may_read:
             first.append(replay.envelope() if self.envelope else replay.raw)
         return b"".join(first), None
@@ -755,6 +794,8 @@ class RelayProtocol:
                 report.dropped,
                 report.evicted,
                 report.remote,
+                report.epoch,
+                report.backplane,
             )
             frames += (frame_header(len(body), text=True), body)
         return b"".join(frames)
@@ -783,14 +824,20 @@ class RelayProtocol:
                 raise EnvelopeError("forbidden", detail, request.id, topic)
             return request
         if request.kind == "subscribe":
-            return self._subscribe(request.topic, request.since, request.id)
+            return self._subscribe(request.topic, request.since, request.id, request.epoch)
         channel = self.channels.pop(request.topic, None)
         if channel is None:
             detail = f"this connection is not subscribed to topic {request.topic!r}"
             raise EnvelopeError("not-subscribed", detail, request.id, request.topic)
         return Unsubscribe(channel, request.id)
 
-    def _subscribe(self, topic: str, since: int | None, request_id: str | int | None) -> Subscribe:
+    def _subscribe(
+        self,
+        topic: str,
+        since: int | None,
+        request_id: str | int | None,
+        epoch: str | None = None,
+    ) -> Subscribe:
         if not self.grant.may_subscribe(topic):
             detail = f"the token does not allow subscribing to topic {topic!r}"
             raise EnvelopeError("forbidden", detail, request_id, topic)
@@ -802,7 +849,7 @@ class RelayProtocol:
             detail = f"this connection is at its limit of {cap} subscriptions"
             raise EnvelopeError("too-many-subscriptions", detail, request_id, topic)
         channel = self.channels[topic] = TopicChannel(topic)
-        return Subscribe(channel, since, request_id)
+        return Subscribe(channel, since, request_id, epoch)
 
     def subscribe_path(self) -> Subscribe | bytes | None:
         """v2: the subscription the connection's path asks for (with the query's ``since``),
@@ -811,21 +858,22 @@ class RelayProtocol:
         if self.path_topic is None:
             return None
         try:
-            return self._subscribe(self.path_topic, self.since, None)
+            return self._subscribe(self.path_topic, self.since, None, self.epoch)
         except EnvelopeError as exc:
             return _text_frame(encode_error(exc.code, exc.detail, None, exc.topic))
 
     def subscribed(
-        self, request: Subscribe, gap: Gap | None, replay: Batch | None, cursor: int
+        self, request: Subscribe, gap: Gap | None, replay: Batch | None, cursor: Cursor
     ) -> bytes:
         """The shell made the subscription: the ``subscribed`` frame, then the gap (if any)
         and the replayed messages, all of which go out before any live message of it."""
         channel = request.channel
         channel.cursor = cursor
         channel.open = True
-        first = [_text_frame(encode_subscribed(channel.topic, cursor, request.id))]
+        subscribed = encode_subscribed(channel.topic, cursor.seq, request.id, cursor.epoch)
+        first = [_text_frame(subscribed)]
         if gap is not None:
-            first.append(_text_frame(encode_gap(gap.topic, gap.since, gap.first)))
+            first.append(gap_frame(gap))
         if replay is not None:
             first.append(replay.envelope())
         return b"".join(first)
@@ -862,39 +910,53 @@ class RelayProtocol:
         """:meth:`render` for one v2 subscription, with that topic's own cursor."""
         if isinstance(item, bytes):
             return item
-        if item.source is self and not item.echo:
-            channel.cursor = item.last_seq
-            return None
-        if item.first_seq <= channel.cursor:
-            fresh = item.after(channel.cursor)  # already sent by the replay
+        cursor = channel.cursor
+        if item.epoch == cursor.epoch and item.first_seq == cursor.seq + 1:
+            cursor.seq = item.last_seq  # the common case, inline: what Cursor.take does
+        else:
+            gap, fresh = cursor.take(item)
+            if gap is not None:
+                rest = None if fresh is None else self._rendered(fresh, True)
+                return gap_frame(gap) if rest is None else gap_frame(gap) + rest
             if fresh is None:
                 return None
             item = fresh
-        channel.cursor = item.last_seq
+        return self._rendered(item, True)
+
+    def _rendered(self, item: Batch, envelope: bool) -> bytes | None:
+        if item.source is self and not item.echo:
+            return None
         self._counters.messages_out += len(item.payloads)
-        return item.envelope()
+        return item.envelope() if envelope else item.raw
 
     # ------------------------------------------------------------------ bytes out
 
     def render(self, item: Batch | bytes) -> bytes | None:
         """The bytes this client gets for a published batch (or an item of its own, passed
         through), or None if it gets nothing: its own message without echo, messages the
-        replay already gave it, or anything with a publish-only token."""
+        replay already gave it, or anything with a publish-only token. Where the topic
+        skipped numbers or changed epoch since the client's last message, an envelope
+        client gets a ``gap`` frame first; a raw client cannot: :class:`LiveGap` is
+        raised (close it with 4410)."""
         if isinstance(item, bytes):
             return item
         if not self.may_read:
             return None
-        if item.source is self and not item.echo:
-            self._cursor = item.last_seq
-            return None
-        if item.first_seq <= self._cursor:
-            fresh = item.after(self._cursor)  # already sent by the replay
-            if fresh is None:
+        cursor = self._cursor
+        if item.epoch == cursor.epoch and item.first_seq == cursor.seq + 1:
+            cursor.seq = item.last_seq  # the common case, inline: what Cursor.take does
+            if item.source is self and not item.echo:
                 return None
-            item = fresh
-        self._cursor = item.last_seq
-        self._counters.messages_out += len(item.payloads)
-        return item.envelope() if self.envelope else item.raw
+            self._counters.messages_out += len(item.payloads)
+            return item.envelope() if self.envelope else item.raw
+        gap, fresh = cursor.take(item)
+        if gap is not None:
+            if not self.envelope:
+                self.may_read = False  # nothing more: the 4410 close is all it gets
+                raise LiveGap(gap_reason(gap))
+            rest = None if fresh is None else self._rendered(fresh, True)
+            return gap_frame(gap) if rest is None else gap_frame(gap) + rest
+        return None if fresh is None else self._rendered(fresh, self.envelope)
 
     def keepalive(self, now: float) -> bytes | tuple[int, str] | None:
         """Ping every ``ping_interval`` seconds: the ping frame to queue like any message

@@ -71,7 +71,7 @@ measured with tracemalloc), counted against ``history_total_bytes`` while it ret
 anything: a topic kept only for its history is paid for by the history budget."""
 _TOPIC = re.compile(r"[A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*")
 MAX_EPOCH_LENGTH = 32
-_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_EPOCH_LENGTH)
+_EPOCH = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_EPOCH_LENGTH}}}")
 
 
 def new_epoch() -> str:
@@ -85,7 +85,7 @@ def check_epoch(value: str) -> str:
     makes 8 hex digits), else ``ValueError`` saying so."""
     if not _EPOCH.fullmatch(value):
         raise ValueError(
-            f"an epoch is 1 to {MAX_EPOCH_LENGTH} letters, digits, '_' or '-' (as the relay sent it)"
+            f"an epoch is 1 to {MAX_EPOCH_LENGTH} letters, digits, '_' or '-', as the relay sent it"
         )
     return value
 
@@ -163,9 +163,12 @@ class DeliveryReport:
     assigned, and the messages were queued for, dropped for, or evicted ``queued``,
     ``dropped`` and ``evicted`` subscribers (of this relay).
 
-    ``remote`` is None without a backplane; with one, True when the messages went through
-    it to every relay, False when it was unreachable and only this relay's subscribers
-    got them. ``epoch`` is the epoch of the numbers (see :class:`Message`)."""
+    ``remote`` is None without a backplane (``backplane`` False); with one, True when the
+    messages went through it to every relay, False when it was unreachable and only this
+    relay's subscribers got them (numbered in a relay-local epoch), and None when it did
+    not answer in time: they may or may not have reached the others (republish with the
+    same idempotency key to be sure). ``epoch`` is the epoch of the numbers (see
+    :class:`Message`)."""
 
     topic: str
     seq: int
@@ -175,6 +178,8 @@ class DeliveryReport:
     evicted: int
     remote: bool | None = None
     epoch: str = field(default="", compare=False)
+    backplane: bool = field(default=False, compare=False)
+    """Whether the relay has a backplane (then ``remote`` says what it did)."""
 
 
 # A retained message: (seq, time, payload, text). A plain tuple: one is made per message.
@@ -460,7 +465,7 @@ class Backplane(Protocol):
 
     The backplane drives the topics back through their public surface for it:
     :meth:`Topics.deliver_numbered`, :meth:`Topics.publish_locally`,
-    :meth:`Topics.learn`, :meth:`Topics.position` and :meth:`Topics.positions`.
+    :meth:`Topics.position` and :meth:`Topics.positions`.
     """
 
     async def publish(
@@ -834,6 +839,7 @@ class Topics:
             report.evicted,
             False if self.backplane is not None else None,
             epoch=batch.epoch,
+            backplane=self.backplane is not None,
         )
 
     async def deliver_numbered(
@@ -857,8 +863,8 @@ class Topics:
         means two messages); only its numbers this relay has not had are delivered. A
         batch of another epoch starts that numbering here (what the topic retained goes:
         it was of the old one); one that skips numbers (the log lost or trimmed them)
-        empties the history (it would not be whole) and is marked :attr:`Batch.gap`, so
-        that live subscribers get a :class:`Gap` with it.
+        empties the history (it would not be whole). Either is marked :attr:`Batch.gap`
+        unless it starts at 1, so that live subscribers get a :class:`Gap` with it.
 
         ``fill``: retain only; live subscribers do not get it (a relay filling its
         histories from the log). A new topic past ``max_topics`` is not made: nobody here
@@ -873,16 +879,22 @@ class Topics:
                 record = self._retired.get(name)
                 if record is None or record[0] != epoch or last > record[1]:
                     self._retire(name, epoch, last)
-                report = DeliveryReport(name, first_seq, count, 0, 0, 0, True, epoch=epoch)
+                report = DeliveryReport(
+                    name, first_seq, count, 0, 0, 0, True, epoch=epoch, backplane=True
+                )
                 return report, True
         topic = self._get(name)
         async with topic.lock:
             gap = False
             if epoch != topic.epoch:
+                # Another numbering: what came before `first_seq` in it is not here.
                 self._switch(topic, epoch)
                 topic.last_seq = first_seq - 1
+                gap = first_seq > 1
             elif last <= topic.last_seq:
-                return DeliveryReport(name, first_seq, count, 0, 0, 0, True, epoch=epoch), False
+                return DeliveryReport(
+                    name, first_seq, count, 0, 0, 0, True, epoch=epoch, backplane=True
+                ), False
             elif first_seq <= topic.last_seq:
                 skip = topic.last_seq - first_seq + 1
                 first_seq, payloads, texts = topic.last_seq + 1, payloads[skip:], texts[skip:]
@@ -894,7 +906,9 @@ class Topics:
             batch = Batch(name, first_seq, payloads, texts, source, echo, epoch=epoch, gap=gap)
             self._commit(topic, batch)
             if fill:
-                report = DeliveryReport(name, first_seq, len(payloads), 0, 0, 0, True, epoch=epoch)
+                report = DeliveryReport(
+                    name, first_seq, len(payloads), 0, 0, 0, True, epoch=epoch, backplane=True
+                )
                 return report, True
             published = await topic.broadcast.publish(batch)
         report = DeliveryReport(
@@ -906,18 +920,9 @@ class Topics:
             published.evicted,
             True,
             epoch=epoch,
+            backplane=True,
         )
         return report, True
-
-    def learn(self, name: str, epoch: str, seq: int) -> None:
-        """A backplane says where topic ``name``'s shared numbering is (``epoch``, last
-        number ``seq``): taken if this relay does not know yet (the topic is still in this
-        relay's own epoch, unnumbered), so that its subscribers start from there."""
-        topic = self._topics.get(name)
-        if topic is None or topic.epoch != self.epoch or topic.last_seq or topic.lock.locked():
-            return
-        self._switch(topic, epoch)
-        topic.last_seq = seq
 
     def last_number(self, name: str) -> int:
         """The last sequence number topic ``name`` has had here (0 if none), in its current
@@ -1001,19 +1006,16 @@ class Topics:
         self, name: str, since: int | None, epoch: str | None
     ) -> tuple[str, int] | None:
         """With a backplane, ask it where topic ``name``'s shared numbering is when this
-        relay cannot tell alone: the topic is not numbered here yet (its first subscriber
-        then starts from there, not from 0), or ``since`` is ahead of this relay (numbered
-        elsewhere and on its way here, or never numbered: only the backplane knows)."""
+        relay cannot tell alone: the topic is not numbered here yet (a subscriber then
+        starts from there: what was numbered before it is not its to get), or ``since`` is
+        ahead of this relay (numbered elsewhere and on its way here, or never numbered:
+        only the backplane knows)."""
         if self.backplane is None:
             return None
         here, last = self.position(name)
-        if here == self.epoch and not last and not self.subscribers(name):
-            shared = await self.backplane.position(name)
-            if shared is not None:
-                self._get(name)  # a TooManyTopicsError here, before anything is subscribed
-                self.learn(name, *shared)
-            return shared
-        if since is not None and since > last and epoch in (None, here):
+        if (here == self.epoch and not last) or (
+            since is not None and since > last and epoch in (None, here)
+        ):
             return await self.backplane.position(name)
         return None
 
@@ -1025,21 +1027,32 @@ class Topics:
         shared: tuple[str, int] | None = None,
     ) -> tuple[Gap | None, Batch | None, Cursor]:
         current, last = topic.epoch, topic.last_seq
+        if since is not None and since < 0:
+            raise ValueError("since must be a sequence number >= 0")
+        if shared is not None and current == self.epoch and not last:
+            # Not numbered here yet (only a backplane's entries number it): the subscriber
+            # starts where the shared numbering is. What comes of it that it has not had
+            # (on its way here) reaches it; what this relay never gets is a gap then.
+            shared_epoch, shared_last = shared
+            if since is None:
+                return None, None, Cursor(shared_epoch, shared_last)
+            if since == 0 or (epoch in (None, shared_epoch) and since <= shared_last):
+                return None, None, Cursor(shared_epoch, since)
+            reset = Gap(topic.name, since, shared_last + 1, shared_epoch, reset=True)
+            return reset, None, Cursor(shared_epoch, shared_last)
         if since is None or (since == last and epoch in (None, current)):
             return None, None, Cursor(current, last)
-        if since < 0:
-            raise ValueError("since must be a sequence number >= 0")
         self._trim(topic, trio.current_time())
         history = topic.history
         first = history.first_seq if history.first_seq is not None else last + 1
         if since == 0 or (epoch in (None, current) and since < last):
             gap = Gap(topic.name, since, first, current) if since + 1 < first else None
             return gap, history.after(since, topic.name, current), Cursor(current, last)
-        if epoch in (None, current) and shared is not None and shared[0] == current:
-            if since <= shared[1]:
-                # Numbered by another relay and not read from the log here yet: it is on
-                # its way, so the subscriber goes on from `since` with nothing to replay.
-                return None, None, Cursor(current, since)
+        ahead = shared is not None and shared[0] == current and since <= shared[1]
+        if epoch in (None, current) and ahead:
+            # Numbered by another relay and not read from the log here yet: it is on its
+            # way, so the subscriber goes on from `since` with nothing to replay.
+            return None, None, Cursor(current, since)
         # Of another numbering (the relay restarted, the backplane lost the topic, a relay
         # numbered it alone), or beyond anything this topic numbered: say so (a reset),
         # and give everything retained.

@@ -22,7 +22,7 @@ from ._envelope import (
     request_id_of,
 )
 from ._redact import shown
-from ._topics import topic_from_path
+from ._topics import Cursor, check_epoch, topic_from_path
 
 __all__ = [
     "MAX_ECHOED_TOPIC",
@@ -46,15 +46,16 @@ _MAX_SINCE = 2**63
 
 
 class TopicChannel:
-    """One topic of a v2 connection, as the protocol sees it: the topic and the highest
-    sequence number of it already sent (the replay and live batches meet there without
-    duplicates). ``open`` is False while the subscription is being made."""
+    """One topic of a v2 connection, as the protocol sees it: the topic and the epoch and
+    highest sequence number of it already sent (its :class:`~trio_relay._topics.Cursor`:
+    the replay and live batches meet there without duplicates, and a skip is told).
+    ``open`` is False while the subscription is being made."""
 
     __slots__ = ("cursor", "open", "topic")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.cursor = 0
+        self.cursor = Cursor("", 0)
         self.open = False
 
     def __repr__(self) -> str:
@@ -66,12 +67,20 @@ class Subscribe:
     the subscription (the server's limits may still refuse it), then answer with
     :meth:`RelayProtocol.subscribed` or :meth:`RelayProtocol.refused`."""
 
-    __slots__ = ("channel", "id", "since")
+    __slots__ = ("channel", "epoch", "id", "since")
 
-    def __init__(self, channel: TopicChannel, since: int | None, request_id: str | int | None):
+    def __init__(
+        self,
+        channel: TopicChannel,
+        since: int | None,
+        request_id: str | int | None,
+        epoch: str | None = None,
+    ):
         self.channel = channel
         self.since = since
         self.id = request_id
+        self.epoch = epoch
+        """The epoch of ``since``, None if not given."""
 
     def __repr__(self) -> str:
         return f"<Subscribe {self.channel.topic!r} since={self.since} id={self.id!r}>"
@@ -93,17 +102,23 @@ class Unsubscribe:
 
 class SubscriptionFrame:
     """A parsed ``subscribe`` or ``unsubscribe`` frame (``kind``), not yet checked against
-    the connection (``since`` is None for ``unsubscribe``)."""
+    the connection (``since`` and ``epoch`` are None for ``unsubscribe``)."""
 
-    __slots__ = ("id", "kind", "since", "topic")
+    __slots__ = ("epoch", "id", "kind", "since", "topic")
 
     def __init__(
-        self, kind: str, topic: str, since: int | None, request_id: str | int | None
+        self,
+        kind: str,
+        topic: str,
+        since: int | None,
+        request_id: str | int | None,
+        epoch: str | None = None,
     ) -> None:
         self.kind = kind
         self.topic = topic
         self.since = since
         self.id = request_id
+        self.epoch = epoch
 
 
 def quoted_topic(value: object) -> str | None:
@@ -134,7 +149,7 @@ def parse_v2_frame(
     Returns a :class:`PublishRequest` (with its ``topic``), a parsed ``subscribe`` /
     ``unsubscribe`` frame, or a ``refresh`` (as in v1). Raises :class:`EnvelopeError`
     with code ``binary-frame``, ``not-json``, ``bad-frame``, ``unknown-type``,
-    ``bad-topic``, ``bad-since`` or ``bad-payload``, carrying the frame's ``id`` and
+    ``bad-topic``, ``bad-since``, ``bad-epoch`` or ``bad-payload``, carrying the frame's ``id`` and
     ``topic`` where they were readable.
     Fields a frame does not use are ignored.
     """
@@ -171,7 +186,15 @@ def parse_v2_frame(
                 request_id,
                 topic,
             )
-        return SubscriptionFrame("subscribe", topic, since, request_id)
+        epoch = frame.get("epoch")
+        if epoch is not None:
+            try:
+                if not isinstance(epoch, str) or since is None:
+                    raise ValueError('"epoch" is the epoch of "since": a string, with "since"')
+                check_epoch(epoch)
+            except ValueError as exc:
+                raise EnvelopeError("bad-epoch", str(exc), request_id, topic) from None
+        return SubscriptionFrame("subscribe", topic, since, request_id, epoch)
     if kind == "refresh":
         token = frame.get("token")
         if not isinstance(token, str) or not token:
@@ -184,10 +207,12 @@ def parse_v2_frame(
     )
 
 
-def encode_subscribed(topic: str, seq: int, request_id: str | int | None) -> bytes:
-    """The JSON of a ``subscribed`` frame: the topic's last sequence number when the
-    subscription was made (what v1's ``welcome`` says)."""
+def encode_subscribed(topic: str, seq: int, request_id: str | int | None, epoch: str = "") -> bytes:
+    """The JSON of a ``subscribed`` frame: the topic's epoch and last sequence number when
+    the subscription was made (what v1's ``welcome`` says)."""
     frame: dict[str, object] = {"type": "subscribed", "topic": topic, "seq": seq}
+    if epoch:
+        frame["epoch"] = epoch
     if request_id is not None:
         frame["id"] = request_id
     return dump(frame)

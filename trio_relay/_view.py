@@ -75,11 +75,13 @@ class TopicsView(Protocol):
     ) -> DeliveryReport: ...
 
     async def retained(
-        self, name: str, since: int | None = None
+        self, name: str, since: int | None = None, epoch: str | None = None
     ) -> tuple[int, Gap | None, list[Message]]: ...
 
     @property
     def retained_bytes(self) -> int: ...
+
+    def position(self, name: str) -> tuple[str, int]: ...
 
 
 class RelayView(Protocol):
