@@ -589,3 +589,21 @@ async def health(server: RelayServer) -> dict[str, object]:
             _, _, body = await http_request(listeners[0].socket.getsockname()[1], "/healthz")
         nursery.cancel_scope.cancel()
     return json.loads(body)  # type: ignore[no-any-return]
+
+
+async def test_the_relay_reads_redis_clock_to_the_millisecond(redis_server: RedisServer) -> None:
+    # Publishes carry a deadline in Redis's time; coredis 6.9's time() drops the
+    # microseconds (up to a second off), so the backplane reads TIME itself.
+    import coredis
+
+    async with relays(redis_server.url, 1) as (a,):
+        assert a.backplane is not None
+        client = coredis.Redis.from_url(redis_server.url, decode_responses=False)
+        async with client:
+            read_by_script = client.register_script("return redis.call('TIME')")
+            before = trio.current_time()
+            seconds, microseconds = await read_by_script(keys=[], args=[])
+            after = trio.current_time()
+        redis_ms = int(seconds) * 1000 + int(microseconds) / 1000
+        estimate = (before + after) * 500 + a.backplane._clock_offset
+        assert abs(estimate - redis_ms) < 50 + (after - before) * 1000

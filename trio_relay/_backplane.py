@@ -285,6 +285,7 @@ class RedisBackplane:
         self._client: Any = None
         self._publish_script: Any = None
         self._check_script: Any = None
+        self._time_script: Any = None
         self._numbers = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         # Own publishes delivered locally (Redis gave no answer in time) that may still be
@@ -349,6 +350,7 @@ class RedisBackplane:
             self._client = client
             self._publish_script = client.register_script(_PUBLISH)
             self._check_script = client.register_script(_CHECK)
+            self._time_script = client.register_script("return redis.call('TIME')")
             started = False
             backoff = INITIAL_BACKOFF
             failures = 0
@@ -391,10 +393,13 @@ class RedisBackplane:
         assert topics is not None
         with trio.fail_after(self.timeout):
             sent = trio.current_time()
-            now = await client.time()  # Redis's clock: the log's IDs are its ms
-            received = trio.current_time()
-        now_ms = now.timestamp() * 1000
-        self._clock_offset = now_ms - (sent + received) * 500
+            # Redis's clock (the log's IDs are its ms), read by a script: coredis 6.9's
+            # time() drops the microseconds (tests/test_backplane.py pins the reading).
+            seconds, microseconds = await self._time_script(keys=[], args=[])
+        now_ms = int(seconds) * 1000 + int(microseconds) / 1000
+        # Redis read its clock at `sent` or later: taking `sent` errs towards later
+        # deadlines, so Redis never refuses a publish whose answer could still be waited for.
+        self._clock_offset = now_ms - sent * 1000
         with trio.fail_after(self.timeout):
             await client.set(self._log_id_key, new_epoch().encode(), condition=PureToken.NX)
             log_id = await client.get(self._log_id_key)
@@ -594,7 +599,11 @@ class RedisBackplane:
         # this task hears the answer.
         self._pending[number] = item
         epoch, last = topics.position(name)
-        deadline = (trio.current_time() + self.timeout) * 1000 + self._clock_offset
+        # Redis refuses the script past half the time this relay waits for it: one that
+        # ran late enough for the answer to miss the wait never appends (the other half
+        # is the margin for the clock's estimate), so "no answer" almost always means
+        # "not published", and a republish cannot make a second copy.
+        deadline = (trio.current_time() + self.timeout / 2) * 1000 + self._clock_offset
         try:
             with trio.fail_after(self.timeout):
                 answer = await self._publish_script(
