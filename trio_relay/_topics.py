@@ -120,13 +120,13 @@ class Message:
 
     ``(epoch, seq)`` names it: within one ``epoch`` (one numbering of the topic) every
     ``seq`` is one message. Equality leaves ``epoch`` out, so that messages compare by topic,
-    number and data as they did before epochs; compare ``(m.epoch, m.seq)`` to tell two
-    numberings apart."""
+    number and data as they did before epochs, and so does its repr; compare
+    ``(m.epoch, m.seq)`` to tell two numberings apart."""
 
     topic: str
     seq: int
     data: str | bytes
-    epoch: str = field(default="", compare=False)
+    epoch: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
