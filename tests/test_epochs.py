@@ -17,6 +17,7 @@ import trio.testing
 from helpers import EPOCH, HOST, RawClient, rejected, upgrade_request
 from wsproto.events import AcceptConnection, Request
 
+import trio_relay
 from trio_relay import SUBPROTOCOL, Gap, Message, consume
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
@@ -254,3 +255,34 @@ async def test_a_resuming_consumer_resumes_with_its_epoch_and_is_told_of_a_resta
             gap = await anext(items)
             assert gap == Gap("t", 2, 1, two.server.topics.epoch, reset=True)
             assert [(await anext(items)).data for _ in range(3)] == ["a@1", "b@1", "c@1"]
+
+
+async def test_a_v2_session_resumes_with_its_epoch_across_a_restart_that_numbered_further(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The restarted relay numbered 5 messages before the session came back: at 3 of the
+    # old numbering, without an epoch it would get 4 and 5 and never know it lost 1 to 3.
+    relays: list[MemoryRelay] = []
+
+    async def connector() -> trio.abc.Stream:
+        return await relays[-1].open_stream()
+
+    async with open_memory_relay() as first, open_memory_relay() as second:
+        relays.append(first)
+        async with trio_relay.connect(first.url, connector=connector, resume=True) as session:
+            await session.subscribe("news")
+            for n in range(3):
+                await first.publish(f"old {n}", "news")
+            old = [await session.__anext__() for _ in range(3)]
+            assert {item.epoch for item in old} == {first.server.topics.epoch}
+            for n in range(5):
+                await second.publish(f"new {n}", "news")
+            relays.append(second)
+            await first.shutdown()
+            gap = await session.__anext__()
+            assert gap == Gap("news", 3, 1, second.server.topics.epoch, reset=True)
+            new = [await session.__anext__() for _ in range(5)]
+            assert [(m.seq, m.data, m.epoch) for m in new] == [
+                (n + 1, f"new {n}", second.server.topics.epoch) for n in range(5)
+            ]
+            assert session.topics == {"news": 5}

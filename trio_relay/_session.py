@@ -47,7 +47,7 @@ from ._exceptions import (
     SubscriptionRejected,
 )
 from ._redact import redact, shown
-from ._topics import DeliveryReport, Gap, Message, topic_from_path
+from ._topics import DeliveryReport, Gap, Message, check_epoch, topic_from_path
 from ._v2 import SUBPROTOCOL_V2
 
 __all__ = ["Session", "Unsubscribed", "connect"]
@@ -74,13 +74,14 @@ class Unsubscribed:
 
 class _Topic:
     """A topic the session wants: ``last`` is the sequence number it resumes after (the
-    last message passed on, or where its subscription began); ``subscribed`` is set once
-    the relay confirmed it on the current connection."""
+    last message passed on, or where its subscription began), of ``epoch`` (None: not
+    known); ``subscribed`` is set once the relay confirmed it on the current connection."""
 
-    __slots__ = ("error", "last", "request", "seq", "subscribed")
+    __slots__ = ("epoch", "error", "last", "request", "seq", "subscribed")
 
-    def __init__(self, since: int | None) -> None:
+    def __init__(self, since: int | None, epoch: str | None = None) -> None:
         self.last = since
+        self.epoch = epoch
         self.seq = 0  # the topic's last number when the relay confirmed the subscription
         self.subscribed = trio.Event()
         self.error: ClientError | None = None
@@ -170,24 +171,32 @@ class Session:
 
     # ------------------------------------------------------------------ requests
 
-    async def subscribe(self, topic: str, since: int | None = None) -> int:
+    async def subscribe(
+        self, topic: str, since: int | None = None, epoch: str | None = None
+    ) -> int:
         """Subscribe to ``topic``; with ``since``, the retained messages after it come
-        first (or a :class:`~trio_relay.Gap` says which are lost). Returns the topic's last
+        first (or a :class:`~trio_relay.Gap` says which are lost); ``epoch`` is the epoch
+        of ``since`` (:attr:`Message.epoch`): a relay whose numbering of the topic is
+        another answers with a Gap whose ``reset`` is set. Returns the topic's last
         sequence number when subscribed: every message above it arrives live.
 
         Raises :class:`SubscriptionRejected` with the relay's code (``forbidden``,
         ``already-subscribed``, ``too-many-subscriptions``, ...), :class:`ValueError` for an
         invalid name or ``since``, and the connection's error if it is lost (without
         ``resume``) or fails for good. With ``resume``, the topic is subscribed again,
-        from its last number, on every new connection."""
+        from its last number and epoch, on every new connection."""
         topic_from_path("/" + topic)  # ValueError for a name the relay would refuse
         if since is not None and (isinstance(since, bool) or not 0 <= since < 2**63):
             raise ValueError("since must be a sequence number (a whole number >= 0)")
+        if epoch is not None:
+            if since is None:
+                raise ValueError("epoch is the epoch of since: give both")
+            check_epoch(epoch)
         if topic in self._topics:
             raise SubscriptionRejected(
                 self.url, "already-subscribed", f"already subscribed to {topic!r}", topic
             )
-        wanted = self._topics[topic] = _Topic(since)
+        wanted = self._topics[topic] = _Topic(since, epoch)
         try:
             with trio.move_on_after(self._timeout) as scope:
                 while True:
@@ -264,6 +273,8 @@ class Session:
             int(answer["dropped"]),
             int(answer["evicted"]),
             answer.get("remote"),
+            epoch=str(answer.get("epoch", "")),
+            backplane="remote" in answer,
         )
 
     async def refresh(self, token: str) -> None:
@@ -330,6 +341,8 @@ class Session:
         frame: dict[str, Any] = {"type": "subscribe", "topic": topic, "id": request_id}
         if wanted.last is not None:
             frame["since"] = wanted.last
+            if wanted.epoch:
+                frame["epoch"] = wanted.epoch
         try:
             await ws.send_message(json.dumps(frame))
         except ConnectionClosed:
@@ -497,21 +510,33 @@ class Session:
         if kind == "message":
             assert isinstance(topic, str)
             seq = int(frame["seq"])
+            epoch = str(frame.get("epoch", ""))
             if wanted is not None:
-                if wanted.last is not None and seq <= wanted.last:
+                if (
+                    wanted.last is not None
+                    and seq <= wanted.last
+                    and (wanted.epoch or epoch) == epoch
+                ):
                     return  # already passed on before a reconnect
-                wanted.last = seq
+                wanted.last, wanted.epoch = seq, epoch or None
             if "text" in frame:
                 data: str | bytes = frame["text"]
             else:
                 data = base64.b64decode(frame["binary"])
-            await self._send_items.send(Message(topic, seq, data))
+            await self._send_items.send(Message(topic, seq, data, epoch))
             return
         if kind == "gap":
             assert isinstance(topic, str)
+            gap = Gap(
+                topic,
+                int(frame["since"]),
+                int(frame["first"]),
+                str(frame.get("epoch", "")),
+                bool(frame.get("reset", False)),
+            )
             if wanted is not None:
-                wanted.last = int(frame["first"]) - 1
-            await self._send_items.send(Gap(topic, int(frame["since"]), int(frame["first"])))
+                wanted.last, wanted.epoch = gap.first - 1, gap.epoch or None
+            await self._send_items.send(gap)
             return
         request_id = frame.get("id")
         if wanted is not None and request_id is not None and request_id == wanted.request:
@@ -520,6 +545,7 @@ class Session:
                 wanted.seq = int(frame["seq"])
                 if wanted.last is None:
                     wanted.last = wanted.seq
+                    wanted.epoch = frame.get("epoch") or None
                 wanted.subscribed.set()
             else:
                 assert isinstance(topic, str)

@@ -253,6 +253,48 @@ test("after a lost connection it resubscribes every topic from its last number",
   assert.deepEqual(events.at(-1), { type: "message", topic: "d", seq: 11, data: "d11" });
 });
 
+test("it resumes each topic with the epoch of its last number (PROTOCOL.md Epochs)", async (t) => {
+  const relay = await opened(t);
+  const events = record(relay, "subscribed", "gap", "message");
+  relay.subscribe("a");
+  relay.subscribe("b", { since: 4, epoch: "e0" });
+  let socket = FakeWebSocket.last;
+  const first = socket.take();
+  assert.deepEqual(first.map(({ topic, since, epoch }) => ({ topic, since, epoch })), [
+    { topic: "a", since: undefined, epoch: undefined },
+    { topic: "b", since: 4, epoch: "e0" },
+  ]);
+  socket.receive({ type: "subscribed", topic: "a", seq: 2, epoch: "e1", id: first[0].id });
+  socket.receive({ type: "subscribed", topic: "b", seq: 9, epoch: "e2", id: first[1].id });
+  // b was renumbered while away (another epoch): told, and resumed in the new one.
+  socket.receive({ type: "gap", topic: "b", since: 4, first: 1, epoch: "e2", reset: true });
+  socket.receive({ type: "message", topic: "b", seq: 1, epoch: "e2", text: "b1" });
+  assert.deepEqual(events.slice(-2), [
+    { type: "gap", topic: "b", since: 4, first: 1, epoch: "e2", reset: true },
+    { type: "message", topic: "b", seq: 1, epoch: "e2", data: "b1" },
+  ]);
+  assert.deepEqual(
+    relay.subscriptions.map(({ topic, last, epoch }) => ({ topic, last, epoch })),
+    [
+      { topic: "a", last: 2, epoch: "e1" },
+      { topic: "b", last: 1, epoch: "e2" },
+    ],
+  );
+  socket.end(1001, "relay shutting down");
+  t.mock.timers.tick(100);
+  await settle();
+  socket = FakeWebSocket.last;
+  socket.open();
+  assert.deepEqual(
+    socket.take().map(({ topic, since, epoch }) => ({ topic, since, epoch })),
+    [
+      { topic: "a", since: 2, epoch: "e1" },
+      { topic: "b", since: 1, epoch: "e2" },
+    ],
+  );
+  await assert.rejects(relay.subscribe("c", { epoch: "e3" }), TypeError); // an epoch needs since
+});
+
 test("gap events say what was lost, or that the topic was reset", async (t) => {
   const relay = await opened(t);
   const events = record(relay, "gap", "message");

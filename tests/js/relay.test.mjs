@@ -58,9 +58,11 @@ test("many topics on one connection: publish, with its report, and receive", { s
   const relay = connect(url, { token });
   try {
     const subscribed = await Promise.all([relay.subscribe("news/a"), relay.subscribe("news/b")]);
+    const epoch = subscribed[0].epoch; // the relay's, new per process (PROTOCOL.md "Epochs")
+    assert.match(epoch, /^[0-9a-f]{8}$/);
     assert.deepEqual(subscribed, [
-      { topic: "news/a", seq: 0 },
-      { topic: "news/b", seq: 0 },
+      { topic: "news/a", seq: 0, epoch },
+      { topic: "news/b", seq: 0, epoch },
     ]);
     assert.equal(relay.state, "connected");
     const a = messages(relay, "news/a", 2);
@@ -71,9 +73,9 @@ test("many topics on one connection: publish, with its report, and receive", { s
       relay.publish("news/a", new Uint8Array([0, 1, 254, 255])),
     ]);
     assert.deepEqual(reports, [
-      { topic: "news/a", seq: 1, queued: 1, dropped: 0, evicted: 0 },
-      { topic: "news/b", seq: 1, queued: 1, dropped: 0, evicted: 0 },
-      { topic: "news/a", seq: 2, queued: 1, dropped: 0, evicted: 0 },
+      { topic: "news/a", seq: 1, epoch, queued: 1, dropped: 0, evicted: 0 },
+      { topic: "news/b", seq: 1, epoch, queued: 1, dropped: 0, evicted: 0 },
+      { topic: "news/a", seq: 2, epoch, queued: 1, dropped: 0, evicted: 0 },
     ]);
     assert.deepEqual(await a, [
       [1, "héllo ✓"],
@@ -109,7 +111,9 @@ test("a forbidden topic is refused alone, the others go on", { skip }, async () 
     const delivered = messages(relay, "news/forbidden-test", 1);
     await relay.publish("news/forbidden-test", "still here");
     assert.deepEqual(await delivered, [[1, "still here"]]);
-    assert.deepEqual(relay.subscriptions, [{ topic: "news/forbidden-test", last: 1, subscribed: true }]);
+    const [{ epoch }] = relay.subscriptions;
+    assert.match(epoch, /^[0-9a-f]{8}$/);
+    assert.deepEqual(relay.subscriptions, [{ topic: "news/forbidden-test", last: 1, epoch, subscribed: true }]);
   } finally {
     await relay.close();
   }

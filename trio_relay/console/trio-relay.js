@@ -172,34 +172,45 @@ export class Relay extends EventTarget {
    */
   get subscriptions() {
     return Array.from(this.#subscriptions.values(), (sub) =>
-      Object.freeze({ topic: sub.topic, last: sub.last, subscribed: sub.subscribed }),
+      Object.freeze({
+        topic: sub.topic,
+        last: sub.last,
+        ...(sub.epoch !== null && { epoch: sub.epoch }),
+        subscribed: sub.subscribed,
+      }),
     );
   }
 
   /**
    * Subscribe to `topic` ("news", "news/sport"; "" is the root topic), from `since` (the
-   * last sequence number already seen: messages after it are replayed first) or from now.
+   * last sequence number already seen: messages after it are replayed first) or from now;
+   * `epoch` is the epoch of `since`, as the relay sent it (a relay whose numbering of the
+   * topic is another answers with a "gap" event whose `reset` is true). Every reconnection
+   * resumes from the last number and epoch seen.
    *
-   * Resolves with `{topic, seq}` when the relay has subscribed (`seq`: the topic's last
-   * number then); rejects with a RelayError ("forbidden", "bad-topic",
+   * Resolves with `{topic, seq, epoch}` when the relay has subscribed (`seq`: the topic's
+   * last number then, of `epoch`); rejects with a RelayError ("forbidden", "bad-topic",
    * "too-many-subscriptions", ...) when it refuses, and the subscription is dropped. The
    * subscription is kept across reconnections until `unsubscribe`. Subscribing to a topic
    * already subscribed returns the same answer and changes nothing. Its rejection is also
    * reported by an "unsubscribed" event, so a caller may ignore the promise.
    */
-  subscribe(topic, { since = null } = {}) {
+  subscribe(topic, { since = null, epoch = null } = {}) {
     if (typeof topic !== "string") {
       return Promise.reject(new TypeError("a topic is a string"));
     }
     if (since !== null && !(Number.isSafeInteger(since) && since >= 0)) {
       return Promise.reject(new TypeError("since is a whole number >= 0, or null"));
     }
+    if (epoch !== null && (typeof epoch !== "string" || since === null)) {
+      return Promise.reject(new TypeError("epoch is a string, the epoch of since"));
+    }
     if (this.#state === "closed") {
       return Promise.reject(new RelayError("closed", "the client is closed", { topic }));
     }
     const existing = this.#subscriptions.get(topic);
     if (existing !== undefined) return existing.promise;
-    const sub = { topic, last: since, subscribed: false, retryTimer: null };
+    const sub = { topic, last: since, epoch, subscribed: false, retryTimer: null };
     sub.promise = new Promise((resolve, reject) => {
       sub.resolve = resolve;
       sub.reject = reject;
@@ -404,6 +415,7 @@ export class Relay extends EventTarget {
     this.#requests.set(id, { kind: "subscribe", topic: sub.topic, sub });
     const frame = { type: "subscribe", topic: sub.topic, id };
     if (sub.last !== null) frame.since = sub.last;
+    if (sub.last !== null && sub.epoch !== null) frame.epoch = sub.epoch;
     this.#send(frame);
   }
 
@@ -585,25 +597,33 @@ export class Relay extends EventTarget {
     const sub = this.#current(frame.topic);
     if (sub === undefined) return;
     sub.last = frame.seq;
+    if (typeof frame.epoch === "string") sub.epoch = frame.epoch;
     const data = typeof frame.text === "string" ? frame.text : decodeBase64(frame.binary ?? "");
-    this.#dispatch("message", { topic: frame.topic, seq: frame.seq, data });
+    const epoch = typeof frame.epoch === "string" ? { epoch: frame.epoch } : {};
+    this.#dispatch("message", { topic: frame.topic, seq: frame.seq, ...epoch, data });
   }
 
   #onGap(frame) {
     const sub = this.#current(frame.topic);
     if (sub === undefined) return;
     sub.last = frame.first - 1;
+    if (typeof frame.epoch === "string") sub.epoch = frame.epoch;
     const reset = typeof frame.reset === "boolean" ? frame.reset : frame.first <= frame.since;
-    this.#dispatch("gap", { topic: frame.topic, since: frame.since, first: frame.first, reset });
+    const epoch = typeof frame.epoch === "string" ? { epoch: frame.epoch } : {};
+    this.#dispatch("gap", { topic: frame.topic, since: frame.since, first: frame.first, ...epoch, reset });
   }
 
   #onSubscribed(sub, frame) {
     if (this.#subscriptions.get(sub.topic) !== sub) return; // unsubscribed meanwhile
     const since = sub.last;
     sub.subscribed = true;
-    if (sub.last === null) sub.last = frame.seq;
-    sub.resolve({ topic: sub.topic, seq: frame.seq });
-    this.#dispatch("subscribed", { topic: sub.topic, seq: frame.seq, since });
+    const epoch = typeof frame.epoch === "string" ? { epoch: frame.epoch } : {};
+    if (sub.last === null) {
+      sub.last = frame.seq;
+      sub.epoch = frame.epoch ?? null;
+    }
+    sub.resolve({ topic: sub.topic, seq: frame.seq, ...epoch });
+    this.#dispatch("subscribed", { topic: sub.topic, seq: frame.seq, ...epoch, since });
   }
 
   #onUnsubscribed(frame, request) {
