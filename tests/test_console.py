@@ -529,10 +529,11 @@ def test_the_page_resumes_after_the_relay_restarts_and_shows_the_gap(
     expect(log.locator("li.mine")).to_have_count(1)  # #1 is no longer this page's message
     expect(state).to_have_attribute("data-state", "open")
     expect(page.locator("#error")).to_be_hidden()
-    # It resubscribed from the last message it had seen, #2.
+    # It resubscribed from the last message it had seen, #2 of the old relay's epoch.
+    assert len(subscribes) == 2 and re.fullmatch("[0-9a-f]{8}", str(subscribes[1]["epoch"]))
     assert subscribes == [
         {"type": "subscribe", "topic": "news"},
-        {"type": "subscribe", "topic": "news", "since": 2},
+        {"type": "subscribe", "topic": "news", "since": 2, "epoch": subscribes[1]["epoch"]},
     ]
     # At #0 or #1: the message published while it was away may come before or after.
     expect(log).to_contain_text(re.compile(r"resumed news after #2 \(the topic is at #[01]\)"))
