@@ -66,6 +66,9 @@ def test_a_request_in_pieces_is_decided_once_its_head_is_complete() -> None:
         (upgrade_request().replace(b"Version: 13", b"Version: 7"), 426, "Version"),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad WebSocket upgrade request"),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 3000, 431, "request head too large"),
+        (upgrade_request().replace(b"HTTP/1.1", b"HTTP/1.0"), 400, "needs HTTP/1.1"),
+        (upgrade_request().replace(b"Q==", b"Q"), 400, "Sec-WebSocket-Key must be 16 bytes"),
+        (upgrade_request().replace(b"Upgrade\r", b"\xffpgrade\r"), 400, "'Connection: Upgrade'"),
     ],
 )
 def test_a_bad_request_is_refused_with_a_status_and_a_reason(
@@ -78,6 +81,19 @@ def test_a_bad_request_is_refused_with_a_status_and_a_reason(
     assert reason in refusal.reason
     assert refusal.data.startswith(f"HTTP/1.1 {status} ".encode())
     assert protocol.state is State.CLOSED
+
+
+def test_header_values_beyond_ascii_are_a_value_not_a_crash() -> None:
+    host = upgrade_request().replace(b"relay.test", b"r\xc3\xa9lay.test")
+    hooked = RelayProtocol(RelayConfig(), hooked=True)
+    upgrade = hooked.receive_request(host.replace(b"13\r\n", b"13\r\nX: caf\xe9\r\n"))
+    assert isinstance(upgrade, Upgrade)
+    assert (b"host", b"r\xc3\xa9lay.test") in upgrade.headers
+    assert (b"x", b"caf\xe9") in upgrade.headers
+    protocol = RelayProtocol(RelayConfig())
+    request = upgrade_request(extra="Sec-WebSocket-Protocol: \xe9t\xe9, trio-relay.v1\r\n")
+    assert isinstance(protocol.receive_request(request.decode().encode("latin-1")), Upgrade)
+    assert protocol.envelope
 
 
 def test_an_unsupported_version_is_told_which_one_is_supported() -> None:

@@ -31,10 +31,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request
-from wsproto.utilities import RemoteProtocolError
-
 from ._auth import NOBODY, OPEN, Grant, TokenError, verify_token
 from ._budget import ByteBudget
 from ._config import RelayConfig
@@ -74,6 +70,7 @@ from ._parser import (
 )
 from ._redact import MAX_SHOWN, shown
 from ._topics import Batch, Cursor, DeliveryReport, Gap, check_epoch, topic_from_path
+from ._upgrade import BadUpgrade, accept_response, parse_upgrade
 from ._v2 import (
     SUBPROTOCOL_V2,
     Subscribe,
@@ -313,13 +310,13 @@ class RelayProtocol:
         "_counters",
         "_cursor",
         "_hooked",
+        "_key",
         "_next_ping",
         "_parser",
         "_ping_payload",
         "_ping_sent",
         "_publish_bucket",
         "_publish_grants",
-        "_ws",
         "channels",
         "config",
         "envelope",
@@ -350,7 +347,7 @@ class RelayProtocol:
         self._counters = counters if counters is not None else RelayCounters()
         self.state = State.HANDSHAKE
         self._buffer = bytearray()  # the request head, until it is complete
-        self._ws: WSConnection | None = None
+        self._key: bytes | None = None  # Sec-WebSocket-Key, from the request until accept()
         # Set by the handshake: the topic the path names, whether the client speaks the
         # envelope protocol, what its token allows, and the sequence number it resumes
         # after (query "since").
@@ -413,19 +410,11 @@ class RelayProtocol:
         if len(head) > MAX_REQUEST_HEAD:
             return self.reject(431, "request head too large")
         self._buffer = bytearray(rest)
-        ws = WSConnection(ConnectionType.SERVER)
         try:
-            ws.receive_data(head)
-            events = list(ws.events())
-        except RemoteProtocolError as exc:
-            status = getattr(exc.event_hint, "status_code", 400)
-            # wsproto's hint carries the headers the answer needs: for a version other than
-            # 13, "Sec-WebSocket-Version: 13" (RFC 6455 4.4).
-            headers = getattr(exc.event_hint, "headers", None) or []
-            return self.reject(status, f"bad WebSocket upgrade request: {exc}", headers)
-        request = events[0] if events else None
-        if not isinstance(request, Request):
-            return self.reject(400, "bad WebSocket upgrade request")
+            request = parse_upgrade(head)
+        except BadUpgrade as exc:
+            reason = f"bad WebSocket upgrade request: {exc}"
+            return self.reject(exc.status, reason, exc.headers)
         target = urlsplit(request.target)
         try:
             self.topic = topic_from_path(unquote(target.path))
@@ -444,7 +433,7 @@ class RelayProtocol:
             # Checked per topic, per frame; the path's topic (if any) is subscribed like
             # any other, by subscribe_path() once the connection is open.
             self.path_topic = None if target.path in ("", "/") else self.topic
-        headers = {name.lower(): value for name, value in request.extra_headers}
+        headers = dict(request.headers)
         config = self.config
         origin = headers.get(b"origin")
         if origin is not None and config.allowed_origins:
@@ -452,14 +441,14 @@ class RelayProtocol:
             if not any(fnmatch.fnmatchcase(text, p) for p in config.allowed_origins):
                 return self.reject(403, f"origin {shown(text, 128)!r} is not allowed")
         if self._hooked:
-            self._ws = ws
+            self._key = request.key
             path = unquote(target.path)
-            # wsproto keeps Host and the subprotocols apart from the other headers.
-            pairs: tuple[tuple[bytes, bytes], ...] = ((b"host", request.host.encode("utf-8")),)
+            # The parser keeps Host and the subprotocols apart from the other headers.
+            pairs: tuple[tuple[bytes, bytes], ...] = ((b"host", request.host),)
             if request.subprotocols:
                 protocols = ", ".join(request.subprotocols).encode("latin-1")
                 pairs += ((b"sec-websocket-protocol", protocols),)
-            pairs += tuple((name.lower(), value) for name, value in request.extra_headers)
+            pairs += request.headers
             query_string = target.query
             return Upgrade(
                 self.topic, self.since, self.envelope, self.v2, path, query_string, pairs
@@ -474,7 +463,7 @@ class RelayProtocol:
                 grant = verify_token(config.auth_secret, token)
             except TokenError as exc:
                 return self.reject(401, str(exc))
-        self._ws = ws
+        self._key = request.key
         return self.authorize(grant) or Upgrade(self.topic, self.since, self.envelope, self.v2)
 
     def authorize(self, grant: Grant) -> Reject | None:
@@ -483,7 +472,7 @@ class RelayProtocol:
         neither publishing nor subscribing to the path's topic. (A ``trio-relay.v2``
         client whose path is ``/`` names no topic yet: each of its subscribes and
         publishes is checked on its own.)"""
-        assert self.state is State.HANDSHAKE and self._ws is not None
+        assert self.state is State.HANDSHAKE and self._key is not None
         topic = self.topic
         may_read, may_write = grant.may_subscribe(topic), grant.may_publish(topic)
         if not (may_read or may_write) and not (self.v2 and self.path_topic is None):
@@ -505,16 +494,16 @@ class RelayProtocol:
         own values in it are cut to 128 or 200 where they are quoted)."""
         reason = shown(reason, 2 * MAX_SHOWN)
         self.state = State.CLOSED
-        self._ws = None
+        self._key = None
         self._counters.rejections[f"http-{status}"] += 1
         return Reject(status, reason, http_response(status, reason, headers))
 
     def accept(self) -> bytes:
         """The ``101 Switching Protocols`` response for an admitted :class:`Upgrade`."""
-        assert self.state is State.HANDSHAKE and self._ws is not None
+        assert self.state is State.HANDSHAKE and self._key is not None
         subprotocol = SUBPROTOCOL_V2 if self.v2 else SUBPROTOCOL if self.envelope else None
-        data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
-        self._ws = None
+        data = accept_response(self._key, subprotocol)
+        self._key = None
         if self.envelope:
             self._parser.too_big = (
                 "envelope frame of {size} bytes (JSON, base64 payload) over the {limit}-byte limit"
