@@ -195,6 +195,23 @@ async def test_leaving_the_subscribe_block_discards_what_was_still_queued() -> N
         await subscription.receive()
 
 
+async def test_join_subscribes_until_leave_without_a_context_manager() -> None:
+    broadcast = Broadcast[str]()
+    subscription = broadcast.join(max_buffer=3, name="joined")
+    assert broadcast.subscriber_count == 1 and subscription.max_buffer == 3
+    await broadcast.publish("got")
+    assert subscription.receive_nowait() == "got"
+    await broadcast.publish("never received")
+    broadcast.leave(subscription)
+    assert broadcast.subscriber_count == 0
+    assert subscription.statistics().queued == 0
+    assert (await broadcast.publish("after")).queued == 0
+    with pytest.raises(trio.ClosedResourceError):
+        await subscription.receive()
+    broadcast.leave(subscription)  # once more, as after an eviction: nothing changes
+    assert broadcast.subscriber_count == 0
+
+
 async def test_subscription_settings_default_to_the_broadcast_arguments() -> None:
     broadcast = Broadcast[str](max_buffer=7, policy="drop", timeout=2.5)
     async with broadcast.subscribe() as subscription:

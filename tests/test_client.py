@@ -11,7 +11,6 @@ import itertools
 import logging
 import math
 import socket
-from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
@@ -59,8 +58,11 @@ class _Bus:
         self.swallow = swallow
         self.noise = noise
 
-    def subscribe(self, **kwargs: Any) -> AbstractAsyncContextManager[Subscription[bytes]]:
-        return self.inner.subscribe(**kwargs)
+    def join(self, **kwargs: Any) -> Subscription[Batch | bytes]:
+        return self.inner.join(**kwargs)
+
+    def leave(self, subscription: Subscription[Batch | bytes]) -> None:
+        self.inner.leave(subscription)
 
     async def publish(self, message: bytes) -> PublishReport:
         if self.swallow:

@@ -10,7 +10,6 @@ bounded buffers push back like sockets when a client stops reading.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
@@ -248,8 +247,11 @@ class _FailingBus:
     def __init__(self) -> None:
         self.inner = Broadcast[Batch | bytes](size_of=len)
 
-    def subscribe(self, **kwargs: Any) -> AbstractAsyncContextManager[Subscription[bytes]]:
-        return self.inner.subscribe(**kwargs)
+    def join(self, **kwargs: Any) -> Subscription[Batch | bytes]:
+        return self.inner.join(**kwargs)
+
+    def leave(self, subscription: Subscription[Batch | bytes]) -> None:
+        self.inner.leave(subscription)
 
     async def publish(self, message: bytes) -> PublishReport:
         if b"boom" in (message.raw if isinstance(message, Batch) else message):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -510,6 +509,25 @@ async def test_retained_reads_what_a_subscription_with_since_would_replay(
         await topics.retained("news", since=-1)
 
 
+async def test_join_subscribes_until_leave_and_a_failed_join_leaves_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics()
+    await topics.publish("news", "before")
+    subscription, gap, replay, _cursor = await topics.join("news", since=0, max_buffer=4)
+    assert gap is None and replay is not None and topics.subscriber_total == 1
+    await topics.publish("news", "live")
+    assert isinstance(subscription.receive_nowait(), Batch)
+    topics.leave("news", subscription)
+    assert topics.subscriber_total == 0 and topics.subscribers("news") == 0
+    with pytest.raises(trio.ClosedResourceError):
+        subscription.receive_nowait()
+    # A join that fails after subscribing (a bad since) takes it all back.
+    with pytest.raises(ValueError, match="since"):
+        await topics.join("other", since=-1)
+    assert topics.subscriber_total == 0 and "other" not in topics.statistics()
+
+
 async def test_retained_subscribes_nothing_and_leaves_no_topic_behind(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -571,8 +589,11 @@ class GatedBroadcast:
         self.inner = Broadcast[Batch | bytes](size_of=len)
         self.gate = trio.Event()
 
-    def subscribe(self, **options: Any) -> AbstractAsyncContextManager[Subscription[Batch | bytes]]:
-        return self.inner.subscribe(**options)
+    def join(self, **options: Any) -> Subscription[Batch | bytes]:
+        return self.inner.join(**options)
+
+    def leave(self, subscription: Subscription[Batch | bytes]) -> None:
+        self.inner.leave(subscription)
 
     async def publish(self, message: Batch | bytes) -> PublishReport:
         await self.gate.wait()

@@ -92,15 +92,13 @@ class _Stalled(Exception):
 
 class _Channel:
     """One subscription of a ``trio-relay.v2`` connection: the protocol's view of it (topic,
-    cursor), the topic's subscription with its own bounded queue, and the context that
-    ends it."""
+    cursor), and the topic's subscription with its own bounded queue."""
 
-    __slots__ = ("channel", "context", "subscription")
+    __slots__ = ("channel", "subscription")
 
     def __init__(self, channel: TopicChannel) -> None:
         self.channel = channel
         self.subscription: Subscription[Batch | bytes] | None = None
-        self.context: contextlib.AbstractAsyncContextManager[object] | None = None
 
 
 _NO_RING: collections.deque[_Channel] = collections.deque(maxlen=0)
@@ -282,8 +280,9 @@ class RelayConnection:
     async def _run_open(self) -> None:
         config = self._config
         protocol = self.protocol
-        async with self._topics.open_subscription(
-            protocol.topic,
+        topic = protocol.topic
+        subscription, gap, replay, cursor = await self._topics.join(
+            topic,
             since=protocol.since,
             epoch=protocol.epoch,
             max_buffer=config.queue_size,
@@ -294,47 +293,48 @@ class RelayConnection:
             write_through=self._write_through if self._send_nowait is not None else None,
             on_evict=self._evicted,
             on_backlog=self._start_writer,
-        ) as (subscription, gap, replay, cursor):
-            self._release_topic()  # the subscription keeps the topic now
-            self._subscription = subscription  # before any backlog can need it
-            try:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    try:
-                        first, close = protocol.opening(gap, replay, cursor, trio.current_time())
-                        if close is not None:
-                            self._request_close(*close)
+        )
+        self._release_topic()  # the subscription keeps the topic now
+        self._subscription = subscription  # before any backlog can need it
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    first, close = protocol.opening(gap, replay, cursor, trio.current_time())
+                    if close is not None:
+                        self._request_close(*close)
+                        return
+                    if self._expiries is not None:
+                        self._expiries.schedule(self, protocol.expires)
+                    if first:
+                        try:
+                            await self._send(first)
+                        except (_PeerGone, _Stalled):
+                            self._peer_gone = True
                             return
-                        if self._expiries is not None:
-                            self._expiries.schedule(self, protocol.expires)
-                        if first:
-                            try:
-                                await self._send(first)
-                            except (_PeerGone, _Stalled):
-                                self._peer_gone = True
-                                return
-                        self._on_subscribed()  # after the welcome: a test waiting may cut us
-                        await self._read_loop()
-                    finally:
-                        # No new writer from here on; one still running is cancelled (on a
-                        # resumable stream it keeps what it had not written for the drain).
-                        self._nursery = None
-                        nursery.cancel_scope.cancel()
-            except BaseException as exc:
-                # Cancelled from outside (the relay shuts down), not by a close of our own:
-                # write out what is queued for the client before the 1001 close. (The
-                # nursery reports the writer's and the reader's Cancelled as a group.)
-                if (
-                    _only_cancelled(exc)
-                    and self._close_request is None
-                    and not (self._peer_gone or self._peer_closed)
-                ):
-                    await self._drain(subscription)
-                raise
-            finally:
-                self._subscription = None
-                if self._expiries is not None:
-                    self._expiries.discard(self)
+                    self._on_subscribed()  # after the welcome: a test waiting may cut us
+                    await self._read_loop()
+                finally:
+                    # No new writer from here on; one still running is cancelled (on a
+                    # resumable stream it keeps what it had not written for the drain).
+                    self._nursery = None
+                    nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            # Cancelled from outside (the relay shuts down), not by a close of our own:
+            # write out what is queued for the client before the 1001 close. (The
+            # nursery reports the writer's and the reader's Cancelled as a group.)
+            if (
+                _only_cancelled(exc)
+                and self._close_request is None
+                and not (self._peer_gone or self._peer_closed)
+            ):
+                await self._drain(subscription)
+            raise
+        finally:
+            self._subscription = None
+            if self._expiries is not None:
+                self._expiries.discard(self)
+            self._topics.leave(topic, subscription)
 
     # ---------------------------------------------------------------- handshake
 
@@ -935,7 +935,7 @@ class RelayConnection:
             if self._expiries is not None:
                 self._expiries.discard(self)
             for channel in list(self._channels.values()):
-                await self._end_channel(channel)
+                self._end_channel(channel)
 
     async def _subscription_step(self, step: Subscribe | Unsubscribe, replies: list[bytes]) -> bool:
         """Carry out a v2 ``subscribe`` or ``unsubscribe`` and add its answer to ``replies``.
@@ -949,7 +949,7 @@ class RelayConnection:
         if type(step) is Unsubscribe:
             channel = channels.get(step.channel.topic)
             if channel is not None and channel.channel is step.channel:
-                await self._end_channel(channel)
+                self._end_channel(channel)
                 replies.append(protocol.unsubscribed(step))
             else:  # its subscription was refused after the unsubscribe was read
                 replies.append(protocol.refused_unsubscribe(step))
@@ -979,7 +979,7 @@ class RelayConnection:
             if refusal is not None:
                 return protocol.refused(step, "too-many-subscribers", refusal)
         channel = _Channel(step.channel)
-        context = self._topics.open_subscription(
+        joined = self._topics.join(
             topic,
             since=step.since,
             epoch=step.epoch,
@@ -997,7 +997,7 @@ class RelayConnection:
             on_backlog=functools.partial(self._channel_backlog, channel),
         )
         try:
-            subscription, gap, replay, cursor = await context.__aenter__()
+            subscription, gap, replay, cursor = await joined
         except TooManyTopicsError as exc:
             if limits is not None:
                 limits.release_subscriber(topic)
@@ -1007,14 +1007,13 @@ class RelayConnection:
                 limits.release_subscriber(topic)
             raise
         channel.subscription = subscription
-        channel.context = context
         assert self._channels is not None
         self._channels[topic] = channel
         # No checkpoint since the subscription was made: its first frames are written
         # before anything published to it from now on (write-through sees the write).
         return protocol.subscribed(step, gap, replay, cursor)
 
-    async def _end_channel(self, channel: _Channel) -> None:
+    def _end_channel(self, channel: _Channel) -> None:
         """End one subscription (its queue is dropped) and give back its slot on the topic.
         Never checkpoints, so it runs to its end even when cancelled."""
         channels = self._channels
@@ -1024,8 +1023,8 @@ class RelayConnection:
         del channels[topic]
         if self._limits is not None:
             self._limits.release_subscriber(topic)
-        if channel.context is not None:
-            await channel.context.__aexit__(None, None, None)
+        if channel.subscription is not None:
+            self._topics.leave(topic, channel.subscription)
 
     def _write_channel(self, channel: _Channel, item: Batch | bytes) -> Batch | bytes | None:
         """Write-through for one v2 subscription (see :meth:`_write_through`): write what
@@ -1102,7 +1101,7 @@ class RelayConnection:
                         notice = self.protocol.dropped(
                             channel.channel, "slow-consumer", _SLOW_SUBSCRIPTION
                         )
-                        await self._end_channel(channel)
+                        self._end_channel(channel)
                         self._on_subscribed()
                         if notice:
                             frames.append(notice)
