@@ -33,9 +33,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import trio
+from mass_disconnect import free_port, started  # beside this script
 
 ROOT = Path(__file__).resolve().parent.parent  # the relay runs here: this tree's trio_relay
 SERVER_CMD = f"{shlex.quote(sys.executable)} -m trio_relay serve --host 127.0.0.1 --port {{port}}"
@@ -272,20 +271,10 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def relay(command: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    process = subprocess.Popen(
-        shlex.split(command.format(port=port)), cwd=ROOT, start_new_session=True
-    )
-    try:
+    with started(shlex.split(command.format(port=port)), cwd=ROOT) as process:
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
@@ -294,14 +283,6 @@ def relay(command: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
                 raise RuntimeError("the relay did not start")
             time.sleep(0.05)
         yield process, port
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
 
 
 class Bystander:

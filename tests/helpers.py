@@ -11,7 +11,9 @@ import math
 import os
 import re
 import time
+import tracemalloc
 from collections import deque
+from collections.abc import Iterator
 from typing import NoReturn
 
 import pytest
@@ -198,6 +200,17 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("TRIO_RELAY_REQUIRE_INTEGRATION") == "1":
         pytest.fail(f"{reason} (TRIO_RELAY_REQUIRE_INTEGRATION=1: no skipping)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture
+def traced_memory() -> Iterator[None]:
+    """Trace allocations with tracemalloc for the test (a module that measures memory uses
+    it on every test: ``pytestmark = pytest.mark.usefixtures("traced_memory")``)."""
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.fixture

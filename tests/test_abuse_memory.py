@@ -23,17 +23,25 @@ import contextlib
 import gc
 import itertools
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
-from helpers import RawClient, masked_frame, rejected, upgrade_request
+from helpers import (
+    RawClient,
+    masked_frame,
+    rejected,
+    traced_memory as traced_memory,  # the fixture
+    upgrade_request,
+)
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 from trio_relay import CloseCode, RelayConfig
 from trio_relay.testing import MemoryRelay, open_memory_relay
+
+pytestmark = pytest.mark.usefixtures("traced_memory")
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -76,15 +84,6 @@ async def relay_with_bystander(config: RelayConfig) -> AsyncIterator[tuple[Memor
         yield relay, bystander
         await bystander.round_trip()
         nursery.cancel_scope.cancel()
-
-
-@pytest.fixture(autouse=True)
-def traced_memory() -> Iterator[None]:
-    tracemalloc.start()
-    try:
-        yield
-    finally:
-        tracemalloc.stop()
 
 
 def traced() -> int:

@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import logging
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,11 +22,19 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from helpers import RawClient, masked_frame, rejected, upgrade_request
+from helpers import (
+    RawClient,
+    masked_frame,
+    rejected,
+    traced_memory as traced_memory,  # the fixture
+    upgrade_request,
+)
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from trio_relay import RelayConfig
 from trio_relay.testing import MemoryRelay, open_memory_relay
+
+pytestmark = pytest.mark.usefixtures("traced_memory")
 
 CONFIG = RelayConfig(
     max_message_size=64 * 1024,
@@ -68,16 +76,6 @@ async def bystanding(config: RelayConfig = CONFIG) -> AsyncIterator[tuple[Memory
 async def _send_until_cut(client: RawClient, data: bytes) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await client.send_raw(data)
-
-
-@pytest.fixture(autouse=True)
-def traced_memory() -> Iterator[None]:
-    """Trace allocations, so that ``bystanding`` can check memory returns to baseline."""
-    tracemalloc.start()
-    try:
-        yield
-    finally:
-        tracemalloc.stop()
 
 
 @pytest.mark.parametrize(

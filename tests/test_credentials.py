@@ -29,6 +29,11 @@ from test_end_to_end import (
     Launch,
     launch as launch,  # the fixture: it starts and kills programs
 )
+from tls_support import (  # the fixtures, used by name
+    ca as ca,
+    client_context as client_context,
+    server_context as server_context,
+)
 
 from trio_relay import (
     ClientError,
@@ -340,25 +345,6 @@ async def test_a_bad_token_or_header_is_refused_before_connecting(
 
 
 # ------------------------------------------------------------------------ ssl_context=, sockets
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 async def test_a_token_over_wss(

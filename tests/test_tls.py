@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from functools import partial
 
 import pytest
 import trio
-import trustme
+from tls_support import (  # the fixtures, used by name
+    ca as ca,
+    client_context as client_context,
+    server_context as server_context,
+)
 
 import trio_relay
 from trio_relay import RelayUnavailable, consume, produce, serve_relay
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_context(ca: trustme.CA) -> Iterator[ssl.SSLContext]:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    yield context
 
 
 async def test_messages_flow_over_wss(

@@ -63,6 +63,16 @@ class CommandError(Exception):
         self.status = status
 
 
+def _log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging threshold (default: %(default)s)",
+    )
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -169,13 +179,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
     common.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help="relay TCP port (default: %(default)s)"
     )
-    common.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-        help="logging threshold (default: %(default)s)",
-    )
+    _log_level_option(common)
 
     # consume and produce: where the relay is, as --host/--port/--topic or as one --url, and
     # the credentials. Their defaults are None so that --url can refuse them when given;
@@ -200,13 +204,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         metavar="PEM",
         help="CA certificates to trust for a wss:// --url besides the system's (a private CA)",
     )
-    client.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-        help="logging threshold (default: %(default)s)",
-    )
+    _log_level_option(client)
 
     parser = argparse.ArgumentParser(
         prog="trio-relay",

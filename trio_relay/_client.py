@@ -64,6 +64,7 @@ __all__ = [
     "closed_error",
     "consume",
     "handshake_headers",
+    "leaf",
     "open_connection",
     "open_producer",
     "open_stream",
@@ -152,7 +153,7 @@ def handshake_headers(
     return extra
 
 
-def _leaf(exc: BaseException) -> BaseException:
+def leaf(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups, else ``exc``."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -160,7 +161,7 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def _translate(url: str, exc: BaseException, *, connected: bool) -> ClientError | None:
-    exc = _leaf(exc)
+    exc = leaf(exc)
     if isinstance(exc, ClientError):
         return exc
     if isinstance(exc, ConnectionRejected):
@@ -406,17 +407,17 @@ def _failure(
     A ClientError that quotes ``token`` (a server that echoed it back) has it cut out:
     :func:`redact` only knows the shapes of tokens (JWTs, ``Bearer ...``), not opaque ones.
     """
-    leaf = _leaf(exc)
-    error = _translate(url, leaf, connected=connected) or leaf
-    if error is not leaf:
-        cause = str(leaf)
+    inner = leaf(exc)
+    error = _translate(url, inner, connected=connected) or inner
+    if error is not inner:
+        cause = str(inner)
         if (token and token in cause) or redact(cause) != cause:
             # trio-websocket's exception quotes what the server sent (a rejection's body
             # and headers, a close reason) as it is: it would print the secret in a
             # traceback. The translation carries all of it, redacted.
             error.__suppress_context__ = True
         else:
-            error.__cause__ = leaf
+            error.__cause__ = inner
     if token and isinstance(error, ClientError) and token in str(error):
         error.args = (str(error).replace(token, REDACTED),)
         for name in ("reason", "detail"):
@@ -923,7 +924,7 @@ async def _resuming(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        failure = _leaf(group)
+        failure = leaf(group)
     if failure is not None:
         # Raised outside the except block, as in open_connection: the caller sees what its
         # own code raised (KeyboardInterrupt at Ctrl-C, say), never our nursery's group.

@@ -33,7 +33,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 import trio.lowlevel
@@ -58,7 +58,7 @@ from ._limits import ConnectionLimits
 from ._listen import nowait_sender, peer_name
 from ._protocol import LiveGap, Publish, Reject, RelayProtocol, Subscribe, Unsubscribe, Upgrade
 from ._redact import MAX_SHOWN, shown
-from ._topics import Batch, Cursor, Topics
+from ._topics import Batch, Cursor, Gap, Topics
 from ._v2 import TopicChannel
 
 __all__ = ["RelayConnection"]
@@ -297,44 +297,67 @@ class RelayConnection:
         self._release_topic()  # the subscription keeps the topic now
         self._subscription = subscription  # before any backlog can need it
         try:
+            async with self._tasks(functools.partial(self._queued, subscription)):
+                first = self._opening(gap, replay, cursor)
+                if first is None or (first and not await self._send_first(first)):
+                    return
+                self._on_subscribed()  # after the welcome: a test waiting may cut us
+                await self._read_loop()
+        finally:
+            self._subscription = None
+            self._topics.leave(topic, subscription)
+
+    @contextlib.asynccontextmanager
+    async def _tasks(self, queued: Callable[[], list[bytes] | None]) -> AsyncIterator[None]:
+        """The open connection's nursery (``_nursery``, where writers start) around the
+        body (the read loop). On the way out no new writer starts and one still running is
+        cancelled (on a resumable stream it keeps what it had not written for the drain),
+        and the token's expiry is no longer watched.
+
+        Cancelled from outside (the relay shuts down), not by a close of our own: what is
+        queued for the client (``queued``, see :meth:`_drain`) is written out before the
+        1001 close. (The nursery reports the writer's and the reader's Cancelled as a
+        group.)"""
+        try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    first, close = protocol.opening(gap, replay, cursor, trio.current_time())
-                    if close is not None:
-                        self._request_close(*close)
-                        return
-                    if self._expiries is not None:
-                        self._expiries.schedule(self, protocol.expires)
-                    if first:
-                        try:
-                            await self._send(first)
-                        except (_PeerGone, _Stalled):
-                            self._peer_gone = True
-                            return
-                    self._on_subscribed()  # after the welcome: a test waiting may cut us
-                    await self._read_loop()
+                    yield
                 finally:
-                    # No new writer from here on; one still running is cancelled (on a
-                    # resumable stream it keeps what it had not written for the drain).
                     self._nursery = None
                     nursery.cancel_scope.cancel()
         except BaseException as exc:
-            # Cancelled from outside (the relay shuts down), not by a close of our own:
-            # write out what is queued for the client before the 1001 close. (The
-            # nursery reports the writer's and the reader's Cancelled as a group.)
             if (
                 _only_cancelled(exc)
                 and self._close_request is None
                 and not (self._peer_gone or self._peer_closed)
             ):
-                await self._drain(subscription)
+                await self._drain(queued)
             raise
         finally:
-            self._subscription = None
             if self._expiries is not None:
                 self._expiries.discard(self)
-            self._topics.leave(topic, subscription)
+
+    def _opening(self, gap: Gap | None, replay: Batch | None, cursor: Cursor) -> bytes | None:
+        """The protocol's opening frames (v1's welcome, gap and replay; nothing in raw and
+        v2), with the token's expiry now watched; None if the token expired during the
+        handshake (the connection closes 4401 at once)."""
+        first, close = self.protocol.opening(gap, replay, cursor, trio.current_time())
+        if close is not None:
+            self._request_close(*close)
+            return None
+        if self._expiries is not None:
+            self._expiries.schedule(self, self.protocol.expires)
+        return first
+
+    async def _send_first(self, data: bytes) -> bool:
+        """Write the connection's first frames; False if the client is gone or stalled."""
+        try:
+            await self._send(data)
+        except (_PeerGone, _Stalled):
+            self._peer_gone = True
+            return False
+        return True
 
     # ---------------------------------------------------------------- handshake
 
@@ -547,39 +570,46 @@ class RelayConnection:
             raise _PeerGone(str(exc)) from exc
         self._counters.bytes_out += len(data)
 
-    async def _drain(self, subscription: Subscription[Batch | bytes]) -> None:
+    async def _drain(self, queued: Callable[[], list[bytes] | None]) -> None:
         """The relay is shutting down: write out everything queued for the client (the
-        rest of an interrupted frame, then the queue), within ``close_timeout``. The 1001
-        close follows in the closing handshake, by the same deadline. A client that cannot
-        take it all in time loses the rest: the stream is then aborted."""
+        rest of an interrupted frame, then the frames ``queued`` collects, again until it
+        collects none or says None: nothing more may go out), within ``close_timeout``.
+        The 1001 close follows in the closing handshake, by the same deadline. A client
+        that cannot take it all in time loses the rest: the stream is then aborted."""
         deadline = trio.current_time() + self._config.close_timeout
         self._shutdown_deadline = deadline
         if self._send_nowait is None:
             return  # not resumable (TLS): an interrupted frame cannot be finished
-        render = self.protocol.render
         with trio.CancelScope(shield=True, deadline=deadline):
             try:
                 while True:
-                    frames, self._unsent = self._unsent, []
-                    try:
-                        while True:
-                            rendered = render(subscription.receive_nowait())
-                            if rendered is not None:
-                                frames.append(rendered)
-                    except (
-                        trio.WouldBlock,
-                        trio.EndOfChannel,
-                        trio.ClosedResourceError,
-                        LiveGap,  # nothing more renders: the 1001 close follows
-                    ):
-                        pass
-                    except SlowConsumerError:
-                        return
-                    if not frames and self._remainder is None:
+                    frames = queued()
+                    if frames is None or (not frames and self._remainder is None):
                         return
                     await self._send(b"".join(frames))
             except (_PeerGone, _Stalled):
                 self._peer_gone = True
+
+    def _queued(self, subscription: Subscription[Batch | bytes]) -> list[bytes] | None:
+        """For :meth:`_drain`: the frames left unsent, then the subscription's queue as the
+        client gets it; None once the subscription was evicted (it gets no more)."""
+        frames, self._unsent = self._unsent, []
+        render = self.protocol.render
+        try:
+            while True:
+                rendered = render(subscription.receive_nowait())
+                if rendered is not None:
+                    frames.append(rendered)
+        except (
+            trio.WouldBlock,
+            trio.EndOfChannel,
+            trio.ClosedResourceError,
+            LiveGap,  # nothing more renders: the 1001 close follows
+        ):
+            pass
+        except SlowConsumerError:
+            return None
+        return frames
 
     def _write_through(self, item: Batch | bytes) -> Batch | bytes | None:
         """The broadcast's synchronous delivery to an idle consumer: write what the socket
@@ -892,48 +922,23 @@ class RelayConnection:
         """A ``trio-relay.v2`` connection: subscriptions come and go by frame, each with its
         own bounded queue; one writer task, only while some of them have a backlog, serves
         them in turn and joins what is ready into one write."""
-        protocol = self.protocol
         self._channels = {}
         self._ring = collections.deque()
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    _, close = protocol.opening(None, None, Cursor("", 0), trio.current_time())
-                    if close is not None:  # the token expired during the handshake
-                        self._request_close(*close)
-                        return
-                    if self._expiries is not None:
-                        self._expiries.schedule(self, protocol.expires)
-                    first = protocol.subscribe_path()
-                    replies: list[bytes] = []
-                    if isinstance(first, bytes):
-                        replies.append(first)
-                    elif first is not None and not await self._subscription_step(first, replies):
-                        return
-                    if replies:
-                        try:
-                            await self._send(b"".join(replies))
-                        except (_PeerGone, _Stalled):
-                            self._peer_gone = True
-                            return
-                    self._on_subscribed()
-                    await self._read_loop()
-                finally:
-                    self._nursery = None
-                    nursery.cancel_scope.cancel()
-        except BaseException as exc:
-            # As _run_open: cancelled from outside, write out what is queued first.
-            if (
-                _only_cancelled(exc)
-                and self._close_request is None
-                and not (self._peer_gone or self._peer_closed)
-            ):
-                await self._drain_channels()
-            raise
+            async with self._tasks(self._queued_channels):
+                if self._opening(None, None, Cursor("", 0)) is None:
+                    return
+                first = self.protocol.subscribe_path()
+                replies: list[bytes] = []
+                if isinstance(first, bytes):
+                    replies.append(first)
+                elif first is not None and not await self._subscription_step(first, replies):
+                    return
+                if replies and not await self._send_first(b"".join(replies)):
+                    return
+                self._on_subscribed()
+                await self._read_loop()
         finally:
-            if self._expiries is not None:
-                self._expiries.discard(self)
             for channel in list(self._channels.values()):
                 self._end_channel(channel)
 
@@ -1138,38 +1143,29 @@ class RelayConnection:
         finally:
             self._channel_writer = False
 
-    async def _drain_channels(self) -> None:
-        """:meth:`_drain` for a v2 connection: the connection's own frames and every
-        subscription's queue, within ``close_timeout``."""
-        deadline = trio.current_time() + self._config.close_timeout
-        self._shutdown_deadline = deadline
-        if self._send_nowait is None or self._channels is None:
-            return  # not resumable (TLS): an interrupted frame cannot be finished
+    def _queued_channels(self) -> list[bytes] | None:
+        """:meth:`_queued` for a v2 connection: the frames left unsent, the connection's
+        own frames, then every subscription's queue."""
+        if self._channels is None:
+            return None
+        frames, self._unsent, self._control = self._unsent + self._control, [], []
         render = self.protocol.render_channel
-        with trio.CancelScope(shield=True, deadline=deadline):
+        for channel in self._channels.values():
+            subscription = channel.subscription
+            assert subscription is not None
             try:
                 while True:
-                    frames, self._unsent, self._control = self._unsent + self._control, [], []
-                    for channel in self._channels.values():
-                        subscription = channel.subscription
-                        assert subscription is not None
-                        try:
-                            while True:
-                                rendered = render(channel.channel, subscription.receive_nowait())
-                                if rendered is not None:
-                                    frames.append(rendered)
-                        except (
-                            trio.WouldBlock,
-                            trio.EndOfChannel,
-                            trio.ClosedResourceError,
-                            SlowConsumerError,
-                        ):
-                            pass
-                    if not frames and self._remainder is None:
-                        return
-                    await self._send(b"".join(frames))
-            except (_PeerGone, _Stalled):
-                self._peer_gone = True
+                    rendered = render(channel.channel, subscription.receive_nowait())
+                    if rendered is not None:
+                        frames.append(rendered)
+            except (
+                trio.WouldBlock,
+                trio.EndOfChannel,
+                trio.ClosedResourceError,
+                SlowConsumerError,
+            ):
+                pass
+        return frames
 
     # ---------------------------------------------------------------- closing
 

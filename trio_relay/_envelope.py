@@ -32,6 +32,8 @@ __all__ = [
     "max_message_frame",
     "parse_client_frame",
     "publish_request",
+    "read_frame",
+    "refresh_request",
     "request_id_of",
 ]
 
@@ -96,25 +98,10 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
     Raises :class:`EnvelopeError` with code ``not-json``, ``binary-frame``, ``bad-frame``,
     ``unknown-type``, ``bad-payload`` or ``wrong-topic``.
     """
-    if not text:
-        raise EnvelopeError(
-            "binary-frame", 'trio-relay.v1 uses JSON text frames: send {"binary": "<base64>"}'
-        )
-    try:
-        frame = json.loads(data)
-    except ValueError:
-        raise EnvelopeError("not-json", "the frame is not valid JSON") from None
-    except RecursionError:
-        raise EnvelopeError("not-json", "the frame's JSON is nested too deeply") from None
-    if not isinstance(frame, dict):
-        raise EnvelopeError("bad-frame", "the frame must be a JSON object")
-    request_id = request_id_of(frame)
+    frame, request_id = read_frame(data, text, SUBPROTOCOL)
     kind = frame.get("type")
     if kind == "refresh":
-        token = frame.get("token")
-        if not isinstance(token, str) or not token:
-            raise EnvelopeError("bad-frame", '"token" must be a non-empty string', request_id)
-        return RefreshRequest(token, request_id)
+        return refresh_request(frame, request_id)
     if kind != "publish":
         raise EnvelopeError("unknown-type", f'unknown "type": {clip(kind)}', request_id)
     if "topic" in frame and frame["topic"] != topic:
@@ -124,6 +111,38 @@ def parse_client_frame(data: bytes, *, text: bool, topic: str) -> PublishRequest
             request_id,
         )
     return publish_request(frame, request_id)
+
+
+def read_frame(
+    data: bytes, text: bool, subprotocol: str
+) -> tuple[dict[str, object], str | int | None]:
+    """The JSON object a client's frame holds (``trio-relay.v1`` or ``v2``), and its ``id``.
+
+    Raises :class:`EnvelopeError` ``binary-frame`` (not a text frame), ``not-json``
+    (not JSON, or nested too deeply for the parser) or ``bad-frame`` (not an object, or a
+    bad ``id``)."""
+    if not text:
+        raise EnvelopeError(
+            "binary-frame", f'{subprotocol} uses JSON text frames: send {{"binary": "<base64>"}}'
+        )
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        raise EnvelopeError("not-json", "the frame is not valid JSON") from None
+    except RecursionError:
+        raise EnvelopeError("not-json", "the frame's JSON is nested too deeply") from None
+    if not isinstance(frame, dict):
+        raise EnvelopeError("bad-frame", "the frame must be a JSON object")
+    return frame, request_id_of(frame)
+
+
+def refresh_request(frame: dict[str, object], request_id: str | int | None) -> RefreshRequest:
+    """A ``refresh`` frame's new token (v1 and v2 alike); raises :class:`EnvelopeError`
+    ``bad-frame`` without a non-empty string ``token``."""
+    token = frame.get("token")
+    if not isinstance(token, str) or not token:
+        raise EnvelopeError("bad-frame", '"token" must be a non-empty string', request_id)
+    return RefreshRequest(token, request_id)
 
 
 def request_id_of(frame: dict[str, object]) -> str | int | None:

@@ -36,6 +36,7 @@ from ._client import (
     Headers,
     closed_error,
     handshake_headers,
+    leaf,
     open_connection,
 )
 from ._exceptions import (
@@ -692,7 +693,7 @@ async def connect(
                     await session._ended.wait()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        failure = _leaf(group)
+        failure = leaf(group)
     if failure is not None:
         # Raised outside the except block, as open_connection does: the caller sees what
         # its own code raised, or one ClientError, never our nursery's group.
@@ -700,10 +701,3 @@ async def connect(
             raise failure
         finally:
             failure = None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member exception groups, else ``exc``."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc

@@ -11,15 +11,14 @@ for v1 and v2 clients alike. It never touches a stream.
 
 from __future__ import annotations
 
-import json
-
 from ._envelope import (
     EnvelopeError,
     PublishRequest,
     RefreshRequest,
     dump,
     publish_request,
-    request_id_of,
+    read_frame,
+    refresh_request,
 )
 from ._redact import shown
 from ._topics import Cursor, check_epoch, topic_from_path
@@ -153,19 +152,7 @@ def parse_v2_frame(
     ``topic`` where they were readable.
     Fields a frame does not use are ignored.
     """
-    if not text:
-        raise EnvelopeError(
-            "binary-frame", 'trio-relay.v2 uses JSON text frames: send {"binary": "<base64>"}'
-        )
-    try:
-        frame = json.loads(data)
-    except ValueError:
-        raise EnvelopeError("not-json", "the frame is not valid JSON") from None
-    except RecursionError:
-        raise EnvelopeError("not-json", "the frame's JSON is nested too deeply") from None
-    if not isinstance(frame, dict):
-        raise EnvelopeError("bad-frame", "the frame must be a JSON object")
-    request_id = request_id_of(frame)
+    frame, request_id = read_frame(data, text, SUBPROTOCOL_V2)
     kind = frame.get("type")
     if kind == "publish":
         topic = _topic(frame, request_id)
@@ -196,10 +183,7 @@ def parse_v2_frame(
                 raise EnvelopeError("bad-epoch", str(exc), request_id, topic) from None
         return SubscriptionFrame("subscribe", topic, since, request_id, epoch)
     if kind == "refresh":
-        token = frame.get("token")
-        if not isinstance(token, str) or not token:
-            raise EnvelopeError("bad-frame", '"token" must be a non-empty string', request_id)
-        return RefreshRequest(token, request_id)
+        return refresh_request(frame, request_id)
     if kind == "unsubscribe":
         return SubscriptionFrame("unsubscribe", _topic(frame, request_id), None, request_id)
     raise EnvelopeError(
