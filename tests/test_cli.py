@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from test_end_to_end import (
 )
 
 import trio_relay
-from trio_relay import DEFAULT_TIMEOUT, Gap, RelayConfig
+from trio_relay import DEFAULT_TIMEOUT, Gap, RelayConfig, verify_token
 from trio_relay._cli import (
     _client_target,
     build_parser,
@@ -233,6 +234,24 @@ def test_the_side_port_is_http_port_with_metrics_port_its_old_name(tmp_path: Pat
         ["serve"]
     )
     assert args.http_port == 9102
+
+
+def test_every_limit_of_serve_is_in_the_readmes_table_of_limits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # README "Running in production": "Every limit, its default, and what a client gets".
+    # A setting added in one place and not the other is what this catches.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    options = set(re.findall(r"(?<![\w-])--([a-z][a-z-]+)", capsys.readouterr().out))
+    fields = {field.name for field in dataclasses.fields(RelayConfig)}
+    settings = {o for o in options if o.replace("-", "_") in fields}
+    not_limits = {"receive-buffer-size", "backplane"}  # documented in their own sections
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("Every limit, its default, and what a client gets:")
+    table = readme[start : readme.index("\n\n", readme.index("| option |", start))]
+    assert {o for o in settings - not_limits if f"`--{o}`" not in table} == set()
+    assert len(settings) > 25  # the help was read
 
 
 @pytest.mark.parametrize(
@@ -490,6 +509,24 @@ def test_version_and_token_help() -> None:
     assert (
         short.stderr == "trio-relay token: the secret must be at least 32 characters (it has 5)\n"
     )
+
+
+def test_the_token_help_example_mints_a_token_for_what_it_shows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Patterns match segment-wise since issue 11: the example's "everything" must be "**"
+    # ("*" is one segment, and took nothing deeper when the example still said it).
+    with pytest.raises(SystemExit):
+        main(["token", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    example = re.search(r"e\.g\. (trio-relay token .*?--ttl \S+)", help_text)
+    assert example is not None, help_text
+    argv = shlex.split(example[1])
+    secret = "s" * 32
+    assert main([*argv[1:], "--secret", secret]) == 0
+    grant = verify_token(secret, capsys.readouterr().out.strip())
+    assert grant.may_publish("news/a") and not grant.may_publish("news/a/b")
+    assert all(grant.may_subscribe(topic) for topic in ("", "news", "news/a/b", "x/y/z"))
 
 
 # ------------------------------------------------------------------------ issue 14, item 4

@@ -43,6 +43,7 @@ from trio_relay import (
     PublishRejected,
     RelayConfig,
     RelayUnavailable,
+    connect,
     consume,
     mint_token,
     open_producer,
@@ -308,6 +309,26 @@ async def test_headers_arrive_at_the_relay(
         assert_hidden(WRITER, raised.value, caplog)
 
 
+async def test_a_sessions_token_and_headers_arrive_at_the_relay(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # connect() (trio-relay.v2) carries them as produce and consume do.
+    async with open_memory_relay(CONFIG) as relay:
+        url = relay.url + "news"
+        async with connect(url, token=WRITER, headers=ORIGIN, connector=relay.open_stream) as s:
+            report = await s.publish("news", "x")
+            assert report.seq == 1
+        for token, headers, status in (
+            (WRITER, {"Origin": "https://evil.test"}, 403),
+            (None, ORIGIN, 401),
+        ):
+            with pytest.raises(HandshakeRejected) as raised:
+                async with connect(url, token=token, headers=headers, connector=relay.open_stream):
+                    pass  # pragma: no cover
+            assert raised.value.status_code == status
+            assert_hidden(WRITER, raised.value, caplog)
+
+
 @pytest.mark.parametrize(
     ("token", "headers", "message"),
     [
@@ -342,6 +363,15 @@ async def test_a_bad_token_or_header_is_refused_before_connecting(
             assert token not in str(raised.value)
         if headers:
             assert all(value not in str(raised.value) for value in headers.values())
+
+    async def connector() -> trio.abc.Stream:
+        raise AssertionError("connect() connected with a bad token or header")
+
+    with pytest.raises(ValueError, match=message) as raised:
+        async with connect("ws://relay.test/", token=token, headers=headers, connector=connector):
+            pass  # pragma: no cover
+    if token:
+        assert token not in str(raised.value)
 
 
 # ------------------------------------------------------------------------ ssl_context=, sockets

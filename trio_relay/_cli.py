@@ -308,7 +308,7 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         "token",
         help="mint an access token",
         description="Print a token (HS256 JWT) allowing the given topic patterns, e.g. "
-        "trio-relay token --publish 'news/*' --subscribe '*' --ttl 7d",
+        "trio-relay token --publish 'news/*' --subscribe '**' --ttl 7d",
     )
     token.add_argument(
         "--secret",

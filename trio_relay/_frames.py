@@ -35,7 +35,9 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009
     """A message exceeded ``max_message_size`` bytes."""
     INTERNAL_ERROR = 1011
-    """The relay hit an unexpected error on this connection; other connections are unaffected."""
+    """The relay hit an unexpected error on this connection (or the application's
+    ``on_publish`` hook failed on its message), or the client did not answer a keepalive
+    ping within ``ping_timeout``; other connections are unaffected."""
     TRY_AGAIN_LATER = 1013
     """The relay's budget for unfinished incoming messages (``max_unfinished_bytes``, shared
     by all connections) had no room for the rest of this client's message. Nothing of that
@@ -44,8 +46,10 @@ class CloseCode(enum.IntEnum):
     """The connection's token expired (its ``exp``), and no ``refresh`` frame replaced it
     in time. The client may reconnect with a new token."""
     GAP = 4410
-    """A raw client asked for messages (``since``) that are no longer retained. Envelope
-    clients get a ``gap`` frame instead and stay connected."""
+    """A raw client asked for messages (``since``) that are no longer retained, of another
+    epoch or beyond the topic's last number; or, live, its topic's numbering skipped
+    numbers or changed epoch. Envelope clients get a ``gap`` frame instead and stay
+    connected."""
 
 
 _TEXT = 0x81  # FIN + opcode 1
