@@ -599,7 +599,8 @@ async def test_consume_prints_sequence_numbers_or_json_lines(
     await server.publish(b"\x00\xff", "news")
     await server.publish("third", "news")
     common = ("consume", *at(server.port), "--topic", "/news", "--since", "1")
-    shown = await launch(PYTHON, "-m", "trio_relay", *common, "--show-seq")
+    # --resume too: a connected resuming consumer exits 130 on Ctrl-C as well (item 2).
+    shown = await launch(PYTHON, "-m", "trio_relay", *common, "--show-seq", "--resume")
     lines = await launch(PYTHON, "-m", "trio_relay", *common, "--json")
     await shown.expect("stdout", "third\n")
     await lines.expect("stdout", "third")

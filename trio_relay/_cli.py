@@ -37,6 +37,7 @@ from ._client import (
     DEFAULT_TIMEOUT,
     consume,
     handshake_headers,
+    leaf,
     open_producer,
 )
 from ._config import RelayConfig
@@ -911,9 +912,7 @@ def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
     try:
         trio.run(command, args)
     except BaseExceptionGroup as group:
-        failure = group
-        while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
-            failure = failure.exceptions[0]
+        failure = leaf(group)
     if failure is not None:
         try:
             raise failure
