@@ -1,8 +1,10 @@
-"""A real ``redis-server`` for the backplane's integration tests.
+"""A real ``redis-server`` for the backplane's integration tests, and a TCP proxy to cut
+one relay off from it.
 
-Each test starts its own server on a free port of 127.0.0.1 with no persistence (so a
-restart loses its data, the hardest case for the relays) and stops it afterwards. Where
-there is no ``redis-server`` the tests skip, saying how to install it; CI sets
+Each test starts its own server on a free port of 127.0.0.1 with no automatic persistence
+(so a restart loses its data, the hardest case for the relays, unless the test saves an
+RDB snapshot first: :meth:`RedisServer.save`) and stops it afterwards. Where there is no
+``redis-server`` the tests skip, saying how to install it; CI sets
 TRIO_RELAY_REQUIRE_INTEGRATION=1, which turns that skip into a failure.
 """
 
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from helpers import unavailable
 
 READY = b"Ready to accept connections"
@@ -89,6 +92,31 @@ class RedisServer:
                     raise RuntimeError(f"redis-server exited: {output.decode()!r}")
                 output += chunk
 
+    def command(self, *args: str) -> bytes:
+        """Run one command (RESP over a plain socket, bounded by START_TIMEOUT) and return
+        the first line of its answer."""
+        request = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(arg.encode())}\r\n{arg}\r\n".encode() for arg in args
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=START_TIMEOUT) as conn:
+            conn.sendall(request)
+            answer = b""
+            while b"\r\n" not in answer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer.split(b"\r\n", 1)[0]
+
+    def save(self) -> None:
+        """Write an RDB snapshot (``SAVE``): the next :meth:`start` after a :meth:`kill`
+        loads it, as a Redis restarted with its data does."""
+        assert self.command("SAVE") == b"+OK"
+
+    def forget_data(self) -> None:
+        """Delete the snapshot, if any: the next start is empty."""
+        (self.directory / "dump.rdb").unlink(missing_ok=True)
+
     def kill(self) -> None:
         """Kill the server at once (SIGKILL): its data is lost, its clients cut off."""
         if self.process is not None:
@@ -111,6 +139,67 @@ class RedisServer:
         if self.process is not None:
             self.process.send_signal(signal.SIGCONT)  # a frozen server cannot die otherwise
         self.kill()
+
+
+class Proxy:
+    """A TCP proxy in the test's own trio run, between one relay and Redis: :meth:`cut`
+    drops every connection through it and refuses new ones (Redis looks unreachable to
+    that relay alone), :meth:`heal` lets them through again. Start it with
+    ``await nursery.start(proxy.run)``; :attr:`url` is the Redis URL to give the relay."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.open = True
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._serve, listeners)
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        async with client:
+            if not self.open:
+                return
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+            except OSError:
+                return
+            async with upstream:
+                with trio.CancelScope() as scope:
+                    self._scopes.add(scope)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._pump, client, upstream, nursery)
+                            nursery.start_soon(self._pump, upstream, client, nursery)
+                    finally:
+                        self._scopes.discard(scope)
+
+    @staticmethod
+    async def _pump(
+        source: trio.SocketStream, sink: trio.SocketStream, nursery: trio.Nursery
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        nursery.cancel_scope.cancel()  # one side ended: end both
+
+    def cut(self) -> None:
+        """Drop every connection through the proxy, and refuse new ones until healed."""
+        self.open = False
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def heal(self) -> None:
+        self.open = True
 
 
 @pytest.fixture

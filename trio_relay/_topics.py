@@ -1054,8 +1054,10 @@ class Topics:
                 return None, None, Cursor(shared_epoch, shared_last)
             if since == 0 or (epoch in (None, shared_epoch) and since <= shared_last):
                 return None, None, Cursor(shared_epoch, since)
-            reset = Gap(topic.name, since, shared_last + 1, shared_epoch, reset=True)
-            return reset, None, Cursor(shared_epoch, shared_last)
+            # Of another numbering: a reset, and the shared one from its start (what of it
+            # reaches this relay from now on reaches the subscriber; a gap says the rest).
+            reset = Gap(topic.name, since, 1, shared_epoch, reset=True)
+            return reset, None, Cursor(shared_epoch, 0)
         if since is None or (since == last and epoch in (None, current)):
             return None, None, Cursor(current, last)
         self._trim(topic, trio.current_time())
