@@ -43,11 +43,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import trio
-from mass_disconnect import free_port, started  # beside this script
+from mass_disconnect import free_port, started, upgrade_request  # beside this script
 
 ROOT = Path(__file__).resolve().parent.parent  # the relay runs here: this tree's trio_relay
 SERVER_CMD = f"{shlex.quote(sys.executable)} -m trio_relay serve --host 127.0.0.1 --port {{port}}"
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 MiB = 1024 * 1024
 FRAGMENT = 64 * 1024
 
@@ -66,14 +65,6 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     else:
         head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
     return head + b"\0\0\0\0" + payload
-
-
-def upgrade_request(port: int, path: str) -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY.decode()}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
 
 
 class Client:
