@@ -15,8 +15,8 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-from helpers import RawClient, masked_frame, upgrade_request
-from wsproto.events import Ping, Pong, TextMessage
+from helpers import HOST, RawClient, masked_frame, upgrade_request
+from wsproto.events import AcceptConnection, Ping, Pong, Request, TextMessage
 
 from trio_relay import RelayConfig, consume, serve_relay
 from trio_relay._connection import nowait_sender
@@ -181,3 +181,138 @@ async def test_the_socket_fast_paths_relay_bytes_split_anywhere(nursery: trio.Nu
                 ]
                 assert [await anext(messages) for _ in expected] == expected
     nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- the writer task
+
+
+class _Listener(trio.abc.Listener[trio.abc.Stream]):
+    """Hands the relay the streams a test makes, as if accepted from a socket."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](10)
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self._receive.receive()
+
+    async def aclose(self) -> None:
+        await self._receive.aclose()
+
+
+class _RelaySide(trio.abc.Stream):
+    """The relay's end of a :func:`trio.testing.lockstep_stream_pair` (no ``send_nowait``:
+    every write goes through the writer task), with a ``send_all`` that a test bends: it
+    can fail once (``fail_at``: the number of the call), and cancelled, it takes
+    ``linger`` seconds (shielded) to give up."""
+
+    inner: trio.abc.Stream  # set by _open
+
+    def __init__(self, *, fail_at: int = 0, linger: float = 0) -> None:
+        self.fail_at, self.linger, self.sends = fail_at, linger, 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends += 1
+        if self.sends == self.fail_at:
+            raise RuntimeError("simulated writer failure")
+        try:
+            await self.inner.send_all(data)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(self.linger)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _TaskEnds(trio.abc.Instrument):
+    """When each task ended (virtual time), by name."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, float]] = []
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self.ended.append((task.name, trio.current_time()))
+
+
+def _tasks_named(part: str) -> list[trio.lowlevel.Task]:
+    found, todo = [], [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        assert task is not None
+        found += [task] if part in task.name else []
+        todo += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return found
+
+
+async def _open(listener: _Listener, stream: _RelaySide) -> RawClient:
+    """Connect ``stream``'s other end as a raw client of ``/``, past the 101."""
+    client, stream.inner = trio.testing.lockstep_stream_pair()
+    await listener._send.send(stream)
+    raw = RawClient(client)
+    await raw.send(Request(host=HOST, target="/"))
+    assert isinstance(await raw.next_event(), AcceptConnection)
+    return raw
+
+
+async def test_the_writer_runs_in_the_relays_nursery_and_ends_before_its_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A writer that takes 5 s to give up once cancelled, on a relay that allows 1 s for
+    # a close: its connection waits for it all the same (as it would for a task of a
+    # nursery of its own), and so ends after it.
+    ends = _TaskEnds()
+    trio.lowlevel.add_instrument(ends)
+    listener = _Listener()
+    config = RelayConfig(close_timeout=1, ping_interval=0)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_relay, config=config, listeners=[listener]))
+        stream = _RelaySide(linger=5)
+        client = await _open(listener, stream)
+        await server.wait_until(lambda s: s.subscribers == 1)
+        assert not _tasks_named("_run_writer")  # idle: the connection's task only
+        await server.publish("queued: the client does not read")
+        await trio.testing.wait_all_tasks_blocked()
+        (writer,) = _tasks_named("_run_writer")
+        (connection,) = _tasks_named("RelayServer._serve")
+        assert not connection.child_nurseries  # no nursery of its own
+        assert writer.parent_nursery is not None
+        assert writer.parent_nursery.parent_task is not connection
+        await client.send_raw(b"\x81\x01x")  # an unmasked frame: close 1002, cancels the writer
+        started = trio.current_time()
+        await server.wait_until(lambda s: s.connections == 0)
+        trio.lowlevel.remove_instrument(ends)
+        times = {name.rpartition(".")[2]: at - started for name, at in ends.ended}
+        assert times["_run_writer"] == 5
+        assert times["_serve"] >= times["_run_writer"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_writer_that_fails_ends_its_connection_alone(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failure in a writer task (in the relay's shared nursery) is that connection's
+    # failure alone: logged, and the connection closed (here without a close frame: the
+    # failed write may have left half a frame on the stream); the relay serves on.
+    listener = _Listener()
+    config = RelayConfig(ping_interval=0)  # the test's clients answer no ping
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_relay, config=config, listeners=[listener]))
+        bystander = await _open(listener, _RelaySide())
+        failing = await _open(listener, _RelaySide(fail_at=2))
+        await server.wait_until(lambda s: s.subscribers == 2)
+        async with trio.open_nursery() as readers:
+            readers.start_soon(server.publish, "one")
+            assert await bystander.next_message() == "one"
+            assert await failing.read_to_eof() == b""
+        await server.wait_until(lambda s: s.connections == 1)
+        assert "writer failed" in caplog.text and "simulated writer failure" in caplog.text
+        await server.publish("two")
+        assert await bystander.next_message() == "two"
+        nursery.cancel_scope.cancel()

@@ -33,7 +33,8 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+import types
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio.lowlevel
@@ -105,6 +106,78 @@ _NO_RING: collections.deque[_Channel] = collections.deque(maxlen=0)
 """The ring of a raw or v1 connection: never used (a v2 connection gets its own)."""
 
 
+class _Task:
+    """A connection's writer task, run in a nursery that all connections share (the
+    server's): its cancel scope, and an event set once it has ended.
+
+    Structured concurrency holds as if the task ran in a nursery of the connection's own
+    (which cost about 0.5 KB per connection, writer or not): the connection cancels it and
+    waits for its end before its own task goes on to close the stream
+    (:meth:`RelayConnection._stop_writer`), so no writer outlives its connection's
+    :meth:`~RelayConnection.serve`; a failure in it is logged and ends that connection
+    alone, never the shared nursery; and it exists only while a client has a backlog."""
+
+    __slots__ = ("done", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+
+class _Open:
+    """The open connection's tasks around its body (the read loop), as an ``async with``:
+    the reader's cancel scope, and writers allowed to start (``_nursery``). On the way out
+    no new writer starts and one still running is cancelled and waited for (on a
+    resumable stream it keeps what it had not written for the drain), and the token's
+    expiry is no longer watched.
+
+    Cancelled from outside (the relay shuts down), not by a close of our own: what is
+    queued for the client (``queued``, see :meth:`RelayConnection._drain`) is written out
+    before the 1001 close.
+
+    A class rather than an ``@asynccontextmanager``: that one's generator, with its frame
+    and trio's record of it, stayed alive for as long as the connection (0.6 KB each)."""
+
+    __slots__ = ("connection", "queued", "scope")
+
+    def __init__(
+        self, connection: RelayConnection, queued: Callable[[], list[bytes] | None]
+    ) -> None:
+        self.connection = connection
+        self.queued = queued
+        self.scope = trio.CancelScope()
+
+    async def __aenter__(self) -> None:
+        connection = self.connection
+        self.scope.__enter__()
+        connection._reader, connection._nursery = self.scope, connection._writers
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> bool:
+        connection = self.connection
+        try:
+            try:
+                await connection._stop_writer()
+            finally:
+                suppressed = self.scope.__exit__(kind, exc, traceback)
+            if suppressed or exc is None:
+                return suppressed
+            if (
+                _only_cancelled(exc)
+                and connection._close_request is None
+                and not (connection._peer_gone or connection._peer_closed)
+            ):
+                await connection._drain(self.queued)
+            return False
+        finally:
+            if connection._expiries is not None:
+                connection._expiries.discard(connection)
+
+
 class RelayConnection:
     """Serves one accepted stream until it closes; never raises except ``Cancelled``.
 
@@ -133,6 +206,7 @@ class RelayConnection:
         "_peer_gone",
         "_protocol_error",
         "_read_fd",
+        "_reader",
         "_remainder",
         "_ring",
         "_send_nowait",
@@ -143,6 +217,8 @@ class RelayConnection:
         "_unsent",
         "_write_broken",
         "_write_slot",
+        "_writer",
+        "_writers",
         "_writing",
         "close_code",
         "host",
@@ -163,10 +239,14 @@ class RelayConnection:
         expiries: Expiries[RelayConnection] | None = None,
         limits: ConnectionLimits | None = None,
         *,
+        writers: trio.Nursery,
         authorize: Authorize | None = None,
         on_publish: OnPublish | None = None,
     ) -> None:
         self.id = next(_ids)
+        # Where the writer task runs: a nursery shared by the server's connections (see
+        # _Task); the connection's own cancel scope is around its reader alone.
+        self._writers = writers
         # The embedding application's hooks (see serve_relay), if any.
         self._authorize = authorize
         self._on_publish = on_publish
@@ -186,8 +266,12 @@ class RelayConnection:
         self._topics = topics
         self._config = config
         self._subscription: Subscription[Batch | bytes] | None = None
-        # The nursery of the writer task, open while the client is subscribed.
+        # Where a writer task may start: the shared nursery while the client is
+        # subscribed, None before and once closing. The reader's cancel scope (set while
+        # the client is subscribed) and the writer task while one runs.
         self._nursery: trio.Nursery | None = None
+        self._reader: trio.CancelScope | None = None
+        self._writer: _Task | None = None
         # The right to write to the stream. A Semaphore, not a Lock: write_through takes it
         # synchronously in the publisher's task and, after a partial write, hands it to the
         # writer task, which releases it once the rest of the frame is out.
@@ -297,7 +381,7 @@ class RelayConnection:
         self._release_topic()  # the subscription keeps the topic now
         self._subscription = subscription  # before any backlog can need it
         try:
-            async with self._tasks(functools.partial(self._queued, subscription)):
+            async with _Open(self, functools.partial(self._queued, subscription)):
                 first = self._opening(gap, replay, cursor)
                 if first is None or (first and not await self._send_first(first)):
                     return
@@ -306,37 +390,6 @@ class RelayConnection:
         finally:
             self._subscription = None
             self._topics.leave(topic, subscription)
-
-    @contextlib.asynccontextmanager
-    async def _tasks(self, queued: Callable[[], list[bytes] | None]) -> AsyncIterator[None]:
-        """The open connection's nursery (``_nursery``, where writers start) around the
-        body (the read loop). On the way out no new writer starts and one still running is
-        cancelled (on a resumable stream it keeps what it had not written for the drain),
-        and the token's expiry is no longer watched.
-
-        Cancelled from outside (the relay shuts down), not by a close of our own: what is
-        queued for the client (``queued``, see :meth:`_drain`) is written out before the
-        1001 close. (The nursery reports the writer's and the reader's Cancelled as a
-        group.)"""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    yield
-                finally:
-                    self._nursery = None
-                    nursery.cancel_scope.cancel()
-        except BaseException as exc:
-            if (
-                _only_cancelled(exc)
-                and self._close_request is None
-                and not (self._peer_gone or self._peer_closed)
-            ):
-                await self._drain(queued)
-            raise
-        finally:
-            if self._expiries is not None:
-                self._expiries.discard(self)
 
     def _opening(self, gap: Gap | None, replay: Batch | None, cursor: Cursor) -> bytes | None:
         """The protocol's opening frames (v1's welcome, gap and replay; nothing in raw and
@@ -648,8 +701,43 @@ class RelayConnection:
 
     def _start_writer(self) -> None:
         """The subscription has a backlog: start a writer task to drain it."""
-        if self._nursery is not None:
-            self._nursery.start_soon(self._write_backlog)
+        self._spawn(self._write_backlog)
+
+    def _spawn(self, write: Callable[[], Awaitable[None]]) -> bool:
+        """Start ``write`` as the connection's writer task (see :class:`_Task`), unless
+        the connection is not open or a writer runs already (it writes until nothing is
+        queued, so it takes the new backlog too). Whether it started."""
+        if self._nursery is None or self._writer is not None:
+            return False
+        task = self._writer = _Task()
+        self._nursery.start_soon(self._run_writer, task, write)
+        return True
+
+    async def _run_writer(self, task: _Task, write: Callable[[], Awaitable[None]]) -> None:
+        try:
+            with task.scope:
+                await write()
+        except Exception:
+            # As a failure of the connection's own task: logged, and this connection
+            # closes; the shared nursery and the other connections go on.
+            logger.exception("connection #%d from %s: writer failed", self.id, self.peer)
+            self._request_close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if self._writer is task:
+                self._writer = None
+            task.done.set()
+
+    async def _stop_writer(self) -> None:
+        """The connection stops being open: no writer starts from here on, and the one
+        running (if any) is cancelled and waited for (shielded: it ends at its next
+        checkpoint), as a nursery's exit would."""
+        self._nursery = None
+        self._reader = None
+        task = self._writer
+        if task is not None:
+            task.scope.cancel()
+            with trio.CancelScope(shield=True):
+                await task.done.wait()
 
     async def _write_backlog(self) -> None:
         """Write what is queued for the client, in batches, until nothing is; then end
@@ -777,8 +865,10 @@ class RelayConnection:
         self._cancel_tasks()
 
     def _cancel_tasks(self) -> None:
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._writer is not None:
+            self._writer.scope.cancel()
 
     # ---------------------------------------------------------------- bytes in
 
@@ -925,7 +1015,7 @@ class RelayConnection:
         self._channels = {}
         self._ring = collections.deque()
         try:
-            async with self._tasks(self._queued_channels):
+            async with _Open(self, self._queued_channels):
                 if self._opening(None, None, Cursor("", 0)) is None:
                     return
                 first = self.protocol.subscribe_path()
@@ -1063,9 +1153,8 @@ class RelayConnection:
         self._start_channel_writer()
 
     def _start_channel_writer(self) -> None:
-        if not self._channel_writer and self._nursery is not None:
+        if not self._channel_writer and self._spawn(self._write_channels):
             self._channel_writer = True
-            self._nursery.start_soon(self._write_channels)
 
     def _channel_evicted(self, channel: _Channel) -> None:
         logger.warning(

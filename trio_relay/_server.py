@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -187,14 +188,22 @@ class RelayServer:
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one already-connected stream until it closes.
 
-        The listeners call this for each accepted stream; tests and custom transports call it
-        directly (with an in-memory stream, say). Never raises except ``Cancelled``.
+        Tests and custom transports call this (with an in-memory stream, say); the
+        listeners' streams are served the same way. Never raises except ``Cancelled``.
 
         The connection takes its slot under ``max_connections`` and
         ``max_connections_per_ip`` here, before its handshake; past either limit it gets
         HTTP 503 at once (written only if the socket takes it without waiting) and is
         closed without its request being read.
         """
+        # Its writer task runs in a nursery of its own here, in the caller's task: the
+        # caller's stream may outlive the relay's own nursery.
+        async with trio.open_nursery() as tasks:
+            await self._serve(stream, tasks)
+
+    async def _serve(self, stream: trio.abc.Stream, tasks: trio.Nursery) -> None:
+        """:meth:`serve_stream`, the connection's writer task in ``tasks`` (the listeners'
+        connections share the relay's nursery: see ``_connection._Task``)."""
         connection = RelayConnection(
             stream,
             self.topics,
@@ -207,6 +216,7 @@ class RelayServer:
             limits=self.limits,
             authorize=self.authorize,
             on_publish=self.on_publish,
+            writers=tasks,
         )
         refusal = self.limits.reserve_connection(connection.host)
         if refusal is not None:
@@ -251,7 +261,10 @@ class RelayServer:
             if self.backplane is not None:
                 # Before accepting: histories are filled from the log first.
                 await nursery.start(self.backplane.run, self.topics)
-            await nursery.start(serve_listeners, self.serve_stream, self.listeners)
+            # Every connection's writer task (only while it has a backlog) runs in this
+            # nursery, joined by its connection before the connection ends.
+            serve = functools.partial(self._serve, tasks=nursery)
+            await nursery.start(serve_listeners, serve, self.listeners)
             for listener in self.listeners:
                 logger.info("relay listening on %s", _describe(listener))
             task_status.started(self)
