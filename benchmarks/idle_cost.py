@@ -171,12 +171,14 @@ def main() -> int:
     command += ["--host", "127.0.0.1", "--port", str(port), *LIMITS]
     server = subprocess.Popen(command, env=env, cwd=args.pythonpath or ROOT)
     try:
-        for _ in range(100):
+        for _ in range(600):  # the relay starts slowly under tracemalloc
             try:
                 socket.create_connection(("127.0.0.1", port)).close()
                 break
             except OSError:
                 time.sleep(0.1)
+        else:
+            sys.exit("the relay did not start listening within 60 s")
         warm = open_clients(port, args.path, 200)
         time.sleep(0.5)
         server.send_signal(signal.SIGUSR1)

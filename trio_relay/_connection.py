@@ -132,19 +132,16 @@ class _Open:
     expiry is no longer watched.
 
     Cancelled from outside (the relay shuts down), not by a close of our own: what is
-    queued for the client (``queued``, see :meth:`RelayConnection._drain`) is written out
-    before the 1001 close.
+    queued for the client is written out before the 1001 close
+    (:meth:`RelayConnection._drain`).
 
     A class rather than an ``@asynccontextmanager``: that one's generator, with its frame
     and trio's record of it, stayed alive for as long as the connection (0.6 KB each)."""
 
-    __slots__ = ("connection", "queued", "scope")
+    __slots__ = ("connection", "scope")
 
-    def __init__(
-        self, connection: RelayConnection, queued: Callable[[], list[bytes] | None]
-    ) -> None:
+    def __init__(self, connection: RelayConnection) -> None:
         self.connection = connection
-        self.queued = queued
         self.scope = trio.CancelScope()
 
     async def __aenter__(self) -> None:
@@ -171,7 +168,7 @@ class _Open:
                 and connection._close_request is None
                 and not (connection._peer_gone or connection._peer_closed)
             ):
-                await connection._drain(self.queued)
+                await connection._drain()
             return False
         finally:
             if connection._expiries is not None:
@@ -381,7 +378,7 @@ class RelayConnection:
         self._release_topic()  # the subscription keeps the topic now
         self._subscription = subscription  # before any backlog can need it
         try:
-            async with _Open(self, functools.partial(self._queued, subscription)):
+            async with _Open(self):
                 first = self._opening(gap, replay, cursor)
                 if first is None or (first and not await self._send_first(first)):
                     return
@@ -623,16 +620,18 @@ class RelayConnection:
             raise _PeerGone(str(exc)) from exc
         self._counters.bytes_out += len(data)
 
-    async def _drain(self, queued: Callable[[], list[bytes] | None]) -> None:
+    async def _drain(self) -> None:
         """The relay is shutting down: write out everything queued for the client (the
-        rest of an interrupted frame, then the frames ``queued`` collects, again until it
-        collects none or says None: nothing more may go out), within ``close_timeout``.
+        rest of an interrupted frame, then the frames :meth:`_queued` or
+        :meth:`_queued_channels` collects, again until it collects none or says None:
+        nothing more may go out), within ``close_timeout``.
         The 1001 close follows in the closing handshake, by the same deadline. A client
         that cannot take it all in time loses the rest: the stream is then aborted."""
         deadline = trio.current_time() + self._config.close_timeout
         self._shutdown_deadline = deadline
         if self._send_nowait is None:
             return  # not resumable (TLS): an interrupted frame cannot be finished
+        queued = self._queued_channels if self._channels is not None else self._queued
         with trio.CancelScope(shield=True, deadline=deadline):
             try:
                 while True:
@@ -643,9 +642,12 @@ class RelayConnection:
             except (_PeerGone, _Stalled):
                 self._peer_gone = True
 
-    def _queued(self, subscription: Subscription[Batch | bytes]) -> list[bytes] | None:
+    def _queued(self) -> list[bytes] | None:
         """For :meth:`_drain`: the frames left unsent, then the subscription's queue as the
         client gets it; None once the subscription was evicted (it gets no more)."""
+        subscription = self._subscription
+        if subscription is None:
+            return None
         frames, self._unsent = self._unsent, []
         render = self.protocol.render
         try:
@@ -1015,7 +1017,7 @@ class RelayConnection:
         self._channels = {}
         self._ring = collections.deque()
         try:
-            async with _Open(self, self._queued_channels):
+            async with _Open(self):
                 if self._opening(None, None, Cursor("", 0)) is None:
                     return
                 first = self.protocol.subscribe_path()
