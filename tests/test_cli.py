@@ -80,6 +80,7 @@ def test_serve_defaults() -> None:
         "history_bytes": 1024 * 1024,
         "history_age": 600.0,
         "history_total_bytes": 64 * 1024 * 1024,
+        "idempotency_window": 120.0,
         "max_topics": 10_000,
         "backplane": None,
         "workers": 1,

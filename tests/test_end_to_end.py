@@ -487,6 +487,7 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--history-bytes HISTORY_BYTES": "1048576",
         "--history-age HISTORY_AGE": "600.0",
         "--history-total-bytes HISTORY_TOTAL_BYTES": "67108864",
+        "--idempotency-window IDEMPOTENCY_WINDOW": "120.0",
         "--max-topics MAX_TOPICS": "10000",
         "--receive-buffer-size RECEIVE_BUFFER_SIZE": "65536",
         "--workers WORKERS": "1",

@@ -1190,6 +1190,7 @@ class _LogBackplane:
         *,
         source: object,
         echo: bool,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport:
         self.published.append((name, payloads))
         first = max(10, topics.last_number(name) + 1)

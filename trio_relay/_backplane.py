@@ -65,18 +65,27 @@ __all__ = ["BackplaneStatistics", "RedisBackplane"]
 
 logger = logging.getLogger("trio_relay")
 
-# KEYS: the topic's hash (fields e: epoch, s: last number), the log, the log's identity.
-# ARGV: the publishing relay's epoch of the topic and last number in it, a fresh epoch
-# (taken if the numbering cannot go on), the topic, the origin, the log's maximum length,
-# the topic hash's time to live (s), the deadline (Redis time, ms; 0: none), a fresh log
-# identity (taken if the log has none), then one value per message, its first byte
-# t(ext) or b(inary). Returns {epoch, first number, entry id}, or {} past the deadline.
+# KEYS: the topic's hash (fields e: epoch, s: last number), the log, the log's identity,
+# and the idempotency key's (if the publish has one). ARGV: the publishing relay's epoch
+# of the topic and last number in it, a fresh epoch (taken if the numbering cannot go on),
+# the topic, the origin, the log's maximum length, the topic hash's time to live (s), the
+# deadline (Redis time, ms; 0: none), a fresh log identity (taken if the log has none),
+# the idempotency window (s), then one value per message, its first byte t(ext) or
+# b(inary). Returns {epoch, first number, entry id}; {epoch, first number, "duplicate"}
+# for a key used within the window (nothing appended); or {} past the deadline.
 _PUBLISH = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local deadline = tonumber(ARGV[8])
 if deadline > 0 and now_ms > deadline then
   return {}
+end
+if #KEYS > 3 then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then
+    local seen_epoch, seen_first = string.match(seen, '^([^:]+):(%d+)$')
+    return {seen_epoch, tonumber(seen_first), 'duplicate'}
+  end
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 local last = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
@@ -85,16 +94,19 @@ if not epoch or (epoch == ARGV[1] and last < tonumber(ARGV[2])) then
   last = 0
 end
 local first = last + 1
-last = last + #ARGV - 9
+last = last + #ARGV - 10
 redis.call('HSET', KEYS[1], 'e', epoch, 's', last)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('SET', KEYS[3], ARGV[9], 'NX')
 local fields = {'t', ARGV[4], 'e', epoch, 's', first, 'o', ARGV[5]}
-for i = 10, #ARGV do
-  fields[#fields + 1] = tostring(i - 10)
+for i = 11, #ARGV do
+  fields[#fields + 1] = tostring(i - 11)
   fields[#fields + 1] = ARGV[i]
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
+if #KEYS > 3 then
+  redis.call('SET', KEYS[4], epoch .. ':' .. first, 'EX', ARGV[10])
+end
 return {epoch, first, id}
 """
 
@@ -125,6 +137,10 @@ _CHUNK = 500
 
 class _LogLost(OSError):
     """The log the reader reads is not Redis's log any more (Redis lost its data)."""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _id_key(identifier: bytes) -> tuple[int, int]:
@@ -218,11 +234,18 @@ class _Pending:
     """An own publish that the script appended, on its way through the log to this relay's
     reader, which delivers it with its source and echo."""
 
-    __slots__ = ("delivered", "echo", "name", "payloads", "report", "source", "texts")
+    __slots__ = ("delivered", "echo", "key", "name", "payloads", "report", "source", "texts")
 
     def __init__(
-        self, name: str, payloads: list[bytes], texts: list[bool], source: object, echo: bool
+        self,
+        name: str,
+        payloads: list[bytes],
+        texts: list[bool],
+        source: object,
+        echo: bool,
+        key: str | None = None,
     ) -> None:
+        self.key = key
         self.name = name
         self.payloads = payloads
         self.texts = texts
@@ -572,6 +595,7 @@ class RedisBackplane:
             source=item.source,
             echo=item.echo,
             epoch=self.local_epoch,
+            idempotency_key=item.key,
         )
         return dataclasses.replace(report, remote=remote)
 
@@ -584,14 +608,16 @@ class RedisBackplane:
         *,
         source: object,
         echo: bool,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport:
         """Append a batch to the log and return its report once this relay delivered it.
 
         While Redis is unreachable, deliver it here only, under this relay's local epoch
         (``remote=False``); if Redis gives no answer within ``timeout``, the same, with
         ``remote=None``: it may be in the log after all (then every other relay delivers
-        it, and this one retains it only)."""
-        item = _Pending(name, payloads, texts, source, echo)
+        it, and this one retains it only). An ``idempotency_key`` is kept in Redis for
+        ``topics.idempotency_window`` seconds (locally while Redis is unreachable)."""
+        item = _Pending(name, payloads, texts, source, echo, idempotency_key)
         if not self.up:
             return await self._publish_locally(topics, item, False)
         number = next(self._numbers)
@@ -599,6 +625,9 @@ class RedisBackplane:
         # this task hears the answer.
         self._pending[number] = item
         epoch, last = topics.position(name)
+        keys = [self._topic_key(name), self._log_key, self._log_id_key]
+        if idempotency_key is not None:
+            keys.append(f"{self.prefix}:k:{name}:{idempotency_key}")
         # Redis refuses the script past half the time this relay waits for it: one that
         # ran late enough for the answer to miss the wait never appends (the other half
         # is the margin for the clock's estimate), so "no answer" almost always means
@@ -607,7 +636,7 @@ class RedisBackplane:
         try:
             with trio.fail_after(self.timeout):
                 answer = await self._publish_script(
-                    keys=[self._topic_key(name), self._log_key, self._log_id_key],
+                    keys=keys,
                     args=[
                         epoch,
                         last,
@@ -618,6 +647,7 @@ class RedisBackplane:
                         max(1, int(self.topic_ttl)),
                         int(deadline),
                         new_epoch(),
+                        max(1, int(topics.idempotency_window)),
                         *encode_values(payloads, texts),
                     ],
                 )
@@ -636,6 +666,20 @@ class RedisBackplane:
             # Past its deadline when Redis ran it: refused there, so it is in no log.
             del self._pending[number]
             return await self._publish_locally(topics, item, False)
+        if answer[2] in (b"duplicate", "duplicate"):
+            del self._pending[number]  # nothing appended: the first one's name
+            return DeliveryReport(
+                name,
+                int(answer[1]),
+                len(payloads),
+                0,
+                0,
+                0,
+                True,
+                epoch=_text(answer[0]),
+                backplane=True,
+                duplicate=True,
+            )
         self._published += 1
         # Delivered here by the reader, with this report; if the reader is down meanwhile
         # (it delivers the entry once back), the report says what the script named it.
@@ -643,15 +687,14 @@ class RedisBackplane:
             await item.delivered.wait()
         if item.report is not None:
             return item.report
-        epoch_text, first, _ = answer
         return DeliveryReport(
             name,
-            int(first),
+            int(answer[1]),
             len(payloads),
             0,
             0,
             0,
             True,
-            epoch=epoch_text.decode() if isinstance(epoch_text, bytes) else str(epoch_text),
+            epoch=_text(answer[0]),
             backplane=True,
         )

@@ -160,6 +160,8 @@ _SERVE_HELP = {
     "history_age": "seconds a message stays retained at most",
     "history_total_bytes": "bytes all topics retain together, payloads plus overheads; "
     "past it the oldest messages of all topics go first",
+    "idempotency_window": "seconds an idempotency key keeps a second publish of it to a "
+    "topic from being published, kept in Redis with a backplane; 0 for none",
     "max_topics": "topics at once; a new one forgets the idle topic used longest ago, or "
     "gets HTTP 503 if all are in use",
     "backplane": "redis://host:port/db of a Redis that relays share topics through",

@@ -427,13 +427,17 @@ def _failure(
     return error
 
 
-def _publish_frame(message: str | bytes, request_id: str | None, echo: bool = True) -> str:
-    """A ``trio-relay.v1`` publish frame carrying ``message``."""
+def _publish_frame(
+    message: str | bytes, request_id: str | None, echo: bool = True, key: str | None = None
+) -> str:
+    """A ``trio-relay.v1`` publish frame carrying ``message`` (and idempotency ``key``)."""
     frame: dict[str, object] = {"type": "publish"}
     if request_id is not None:
         frame["id"] = request_id
     if not echo:
         frame["echo"] = False
+    if key is not None:
+        frame["idempotency_key"] = key
     if isinstance(message, str):
         frame["text"] = message
     else:
@@ -464,27 +468,36 @@ class Producer:
         self.timeout = timeout
         self._max_message_size = max_message_size
 
-    async def produce(self, message: str | bytes) -> DeliveryReport | None:
+    async def produce(
+        self, message: str | bytes, *, idempotency_key: str | None = None
+    ) -> DeliveryReport | None:
         """Send ``message`` and return once the relay acknowledges it, as :func:`produce`
         does: None raw, the :class:`DeliveryReport` with the envelope protocol.
 
         Raises :class:`RelayTimeout` after ``timeout`` seconds without the acknowledgement,
         :class:`PublishRejected` if the relay refuses it, :class:`RelayConnectionClosed` if
-        the connection ends.
+        the connection ends. ``idempotency_key`` (envelope only): see :func:`produce`.
         """
-        return await self._produce(message, trio.current_time() + self.timeout)
+        deadline = trio.current_time() + self.timeout
+        return await self._produce(message, deadline, idempotency_key)
 
-    async def _produce(self, message: str | bytes, deadline: float) -> DeliveryReport | None:
+    async def _produce(
+        self, message: str | bytes, deadline: float, key: str | None = None
+    ) -> DeliveryReport | None:
+        if key is not None and not self.envelope:
+            raise ValueError("an idempotency key needs the envelope protocol (envelope=True)")
         with trio.move_on_at(deadline):
             try:
-                return await self._acknowledged(message)
+                return await self._acknowledged(message, key)
             except ConnectionClosed as exc:
                 raise closed_error(
                     self.url, exc, self._max_message_size, envelope=self.envelope
                 ) from exc
         raise RelayTimeout(self.url, f"message not acknowledged within {self.timeout} s")
 
-    async def _acknowledged(self, message: str | bytes) -> DeliveryReport | None:
+    async def _acknowledged(
+        self, message: str | bytes, key: str | None = None
+    ) -> DeliveryReport | None:
         ws = self.connection
         if not self.envelope:
             await ws.send_message(message)
@@ -492,7 +505,7 @@ class Producer:
                 pass
             return None
         request_id = uuid.uuid4().hex
-        await ws.send_message(_publish_frame(message, request_id, self.echo))
+        await ws.send_message(_publish_frame(message, request_id, self.echo, key))
         while True:
             reply = _decode(self.url, await ws.get_message())
             if reply.get("id") != request_id:
@@ -508,6 +521,7 @@ class Producer:
                     reply.get("remote"),
                     epoch=str(reply.get("epoch", "")),
                     backplane="remote" in reply,
+                    duplicate=bool(reply.get("duplicate", False)),
                 )
             raise PublishRejected(self.url, str(reply.get("code")), str(reply.get("detail")))
 
@@ -568,6 +582,7 @@ async def produce(
     token: str | None = None,
     headers: Headers | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str | None = None,
 ) -> DeliveryReport | None:
     """Send ``message`` to the relay at ``url`` and return once the relay acknowledges it.
 
@@ -576,7 +591,10 @@ async def produce(
     other producers that arrive first are skipped; returns None. With ``envelope=True``
     (the ``trio-relay.v1`` protocol): returns the relay's :class:`DeliveryReport` (the
     sequence number, and how many subscribers got, missed, or were evicted for the
-    message); ``echo=False`` asks the relay not to send the message back.
+    message); ``echo=False`` asks the relay not to send the message back;
+    ``idempotency_key`` makes publishing it again (after an ``ack`` with ``remote=None``,
+    a timeout, a lost connection) safe: within the relay's ``idempotency_window`` the
+    second one is answered with the first one's number (``DeliveryReport.duplicate``).
 
     Raises :class:`RelayTimeout` if connecting, the handshake, or the acknowledgement takes
     longer than ``timeout`` seconds in total (saying which), :class:`PublishRejected` if the
@@ -604,7 +622,7 @@ async def produce(
         headers=headers,
         ssl_context=ssl_context,
     ) as producer:
-        return await producer._produce(message, deadline)
+        return await producer._produce(message, deadline, idempotency_key)
 
 
 def _decode(url: str, frame: str | bytes) -> dict[str, Any]:

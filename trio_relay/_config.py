@@ -105,6 +105,10 @@ class RelayConfig:
     history_total_bytes: int = 64 * 1024 * 1024
     """Bytes all topics' histories retain together (payloads, plus about 170 bytes a message
     and 2 KiB a topic); past it, the oldest messages of all topics go first."""
+    idempotency_window: float = 120.0
+    """Seconds a publish's idempotency key keeps another publish of it to the same topic
+    from being published (it is answered with the first one's number instead); with a
+    backplane, the keys are kept in Redis for as long. 0: no deduplication."""
     max_topics: int = 10_000
     """Topics at once. A new topic past it forgets the idle topic (one kept only for its
     history) used longest ago; if every topic has clients, the handshake gets HTTP 503."""
@@ -154,6 +158,7 @@ class RelayConfig:
             "handshake_timeout",
             "close_timeout",
             "history_age",
+            "idempotency_window",
             "ping_interval",
             "ping_timeout",
             "publish_rate",

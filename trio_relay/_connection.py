@@ -990,7 +990,7 @@ class RelayConnection:
             requests = [requests[i] for i in kept]
         if not payloads:
             return None
-        return Publish(payloads, texts, publish.echo, requests, publish.topic)
+        return Publish(payloads, texts, publish.echo, requests, publish.topic, publish.key)
 
     async def _publish(self, publish: Publish) -> bytes:
         """Publish an envelope client's batch (synchronously when nobody has to be waited
@@ -999,11 +999,16 @@ class RelayConnection:
         topics, protocol = self._topics, self.protocol
         topic = protocol.topic if publish.topic is None else publish.topic
         args = (topic, publish.payloads, publish.texts)
+        echo, key = publish.echo, publish.key
         try:
             try:
-                report = topics.publish_nowait(*args, source=protocol, echo=publish.echo)
+                report = topics.publish_nowait(
+                    *args, source=protocol, echo=echo, idempotency_key=key
+                )
             except trio.WouldBlock:
-                report = await topics.publish_batch(*args, source=protocol, echo=publish.echo)
+                report = await topics.publish_batch(
+                    *args, source=protocol, echo=echo, idempotency_key=key
+                )
         except TooManyTopicsError as exc:
             return protocol.refuse_publish(publish, "too-many-topics", str(exc))
         return protocol.acknowledge(publish, report)

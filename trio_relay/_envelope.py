@@ -12,6 +12,7 @@ import binascii
 import json
 from dataclasses import dataclass, field
 
+from ._idempotency import check_key
 from ._redact import shown
 
 __all__ = [
@@ -56,13 +57,14 @@ def clip(value: object) -> str:
 class PublishRequest:
     """A client's ``publish`` frame: the payload, whether it is text, its id, and echo;
     ``topic`` is the topic it names (``trio-relay.v2``; None in v1, where the connection's
-    path names it)."""
+    path names it); ``key`` its idempotency key, if any."""
 
     payload: bytes
     text: bool
     id: str | int | None = None
     echo: bool = True
     topic: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,11 +168,17 @@ def publish_request(
     frame: dict[str, object], request_id: str | int | None, topic: str | None = None
 ) -> PublishRequest:
     """The payload and ``echo`` of a ``publish`` frame (v1 or v2): exactly one of ``text``
-    (a string) and ``binary`` (base64). Raises :class:`EnvelopeError` ``bad-frame`` or
-    ``bad-payload``."""
+    (a string) and ``binary`` (base64), and an optional ``idempotency_key``. Raises
+    :class:`EnvelopeError` ``bad-frame`` or ``bad-payload``."""
     echo = frame.get("echo", True)
     if not isinstance(echo, bool):
         raise EnvelopeError("bad-frame", '"echo" must be true or false', request_id)
+    key = None
+    if frame.get("idempotency_key") is not None:
+        try:
+            key = check_key(frame["idempotency_key"])
+        except ValueError as exc:
+            raise EnvelopeError("bad-frame", f'"idempotency_key": {exc}', request_id) from None
     has_text, has_binary = "text" in frame, "binary" in frame
     if has_text == has_binary:
         raise EnvelopeError(
@@ -184,7 +192,7 @@ def publish_request(
             encoded = text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
             raise EnvelopeError("bad-payload", '"text" is not valid Unicode', request_id) from None
-        return PublishRequest(encoded, True, request_id, echo, topic)
+        return PublishRequest(encoded, True, request_id, echo, topic, key)
     value = frame["binary"]
     try:
         if not isinstance(value, str):
@@ -192,7 +200,7 @@ def publish_request(
         payload = base64.b64decode(value, validate=True)
     except (TypeError, binascii.Error):
         raise EnvelopeError("bad-payload", '"binary" must be base64', request_id) from None
-    return PublishRequest(payload, False, request_id, echo, topic)
+    return PublishRequest(payload, False, request_id, echo, topic, key)
 
 
 def dump(frame: dict[str, object]) -> bytes:
@@ -227,10 +235,12 @@ def encode_ack(
     remote: bool | None = None,
     epoch: str = "",
     backplane: bool = False,
+    duplicate: bool = False,
 ) -> bytes:
     """The JSON of an ``ack`` frame: the delivery report of one publish. ``remote`` (only
     with a ``backplane``): whether the message reached the other relays (``null``:
-    unknown). ``epoch``: of ``seq``."""
+    unknown). ``epoch``: of ``seq``. ``duplicate``: the publish's idempotency key was
+    used already; ``seq`` names that first one, and nothing was published again."""
     frame: dict[str, object] = {"type": "ack", "topic": topic, "seq": seq}
     if epoch:
         frame["epoch"] = epoch
@@ -239,6 +249,8 @@ def encode_ack(
     frame.update(queued=queued, dropped=dropped, evicted=evicted)
     if remote is not None or backplane:
         frame["remote"] = remote
+    if duplicate:
+        frame["duplicate"] = True
     return _dump(frame)
 
 

@@ -38,6 +38,7 @@ from ._hooks import (
     ask_authorize,
     filter_publications,
 )
+from ._idempotency import check_key
 from ._listen import peer_name
 from ._redact import shown
 from ._topics import DeliveryReport, Gap, Message, check_epoch, topic_from_path
@@ -71,7 +72,7 @@ _ROUTES: dict[bytes, tuple[Route, tuple[bytes, ...]]] = {
     PUBLISH_PATH: ("publish", (b"POST",)),
     HISTORY_PATH: ("history", (b"GET", b"HEAD")),
 }
-_FIELDS = frozenset({"topic", "text", "binary"})
+_FIELDS = frozenset({"topic", "text", "binary", "idempotency_key"})
 MAX_QUOTED = 128
 """Client text quoted in an error's detail is cut to this many characters."""
 
@@ -198,11 +199,13 @@ def declared_length(headers: Headers) -> int | None:
 
 @dataclass(frozen=True)
 class PublishItem:
-    """One message of a publish request: its topic and payload (UTF-8 bytes for text)."""
+    """One message of a publish request: its topic and payload (UTF-8 bytes for text), and
+    its idempotency key, if any."""
 
     topic: str
     payload: bytes
     text: bool
+    key: str | None = None
 
 
 def parse_publish(body: bytes, max_message_size: int) -> tuple[list[PublishItem], bool]:
@@ -269,13 +272,19 @@ def _parse_message(message: object, max_message_size: int, index: int | None) ->
         except (TypeError, binascii.Error):
             raise fail(400, "bad-payload", '"binary" must be a base64 string') from None
         text = False
+    key = None
+    if message.get("idempotency_key") is not None:
+        try:
+            key = check_key(message["idempotency_key"])
+        except ValueError as exc:
+            raise fail(400, "bad-frame", f'"idempotency_key": {exc}') from None
     if len(payload) > max_message_size:
         raise fail(
             413,
             "too-large",
             f"the message is {len(payload)} bytes; the relay takes at most {max_message_size}",
         )
-    return PublishItem(topic, payload, text)
+    return PublishItem(topic, payload, text, key)
 
 
 def authorize_publish(grant: Grant, items: Iterable[PublishItem]) -> None:
@@ -321,6 +330,8 @@ def report_document(report: DeliveryReport, offset: int = 0) -> dict[str, object
     document.update(queued=report.queued, dropped=report.dropped, evicted=report.evicted)
     if report.remote is not None or report.backplane:
         document["remote"] = report.remote
+    if report.duplicate:
+        document["duplicate"] = True
     return document
 
 
@@ -342,11 +353,16 @@ def history_epoch(query: bytes, since: int | None) -> str | None:
 
 def batches(items: Sequence[PublishItem]) -> list[tuple[str, list[int]]]:
     """How a publish request is sent: one batch per topic, in the order each topic first
-    appears, with the indices of its messages in request order."""
-    plan: dict[str, list[int]] = {}
+    appears, with the indices of its messages in request order; a message with an
+    idempotency key is a batch of its own (in its place among its topic's)."""
+    plan: dict[str, list[list[int]]] = {}
     for index, item in enumerate(items):
-        plan.setdefault(item.topic, []).append(index)
-    return list(plan.items())
+        runs = plan.setdefault(item.topic, [])
+        if item.key is None and runs and items[runs[-1][-1]].key is None:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return [(topic, run) for topic, runs in plan.items() for run in runs]
 
 
 async def publish(topics: TopicsView, items: Sequence[PublishItem]) -> list[dict[str, object]]:
@@ -366,7 +382,10 @@ async def publish(topics: TopicsView, items: Sequence[PublishItem]) -> list[dict
         for topic, indices in batches(items):
             try:
                 report = await topics.publish_batch(
-                    topic, [items[i].payload for i in indices], [items[i].text for i in indices]
+                    topic,
+                    [items[i].payload for i in indices],
+                    [items[i].text for i in indices],
+                    idempotency_key=items[indices[0]].key,
                 )
             except TooManyTopicsError as exc:
                 done = sum(1 for result in results if result)

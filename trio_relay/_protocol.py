@@ -144,9 +144,10 @@ class Publish:
     """Messages to publish as one batch, in the order received. For an envelope client,
     :attr:`requests` holds its ``publish`` frames, to acknowledge with
     :meth:`RelayProtocol.acknowledge` once the batch's report is known. :attr:`topic` is
-    the topic they name (``trio-relay.v2``), or None for the connection's own."""
+    the topic they name (``trio-relay.v2``), or None for the connection's own. A publish
+    frame with an idempotency key is a batch of its own (:attr:`key`)."""
 
-    __slots__ = ("echo", "payloads", "requests", "texts", "topic")
+    __slots__ = ("echo", "key", "payloads", "requests", "texts", "topic")
 
     def __init__(
         self,
@@ -155,12 +156,14 @@ class Publish:
         echo: bool = True,
         requests: list[PublishRequest] | None = None,
         topic: str | None = None,
+        key: str | None = None,
     ) -> None:
         self.payloads = payloads
         self.texts = texts
         self.echo = echo
         self.requests = requests
         self.topic = topic
+        self.key = key
 
 
 class Received:
@@ -616,8 +619,10 @@ class RelayProtocol:
                                 batch is None
                                 or batch.echo != reply.echo
                                 or batch.topic != reply.topic
+                                or batch.key is not None
+                                or reply.key is not None
                             ):
-                                batch = Publish([], [], reply.echo, [], reply.topic)
+                                batch = Publish([], [], reply.echo, [], reply.topic, reply.key)
                                 steps.append(batch)
                             assert batch.requests is not None
                             batch.payloads.append(reply.payload)
@@ -785,6 +790,7 @@ class RelayProtocol:
                 report.remote,
                 report.epoch,
                 report.backplane,
+                report.duplicate,
             )
             frames += (frame_header(len(body), text=True), body)
         return b"".join(frames)

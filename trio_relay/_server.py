@@ -432,6 +432,7 @@ async def serve_relay(
             max_bytes=config.max_queue_bytes,
             policy=config.overflow_policy,
             timeout=config.overflow_timeout,
+            idempotency_window=config.idempotency_window,
         )
     if listeners is None:
         listeners = await open_listeners(host, port, ssl_context)

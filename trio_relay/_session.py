@@ -47,6 +47,7 @@ from ._exceptions import (
     RelayTimeout,
     SubscriptionRejected,
 )
+from ._idempotency import check_key
 from ._redact import redact, shown
 from ._topics import DeliveryReport, Gap, Message, check_epoch, topic_from_path
 from ._v2 import SUBPROTOCOL_V2
@@ -246,7 +247,12 @@ class Session:
             )
 
     async def publish(
-        self, topic: str, message: str | bytes, *, echo: bool = True
+        self,
+        topic: str,
+        message: str | bytes,
+        *,
+        echo: bool = True,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport:
         """Publish ``message`` on ``topic`` and return the relay's delivery report (its
         sequence number; for how many subscribers it was queued, dropped or evicted).
@@ -255,8 +261,12 @@ class Session:
         Raises :class:`PublishRejected` with the relay's code (``forbidden``,
         ``too-many-topics``, ...), :class:`RelayTimeout`, or :class:`RelayConnectionClosed`
         if the connection was lost before the answer: then the message may or may not have
-        been published."""
+        been published, and publishing it again with the same ``idempotency_key`` is safe
+        (within the relay's window the second is answered with the first one's number,
+        ``duplicate`` set)."""
         frame: dict[str, Any] = {"type": "publish", "topic": topic}
+        if idempotency_key is not None:
+            frame["idempotency_key"] = check_key(idempotency_key)
         if isinstance(message, str):
             frame["text"] = message
         else:
@@ -276,6 +286,7 @@ class Session:
             answer.get("remote"),
             epoch=str(answer.get("epoch", "")),
             backplane="remote" in answer,
+            duplicate=bool(answer.get("duplicate", False)),
         )
 
     async def refresh(self, token: str) -> None:

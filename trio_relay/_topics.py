@@ -41,6 +41,7 @@ from ._broadcast import (
 from ._envelope import encode_message
 from ._exceptions import TooManyTopicsError
 from ._frames import frame_header
+from ._idempotency import RecentKeys
 
 __all__ = [
     "Backplane",
@@ -180,6 +181,10 @@ class DeliveryReport:
     epoch: str = field(default="", compare=False)
     backplane: bool = field(default=False, compare=False)
     """Whether the relay has a backplane (then ``remote`` says what it did)."""
+    duplicate: bool = field(default=False, compare=False)
+    """The publish carried an idempotency key already used on the topic within the window:
+    nothing was published again; ``seq`` and ``epoch`` name the first one (the counts are
+    0)."""
 
 
 # A retained message: (seq, time, payload, text). A plain tuple: one is made per message.
@@ -477,6 +482,7 @@ class Backplane(Protocol):
         *,
         source: object,
         echo: bool,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport: ...
 
     async def position(self, topic: str) -> tuple[str, int] | None:
@@ -511,6 +517,7 @@ class Topics:
         policy: OverflowPolicy = "evict",
         timeout: float = 1.0,
         broadcast_factory: Callable[[str], MessageBus[Batch | bytes]] | None = None,
+        idempotency_window: float = 120.0,
     ) -> None:
         if history_size < 0 or history_bytes < 0 or history_total_bytes < 0 or not history_age >= 0:
             raise ValueError("history bounds must not be negative")
@@ -539,6 +546,11 @@ class Topics:
         self._subscribers = 0  # a running total, for statistics at any scale
         self.backplane: Backplane | None = None
         """Set by :meth:`RedisBackplane.run`: publishes then go through it."""
+        self.idempotency_window = idempotency_window
+        """Seconds an idempotency key keeps a second publish of it from being published
+        (per topic; with a backplane, kept in Redis)."""
+        self.keys = RecentKeys(idempotency_window)
+        """The keys of what this relay published itself (without a backplane, or alone)."""
         self.epoch = new_epoch()
         """This relay's epoch, new per process: the numbering of every topic made here
         without a backplane (with one, of a topic whose shared numbering is not known here
@@ -763,18 +775,26 @@ class Topics:
         *,
         source: object = None,
         echo: bool = True,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport:
         """Publish encoded messages without waiting or yielding, or raise ``WouldBlock``
         having published nothing (see :meth:`Broadcast.publish_nowait`). With a backplane
         it always raises ``WouldBlock``: publishing there means a trip to Redis. Raises
-        :class:`TooManyTopicsError` for a new topic past ``max_topics``."""
+        :class:`TooManyTopicsError` for a new topic past ``max_topics``. See
+        :meth:`publish_batch` for ``idempotency_key``."""
         topic = self._topics.get(name) or self._get(name)
         if topic.lock.locked() or self.backplane is not None:
             raise trio.WouldBlock
+        if idempotency_key is not None:
+            duplicate = self._duplicate(name, payloads, idempotency_key)
+            if duplicate is not None:
+                return duplicate
         batch = self._batch(topic, payloads, texts, source, echo)
         # WouldBlock from it: nothing was published.
         report = topic.broadcast.publish_nowait(batch)
         self._commit(topic, batch)
+        if idempotency_key is not None:
+            self.keys.add(name, idempotency_key, batch.epoch, batch.first_seq, trio.current_time())
         return DeliveryReport(
             name,
             batch.first_seq,
@@ -793,16 +813,51 @@ class Topics:
         *,
         source: object = None,
         echo: bool = True,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport:
         """Publish encoded messages (UTF-8 bytes where ``texts`` says text), as one batch.
 
-        Raises :class:`TooManyTopicsError` for a new topic past ``max_topics``."""
+        ``idempotency_key`` (one message only): if a publish to this topic carried the same
+        key within ``idempotency_window`` seconds, nothing is published and the report
+        names that one (``duplicate``). Raises :class:`TooManyTopicsError` for a new topic
+        past ``max_topics``."""
+        if idempotency_key is not None and len(payloads) != 1:
+            raise ValueError("an idempotency key names one message: publish it alone")
         if self.backplane is not None:
             self._get(name)  # a new topic is refused here, before it reaches other relays
             return await self.backplane.publish(
-                self, name, payloads, texts, source=source, echo=echo
+                self,
+                name,
+                payloads,
+                texts,
+                source=source,
+                echo=echo,
+                idempotency_key=idempotency_key,
             )
-        return await self.publish_locally(name, payloads, texts, source=source, echo=echo)
+        return await self.publish_locally(
+            name, payloads, texts, source=source, echo=echo, idempotency_key=idempotency_key
+        )
+
+    def _duplicate(self, name: str, payloads: list[bytes], key: str) -> DeliveryReport | None:
+        """The report of a publish whose ``key`` this relay used on topic ``name`` within
+        the window (nothing is published), or None."""
+        seen = self.keys.get(name, key, trio.current_time())
+        if seen is None:
+            return None
+        epoch, seq = seen
+        backplane = self.backplane is not None
+        return DeliveryReport(
+            name,
+            seq,
+            len(payloads),
+            0,
+            0,
+            0,
+            False if backplane else None,
+            epoch=epoch,
+            backplane=backplane,
+            duplicate=True,
+        )
 
     async def publish_locally(
         self,
@@ -813,13 +868,21 @@ class Topics:
         source: object = None,
         echo: bool = True,
         epoch: str | None = None,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport:
         """Number and deliver a batch on this relay only, bypassing the backplane (if any).
 
         What :meth:`publish_batch` does without a backplane, and what a backplane does with
         a publish it cannot share (the others are unreachable): then ``epoch`` is the
         relay-local epoch it numbers in, never the shared one's (the topic switches to it,
-        and its subscribers get a reset), and the report says ``remote=False``."""
+        and its subscribers get a reset), and the report says ``remote=False``. An
+        ``idempotency_key`` this relay used on the topic within the window publishes
+        nothing (see :meth:`publish_batch`)."""
+        if idempotency_key is not None:
+            duplicate = self._duplicate(name, payloads, idempotency_key)
+            if duplicate is not None:
+                await trio.sleep(0)  # a checkpoint, as every async method makes
+                return duplicate
         topic = self._get(name)
         async with topic.lock:
             if epoch is not None and epoch != topic.epoch:
@@ -829,6 +892,9 @@ class Topics:
             # publish waits for room finds the batch in the history (and drops the copy
             # it may also get live, by sequence number).
             self._commit(topic, batch)
+            if idempotency_key is not None:
+                now = trio.current_time()
+                self.keys.add(name, idempotency_key, batch.epoch, batch.first_seq, now)
             report = await topic.broadcast.publish(batch)
         return DeliveryReport(
             name,
@@ -943,11 +1009,17 @@ class Topics:
         numbers.update((name, (t.epoch, t.last_seq)) for name, t in self._topics.items())
         return {name: position for name, position in numbers.items() if position[1]}
 
-    async def publish(self, name: str, message: str | bytes) -> DeliveryReport:
-        """Publish one message on topic ``name`` and report its sequence number and delivery."""
+    async def publish(
+        self, name: str, message: str | bytes, *, idempotency_key: str | None = None
+    ) -> DeliveryReport:
+        """Publish one message on topic ``name`` and report its sequence number and delivery
+        (see :meth:`publish_batch` for ``idempotency_key``)."""
+        key = idempotency_key
         if isinstance(message, str):
-            return await self.publish_batch(name, [message.encode("utf-8")], [True])
-        return await self.publish_batch(name, [bytes(message)], [False])
+            return await self.publish_batch(
+                name, [message.encode("utf-8")], [True], idempotency_key=key
+            )
+        return await self.publish_batch(name, [bytes(message)], [False], idempotency_key=key)
 
     # ------------------------------------------------------------------ subscribing
 

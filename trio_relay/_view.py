@@ -72,6 +72,7 @@ class TopicsView(Protocol):
         *,
         source: object = None,
         echo: bool = True,
+        idempotency_key: str | None = None,
     ) -> DeliveryReport: ...
 
     async def retained(
