@@ -10,7 +10,10 @@ made in C in one call would not show: ``benchmarks/mass_disconnect.py`` times th
 
 from __future__ import annotations
 
+import collections
+import gc
 import sys
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -202,3 +205,34 @@ async def test_v2_subscribing_costs_the_same_at_2000_subscribers_as_at_20(
     large = await v2_costs(LARGE)
     for event, cost in small.items():
         assert large[event] <= cost * 1.2 + 100, (event, small, large)
+
+
+def _kinds() -> collections.Counter[str]:
+    """Live objects of the kinds an idle connection must not keep one of each."""
+    watched = (
+        trio.Nursery,
+        trio.Semaphore,
+        trio.lowlevel.ParkingLot,
+        types.AsyncGeneratorType,  # as @asynccontextmanager keeps one
+    )
+    gc.collect()
+    counts: collections.Counter[str] = collections.Counter()
+    for thing in gc.get_objects():
+        for kind in watched:
+            if isinstance(thing, kind):
+                counts[kind.__name__] += 1
+    return counts
+
+
+async def test_an_idle_connection_keeps_no_nursery_write_slot_or_generator(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # What made the memory of an idle connection (README "Performance"): a nursery of its
+    # own (0.5 KB), the write slot's semaphore and parking lot (0.3 KB), and async context
+    # managers with their suspended generators (0.6 KB each). Their counts do not grow
+    # with the number of idle connections.
+    async with relay_with(SMALL):
+        small = _kinds()
+    async with relay_with(SMALL * 10):
+        large = _kinds()
+    assert large == small, (small, large)

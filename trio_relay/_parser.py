@@ -115,11 +115,13 @@ class FrameParser:
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
-        self._buffer = bytearray()
+        # Unparsed bytes: b"" (shared, never changed) when there are none, a bytearray of
+        # their own otherwise. Nothing is allocated per connection until it is needed.
+        self._buffer: bytes | bytearray = b""
         self._closed = False
         # The fragmented message in progress, if any.
         # One growing buffer, not a list: a flood of tiny fragments costs its bytes only.
-        self._fragments = bytearray()
+        self._fragments: bytearray | None = None
         self._fragmented_text = False
         self._fragmenting = False
         self._fragment_size = 0
@@ -154,6 +156,7 @@ class FrameParser:
             return []
         buffer = self._buffer
         if buffer:
+            assert isinstance(buffer, bytearray)
             buffer += data
             view: bytes | bytearray = buffer
         else:
@@ -163,15 +166,16 @@ class FrameParser:
             consumed = self._parse(view, events, max_messages, max_controls)
         except ProtocolError as exc:
             self._closed = True
-            self._buffer = bytearray()
+            self._buffer = b""
             self.unfinished = self._fragment_size
             exc.events = events
             raise
         if consumed == len(view):
-            self._buffer = bytearray()
+            self._buffer = b""
             self.unfinished = self._fragment_size
             return events
         if view is buffer:
+            assert isinstance(buffer, bytearray)
             del buffer[:consumed]
         else:
             self._buffer = bytearray(view[consumed:])
@@ -182,8 +186,8 @@ class FrameParser:
         """Let go of the message in progress and ignore whatever comes after: the
         connection is being failed (RFC 6455 7.1.7) and its bytes no longer matter."""
         self._closed = True
-        self._buffer = bytearray()
-        self._fragments = bytearray()
+        self._buffer = b""
+        self._fragments = None
         self._fragment_size = 0
         self._fragmenting = False
         self._decoder = None
@@ -297,12 +301,15 @@ class FrameParser:
                 self._decoder.decode(payload, fin)
             except UnicodeDecodeError:
                 raise ProtocolError(1007, "text message is not valid UTF-8") from None
-        self._fragments += payload
+        fragments = self._fragments
+        if fragments is None:
+            fragments = self._fragments = bytearray()
+        fragments += payload
         self._fragment_size += len(payload)
         if fin:
-            message = bytes(self._fragments)
+            message = bytes(fragments)
             events.append((MESSAGE, message, self._fragmented_text))
-            self._fragments = bytearray()
+            self._fragments = None
             self._fragment_size = 0
             self._fragmenting = False
             self._decoder = None

@@ -349,7 +349,9 @@ class RelayProtocol:
         self._hooked = hooked
         self._counters = counters if counters is not None else RelayCounters()
         self.state = State.HANDSHAKE
-        self._buffer = bytearray()  # the request head, until it is complete
+        # The request head until it is complete; then what came after it, until the first
+        # receive_data() (b"", shared, when nothing did).
+        self._buffer: bytes | bytearray = bytearray()
         self._key: bytes | None = None  # Sec-WebSocket-Key, from the request until accept()
         # Set by the handshake: the topic the path names, whether the client speaks the
         # envelope protocol, what its token allows, and the sequence number it resumes
@@ -373,7 +375,7 @@ class RelayProtocol:
         self.v2 = False
         self.channels: dict[str, TopicChannel] = {}
         self.path_topic: str | None = None
-        self._publish_grants: dict[str, bool] = {}
+        self._publish_grants: dict[str, bool] | None = None  # made by the first publish
         # The epoch and highest sequence number of this topic already sent to this client:
         # replays and live batches meet here without duplicates, and a skip is told.
         self._cursor = Cursor("", 0)
@@ -403,6 +405,7 @@ class RelayProtocol:
         :meth:`receive_data` (call it with ``b""``)."""
         assert self.state is State.HANDSHAKE
         buffer = self._buffer
+        assert isinstance(buffer, bytearray)
         buffer += data
         parts = split_request_head(buffer)
         if parts is None:
@@ -412,7 +415,7 @@ class RelayProtocol:
         head, rest = parts
         if len(head) > MAX_REQUEST_HEAD:
             return self.reject(431, "request head too large")
-        self._buffer = bytearray(rest)
+        self._buffer = bytearray(rest) if rest else b""
         try:
             request = parse_upgrade(head)
         except BadUpgrade as exc:
@@ -559,7 +562,7 @@ class RelayProtocol:
         more (so what is held is at most one read, and the rest waits in the kernel)."""
         received = Received()
         if self._buffer:
-            data, self._buffer = self._buffer + data, bytearray()
+            data, self._buffer = self._buffer + data, b""
         if data:
             self._counters.bytes_in += len(data)
         elif self._parser.stopped is None:
@@ -752,7 +755,7 @@ class RelayProtocol:
                     detail = f"the new token does not allow subscribing to topic {clip(topic)}"
                     return encode_error("forbidden", detail, request.id, topic)
             self.grant = grant
-            self._publish_grants.clear()
+            self._publish_grants = None
             self.expires = now + grant.seconds_left()
             return encode_refreshed(request.id, grant.expires)
         topic = self.topic
@@ -808,12 +811,12 @@ class RelayProtocol:
         if isinstance(request, PublishRequest):
             topic = request.topic
             assert topic is not None
-            allowed = self._publish_grants.get(topic)
+            grants = self._publish_grants
+            if grants is None or len(grants) >= _MAX_CACHED_GRANTS:
+                grants = self._publish_grants = {}
+            allowed = grants.get(topic)
             if allowed is None:
-                allowed = self.grant.may_publish(topic)
-                if len(self._publish_grants) >= _MAX_CACHED_GRANTS:
-                    self._publish_grants.clear()
-                self._publish_grants[topic] = allowed
+                allowed = grants[topic] = self.grant.may_publish(topic)
             if not allowed:
                 detail = f"the token does not allow publishing to topic {topic!r}"
                 raise EnvelopeError("forbidden", detail, request.id, topic)

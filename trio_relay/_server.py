@@ -133,6 +133,8 @@ class RelayServer:
         # Open connections by the time their token expires, for _tick to close.
         self._expiries: Expiries[RelayConnection] = Expiries()
         self._changed = trio.Event()
+        # Bound once, not per connection (each bound method is an object of its own).
+        self._callbacks = (self._notify, self._admit)
         self.unfinished = ByteBudget(config.max_unfinished_bytes)
         """The bytes of unfinished incoming messages all connections hold
         (``unfinished.used``), against ``config.max_unfinished_bytes``."""
@@ -208,8 +210,8 @@ class RelayServer:
             stream,
             self.topics,
             self.config,
-            self._notify,
-            admit=self._admit,
+            self._callbacks[0],
+            admit=self._callbacks[1],
             counters=self.counters,
             unfinished=self.unfinished,
             expiries=self._expiries if self._grants_expire else None,
