@@ -94,19 +94,24 @@ class RedisServer:
 
     def command(self, *args: str) -> bytes:
         """Run one command (RESP over a plain socket, bounded by START_TIMEOUT) and return
-        the first line of its answer."""
+        its answer: a status or error line as sent (``+OK``, ``-ERR ...``), an integer as
+        ``:N``, a bulk string's value (``b""`` for none)."""
         request = f"*{len(args)}\r\n".encode() + b"".join(
             f"${len(arg.encode())}\r\n{arg}\r\n".encode() for arg in args
         )
         with socket.create_connection(("127.0.0.1", self.port), timeout=START_TIMEOUT) as conn:
             conn.sendall(request)
             answer = b""
-            while b"\r\n" not in answer:
+            while True:
+                line, _, rest = answer.partition(b"\r\n")
+                if _ and not line.startswith(b"$"):
+                    return line
+                if _ and (int(line[1:]) < 0 or len(rest) >= int(line[1:]) + 2):
+                    return rest[: max(int(line[1:]), 0)]
                 chunk = conn.recv(65536)
                 if not chunk:
-                    break
+                    raise ConnectionError(f"redis-server closed the connection: {answer!r}")
                 answer += chunk
-        return answer.split(b"\r\n", 1)[0]
 
     def save(self) -> None:
         """Write an RDB snapshot (``SAVE``): the next :meth:`start` after a :meth:`kill`

@@ -49,7 +49,7 @@ import dataclasses
 import itertools
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -66,13 +66,16 @@ __all__ = ["BackplaneStatistics", "RedisBackplane"]
 logger = logging.getLogger("trio_relay")
 
 # KEYS: the topic's hash (fields e: epoch, s: last number), the log, the log's identity,
-# and the idempotency key's (if the publish has one). ARGV: the publishing relay's epoch
-# of the topic and last number in it, a fresh epoch (taken if the numbering cannot go on),
-# the topic, the origin, the log's maximum length, the topic hash's time to live (s), the
-# deadline (Redis time, ms; 0: none), a fresh log identity (taken if the log has none),
-# the idempotency window (s), then one value per message, its first byte t(ext) or
-# b(inary). Returns {epoch, first number, entry id}; {epoch, first number, "duplicate"}
-# for a key used within the window (nothing appended); or {} past the deadline.
+# the log's size in bytes, and the idempotency key's (if the publish has one). ARGV: the
+# publishing relay's epoch of the topic and last number in it, a fresh epoch (taken if the
+# numbering cannot go on), the topic, the origin, the log's bounds in entries, the topic
+# hash's time to live (s), the deadline (Redis time, ms; 0: none), a fresh log identity
+# (taken if the log has none), the idempotency window (s), the log's bounds in bytes and
+# in age (ms), then one value per message, its first byte t(ext) or b(inary).
+# Returns {epoch, first number, entry id}; {epoch, first number, "duplicate"} for a key
+# used within the window (nothing appended); or {} past the deadline.
+# The log is trimmed here, oldest entries first, while it is over any bound (a few entries
+# a call at most, so each publish costs O(1)); the size key follows every entry's "n".
 _PUBLISH = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -80,8 +83,8 @@ local deadline = tonumber(ARGV[8])
 if deadline > 0 and now_ms > deadline then
   return {}
 end
-if #KEYS > 3 then
-  local seen = redis.call('GET', KEYS[4])
+if #KEYS > 4 then
+  local seen = redis.call('GET', KEYS[5])
   if seen then
     local seen_epoch, seen_first = string.match(seen, '^([^:]+):(%d+)$')
     return {seen_epoch, tonumber(seen_first), 'duplicate'}
@@ -94,18 +97,41 @@ if not epoch or (epoch == ARGV[1] and last < tonumber(ARGV[2])) then
   last = 0
 end
 local first = last + 1
-last = last + #ARGV - 10
+last = last + #ARGV - 12
 redis.call('HSET', KEYS[1], 'e', epoch, 's', last)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('SET', KEYS[3], ARGV[9], 'NX')
-local fields = {'t', ARGV[4], 'e', epoch, 's', first, 'o', ARGV[5]}
-for i = 11, #ARGV do
-  fields[#fields + 1] = tostring(i - 11)
+local size = 0
+for i = 13, #ARGV do
+  size = size + #ARGV[i]
+end
+local fields = {'t', ARGV[4], 'e', epoch, 's', first, 'o', ARGV[5], 'n', size}
+for i = 13, #ARGV do
+  fields[#fields + 1] = tostring(i - 13)
   fields[#fields + 1] = ARGV[i]
 end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
-if #KEYS > 3 then
-  redis.call('SET', KEYS[4], epoch .. ':' .. first, 'EX', ARGV[10])
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+if #KEYS > 4 then
+  redis.call('SET', KEYS[5], epoch .. ':' .. first, 'EX', ARGV[10])
+end
+local bytes = redis.call('INCRBY', KEYS[4], size)
+local length = redis.call('XLEN', KEYS[2])
+local max_length, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[11])
+local oldest_ms = now_ms - tonumber(ARGV[12])
+for _ = 1, 8 do
+  if length <= 1 then break end
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  local oldest_id = oldest[1]
+  local ms = tonumber(string.match(oldest_id, '^(%d+)'))
+  if length <= max_length and bytes <= max_bytes and ms >= oldest_ms then break end
+  local entry_size = 0
+  local entry = oldest[2]
+  for j = 1, #entry, 2 do
+    if entry[j] == 'n' then entry_size = tonumber(entry[j + 1]) end
+  end
+  redis.call('XDEL', KEYS[2], oldest_id)
+  bytes = redis.call('DECRBY', KEYS[4], entry_size)
+  length = length - 1
 end
 return {epoch, first, id}
 """
@@ -128,6 +154,9 @@ end
 return bumped
 """
 
+LANE_LIMIT = 10_000
+"""Entries of one topic that may wait for its slow subscribers on a relay; past it, the
+relay skips that topic's entries (its subscribers get a gap when it moves on)."""
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 _MAX_LOCAL_ONLY = 100_000
@@ -174,8 +203,8 @@ class Entry:
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> Entry:
-    """The :class:`Entry` of a log entry's fields (``t``, ``e``, ``s``, ``o``, then ``0``,
-    ``1``, ...).
+    """The :class:`Entry` of a log entry's fields (``t``, ``e``, ``s``, ``o``, ``n`` the
+    payloads' size, then ``0``, ``1``, ...).
 
     Raises ``ValueError`` saying what is wrong with any other entry: a missing field, a bad
     topic name, epoch or number, a value of no known kind, text that is not UTF-8.
@@ -185,7 +214,8 @@ def decode_entry(fields: dict[bytes, bytes]) -> Entry:
         epoch = check_epoch(fields[b"e"].decode())
         first_seq = int(fields[b"s"])
         origin = fields[b"o"].decode()
-        values = [fields[str(i).encode()] for i in range(len(fields) - 4)]
+        count = sum(1 for key in fields if key.isdigit())
+        values = [fields[str(i).encode()] for i in range(count)]
     except KeyError as exc:
         raise ValueError(f"no field {exc}") from None
     except UnicodeDecodeError as exc:
@@ -228,6 +258,9 @@ class BackplaneStatistics:
     that went back to an older snapshot, before any relay noticed)."""
     epochs: int = 0
     """Topics this relay started a fresh epoch of on reconnecting, Redis having gone back."""
+    dropped: int = 0
+    """Entries not delivered here because :data:`LANE_LIMIT` entries of their topic were
+    already waiting for its slow subscribers (they get a gap)."""
 
 
 class _Pending:
@@ -255,15 +288,35 @@ class _Pending:
         self.report: DeliveryReport | None = None
 
 
+class _Delivery:
+    """A log entry on its way to the local topics, with what the reader knows of it."""
+
+    __slots__ = ("echo", "entry", "fill", "pending", "source")
+
+    def __init__(self, entry: Entry, pending: _Pending | None, fill: bool) -> None:
+        self.entry = entry
+        self.pending = pending
+        self.fill = fill
+        self.source, self.echo = (pending.source, pending.echo) if pending else (None, True)
+
+    @property
+    def arguments(self) -> tuple[str, str, int, list[bytes], list[bool]]:
+        entry = self.entry
+        return entry.topic, entry.epoch, entry.first_seq, entry.payloads, entry.texts
+
+
 class RedisBackplane:
     """Shares the topics of relay processes through the Redis at ``url``.
 
     ``url`` is ``redis://host:port/db`` (``rediss://`` for TLS). ``prefix`` namespaces the
-    keys, so relays that use another prefix share nothing; ``log_size`` bounds the log
-    (entries; trimmed approximately); ``timeout`` bounds every Redis command (seconds);
-    ``block`` is how long one ``XREAD`` waits for new entries (seconds); ``topic_ttl``
-    is how long a topic's numbering outlives its last publish in Redis (seconds; then a
-    publish starts a fresh epoch).
+    keys, so relays that use another prefix share nothing; the log holds at most
+    ``log_size`` entries, ``log_bytes`` bytes of payload and entries of ``log_age``
+    seconds (by default the relay's ``history_total_bytes`` and ``history_age``: what a
+    relay could retain of it), trimmed as publishes append; ``timeout`` bounds every
+    Redis command (seconds); ``block`` is how long one ``XREAD`` waits for new entries
+    (seconds); ``topic_ttl`` is how long a topic's numbering outlives its last publish in
+    Redis (seconds; then a publish starts a fresh epoch; idempotency keys live
+    ``idempotency_window`` seconds).
 
     Give it to :func:`~trio_relay.serve_relay` (``backplane=``) or set
     ``RelayConfig(backplane=url)``; the relay runs it (:meth:`run`) in its own nursery.
@@ -278,6 +331,8 @@ class RedisBackplane:
         timeout: float = 2.0,
         block: float = 1.0,
         topic_ttl: float = 86_400.0,
+        log_bytes: int | None = None,
+        log_age: float | None = None,
     ) -> None:
         try:
             import coredis  # an optional dependency: fail early and clearly
@@ -296,6 +351,10 @@ class RedisBackplane:
         self.timeout = timeout
         self.block = block
         self.topic_ttl = topic_ttl
+        self.log_bytes = log_bytes
+        """Payload bytes the log holds at most (None: the relay's ``history_total_bytes``)."""
+        self.log_age = log_age
+        """Seconds an entry stays in the log at most (None: the relay's ``history_age``)."""
         self.relay_id = os.urandom(6).hex()
         """Tells this relay's own entries in the log from those of other relays."""
         self.up = False
@@ -304,6 +363,7 @@ class RedisBackplane:
         fresh for each outage, never a shared epoch."""
         self._log_key = f"{prefix}:log"
         self._log_id_key = f"{prefix}:log-id"
+        self._log_bytes_key = f"{prefix}:log-bytes"
         self._topics: Topics | None = None
         self._client: Any = None
         self._publish_script: Any = None
@@ -318,6 +378,11 @@ class RedisBackplane:
         self._log_id: bytes | None = None
         self._clock_offset = 0.0  # Redis's clock (ms) minus trio's (ms), as last measured
         self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        # Topics whose deliveries wait for a subscriber with no room, in log order, each
+        # drained by a task of its own (at most LANE_LIMIT entries; past it, dropped here).
+        self._lanes: dict[str, deque[_Delivery]] = {}
+        self._dropped = 0
         self._published = self._received = self._local = self._reconnects = 0
         self._conflicts = self._epochs = 0
 
@@ -330,6 +395,7 @@ class RedisBackplane:
             self._reconnects,
             self._conflicts,
             self._epochs,
+            self._dropped,
         )
 
     async def wait_until_up(self, up: bool = True) -> None:
@@ -369,7 +435,8 @@ class RedisBackplane:
         )
         # One client for the relay's lifetime (its pool runs tasks of its own); the scopes
         # cancelled below are all inside it.
-        async with client:
+        async with client, trio.open_nursery() as nursery:
+            self._nursery = nursery
             self._client = client
             self._publish_script = client.register_script(_PUBLISH)
             self._check_script = client.register_script(_CHECK)
@@ -536,17 +603,65 @@ class RedisBackplane:
             pending = self._pending.pop(number, None)
         else:
             self._received += 1
-        source, echo = (pending.source, pending.echo) if pending else (None, True)
-        report, new = await topics.deliver_numbered(
-            entry.topic,
-            entry.epoch,
-            entry.first_seq,
-            entry.payloads,
-            entry.texts,
-            source=source,
-            echo=echo,
-            fill=fill,
-        )
+        delivery = _Delivery(entry, pending, fill)
+        lane = self._lanes.get(entry.topic)
+        if lane is not None:
+            # Deliveries of this topic wait for a subscriber with no room: in order, behind.
+            if len(lane) < LANE_LIMIT:
+                lane.append(delivery)
+            else:
+                self._dropped += 1  # the numbers skipped are a gap when the lane moves on
+                self._finish(delivery, None, True)
+            return
+        try:
+            report, new = topics.deliver_numbered_nowait(
+                *delivery.arguments, source=delivery.source, echo=delivery.echo, fill=fill
+            )
+        except trio.WouldBlock:
+            # A subscriber of this topic has no room: a task of the topic's own waits for
+            # it, and the reader goes on with the others (it never waits for a subscriber).
+            assert self._nursery is not None
+            self._lanes[entry.topic] = deque([delivery])
+            self._nursery.start_soon(self._drain_lane, entry.topic)
+            return
+        self._finish(delivery, report, new)
+
+    async def _drain_lane(self, topic: str) -> None:
+        """Deliver the queued entries of ``topic``, in order, waiting for its subscribers as
+        a publish does (the ``evict`` policy bounds that wait); then end."""
+        topics = self._topics
+        assert topics is not None
+        lane = self._lanes[topic]
+        try:
+            while lane:
+                delivery = lane[0]
+                report, new = await topics.deliver_numbered(
+                    *delivery.arguments,
+                    source=delivery.source,
+                    echo=delivery.echo,
+                    fill=delivery.fill,
+                )
+                lane.popleft()
+                self._finish(delivery, report, new)
+        finally:
+            del self._lanes[topic]
+
+    def _finish(self, delivery: _Delivery, report: DeliveryReport | None, new: bool) -> None:
+        """An entry was delivered (``report``), or dropped (None): count it, and give the
+        report to its publisher, if it was this relay's."""
+        entry, pending = delivery.entry, delivery.pending
+        if report is None:
+            report = DeliveryReport(
+                entry.topic,
+                entry.first_seq,
+                len(entry.payloads),
+                0,
+                0,
+                0,
+                True,
+                epoch=entry.epoch,
+                backplane=True,
+            )
         if not new:
             self._conflicts += 1
             logger.warning(
@@ -625,7 +740,7 @@ class RedisBackplane:
         # this task hears the answer.
         self._pending[number] = item
         epoch, last = topics.position(name)
-        keys = [self._topic_key(name), self._log_key, self._log_id_key]
+        keys = [self._topic_key(name), self._log_key, self._log_id_key, self._log_bytes_key]
         if idempotency_key is not None:
             keys.append(f"{self.prefix}:k:{name}:{idempotency_key}")
         # Redis refuses the script past half the time this relay waits for it: one that
@@ -648,6 +763,13 @@ class RedisBackplane:
                         int(deadline),
                         new_epoch(),
                         max(1, int(topics.idempotency_window)),
+                        self.log_bytes
+                        if self.log_bytes is not None
+                        else topics.history_total_bytes,
+                        int(
+                            1000
+                            * (self.log_age if self.log_age is not None else topics.history_age)
+                        ),
                         *encode_values(payloads, texts),
                     ],
                 )

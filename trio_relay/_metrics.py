@@ -150,6 +150,12 @@ class _RelayCollector:
                 "Topics this relay started a fresh epoch of, finding that Redis went back.",
                 backplane.epochs,
             )
+            yield counter(
+                "trio_relay_backplane_entries_dropped",
+                "Log entries not delivered here: their topic's slow subscribers held 10,000 "
+                "entries already (its subscribers get a gap).",
+                backplane.dropped,
+            )
 
 
 def metrics_registry(server: RelayView) -> CollectorRegistry:

@@ -35,6 +35,7 @@ from ._broadcast import (
     BroadcastStatistics,
     MessageBus,
     OverflowPolicy,
+    PublishReport,
     RunningTotals,
     Subscription,
 )
@@ -936,59 +937,112 @@ class Topics:
         histories from the log). A new topic past ``max_topics`` is not made: nobody here
         subscribes to it, so the batch reaches nobody (its number is remembered, as for a
         forgotten topic)."""
-        count = len(payloads)
-        last = first_seq + count - 1
+        topic = self._numbering(name, epoch, first_seq, len(payloads))
+        if topic is None:
+            return self._shared_report(name, epoch, first_seq, len(payloads)), True
+        async with topic.lock:
+            batch = self._numbered(topic, epoch, first_seq, payloads, texts, source, echo)
+            if batch is None:
+                return self._shared_report(name, epoch, first_seq, len(payloads)), False
+            self._renumber(topic, batch)
+            if fill:
+                return self._shared_report(name, epoch, batch.first_seq, len(batch.payloads)), True
+            published = await topic.broadcast.publish(batch)
+        return self._shared_report(
+            name, epoch, batch.first_seq, len(batch.payloads), published
+        ), True
+
+    def deliver_numbered_nowait(
+        self,
+        name: str,
+        epoch: str,
+        first_seq: int,
+        payloads: list[bytes],
+        texts: list[bool],
+        *,
+        source: object = None,
+        echo: bool = True,
+        fill: bool = False,
+    ) -> tuple[DeliveryReport, bool]:
+        """:meth:`deliver_numbered` without waiting or yielding, or raise ``WouldBlock``
+        having done nothing: a subscriber of the topic has no room for it (under the
+        ``block`` or ``evict`` policy), or a publish to the topic is waiting for one. What
+        a backplane's reader calls first, so that it never waits for a subscriber of one
+        topic while other topics' messages are due."""
+        topic = self._numbering(name, epoch, first_seq, len(payloads))
+        if topic is None:
+            return self._shared_report(name, epoch, first_seq, len(payloads)), True
+        if topic.lock.locked():
+            raise trio.WouldBlock
+        batch = self._numbered(topic, epoch, first_seq, payloads, texts, source, echo)
+        if batch is None:
+            return self._shared_report(name, epoch, first_seq, len(payloads)), False
+        if fill:
+            self._renumber(topic, batch)
+            return self._shared_report(name, epoch, batch.first_seq, len(batch.payloads)), True
+        published = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was done
+        self._renumber(topic, batch)
+        report = self._shared_report(name, epoch, batch.first_seq, len(batch.payloads), published)
+        return report, True
+
+    def _numbering(self, name: str, epoch: str, first_seq: int, count: int) -> _Topic | None:
+        """Topic ``name`` for a backplane's batch, made if new; None past ``max_topics``
+        (the batch reaches nobody here: its number is remembered, as a forgotten topic's)."""
         if name not in self._topics:
             try:
                 self._get(name)
             except TooManyTopicsError:
+                last = first_seq + count - 1
                 record = self._retired.get(name)
                 if record is None or record[0] != epoch or last > record[1]:
                     self._retire(name, epoch, last)
-                report = DeliveryReport(
-                    name, first_seq, count, 0, 0, 0, True, epoch=epoch, backplane=True
-                )
-                return report, True
-        topic = self._get(name)
-        async with topic.lock:
-            gap = False
-            if epoch != topic.epoch:
-                # Another numbering: what came before `first_seq` in it is not here.
-                self._switch(topic, epoch)
-                topic.last_seq = first_seq - 1
-                gap = first_seq > 1
-            elif last <= topic.last_seq:
-                return DeliveryReport(
-                    name, first_seq, count, 0, 0, 0, True, epoch=epoch, backplane=True
-                ), False
-            elif first_seq <= topic.last_seq:
-                skip = topic.last_seq - first_seq + 1
-                first_seq, payloads, texts = topic.last_seq + 1, payloads[skip:], texts[skip:]
-            elif first_seq > topic.last_seq + 1:
-                # Numbers this relay never got (trimmed from the log while it was away):
-                # its history must not pretend to be whole across them.
-                gap = True
-                self._retained += topic.history.clear()
-            batch = Batch(name, first_seq, payloads, texts, source, echo, epoch=epoch, gap=gap)
-            self._commit(topic, batch)
-            if fill:
-                report = DeliveryReport(
-                    name, first_seq, len(payloads), 0, 0, 0, True, epoch=epoch, backplane=True
-                )
-                return report, True
-            published = await topic.broadcast.publish(batch)
-        report = DeliveryReport(
-            name,
-            first_seq,
-            len(payloads),
-            published.queued,
-            published.dropped,
-            published.evicted,
-            True,
-            epoch=epoch,
-            backplane=True,
+                return None
+        return self._get(name)
+
+    @staticmethod
+    def _numbered(
+        topic: _Topic,
+        epoch: str,
+        first_seq: int,
+        payloads: list[bytes],
+        texts: list[bool],
+        source: object,
+        echo: bool,
+    ) -> Batch | None:
+        """The batch a backplane's entry makes on ``topic`` (None: it has those numbers
+        already), without changing the topic (see :meth:`_renumber`)."""
+        gap = False
+        last = first_seq + len(payloads) - 1
+        if epoch != topic.epoch:
+            gap = first_seq > 1  # another numbering: what came before it is not here
+        elif last <= topic.last_seq:
+            return None
+        elif first_seq <= topic.last_seq:
+            skip = topic.last_seq - first_seq + 1
+            first_seq, payloads, texts = topic.last_seq + 1, payloads[skip:], texts[skip:]
+        elif first_seq > topic.last_seq + 1:
+            gap = True  # numbers this relay never got (trimmed from the log while away)
+        return Batch(topic.name, first_seq, payloads, texts, source, echo, epoch=epoch, gap=gap)
+
+    def _renumber(self, topic: _Topic, batch: Batch) -> None:
+        """Take ``batch`` (of :meth:`_numbered`) into the topic's numbering and history."""
+        if batch.epoch != topic.epoch:
+            self._switch(topic, batch.epoch)  # what it retained was of the old numbering
+        elif batch.gap:
+            # Its history must not pretend to be whole across numbers it never got.
+            self._retained += topic.history.clear()
+        self._commit(topic, batch)
+
+    @staticmethod
+    def _shared_report(
+        name: str, epoch: str, first_seq: int, count: int, published: PublishReport | None = None
+    ) -> DeliveryReport:
+        queued, dropped, evicted = (
+            (published.queued, published.dropped, published.evicted) if published else (0, 0, 0)
         )
-        return report, True
+        return DeliveryReport(
+            name, first_seq, count, queued, dropped, evicted, True, epoch=epoch, backplane=True
+        )
 
     def last_number(self, name: str) -> int:
         """The last sequence number topic ``name`` has had here (0 if none), in its current
