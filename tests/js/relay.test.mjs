@@ -82,6 +82,13 @@ test("many topics on one connection: publish, with its report, and receive", { s
       [2, new Uint8Array([0, 1, 254, 255])],
     ]);
     assert.deepEqual(await b, [[1, "to b"]]);
+    // The same idempotency key twice: published once, the second report names the first.
+    const copies = messages(relay, "news/b", 2);
+    const keyed = await relay.publish("news/b", "keyed", { idempotencyKey: "k-1" });
+    const again = await relay.publish("news/b", "keyed", { idempotencyKey: "k-1" });
+    assert.deepEqual([again.seq, again.epoch, again.duplicate, keyed.duplicate], [keyed.seq, epoch, true, undefined]);
+    await relay.publish("news/b", "after");
+    assert.deepEqual(await copies, [[keyed.seq, "keyed"], [keyed.seq + 1, "after"]]); // one copy
     // echo: false: published (and counted), not sent back to this connection.
     const quiet = await relay.publish("news/b", "not echoed", { echo: false });
     const echoed = messages(relay, "news/b", 1);

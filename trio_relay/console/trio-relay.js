@@ -242,22 +242,28 @@ export class Relay extends EventTarget {
   /**
    * Publish `data` (a string; or bytes: an ArrayBuffer or a typed array) on `topic`.
    *
-   * Resolves with the delivery report `{topic, seq, queued, dropped, evicted}` (and
-   * `remote` with a Redis backplane: PROTOCOL.md "ack"). Rejects with a RelayError: the
+   * Resolves with the delivery report `{topic, seq, epoch, queued, dropped, evicted}` (and
+   * `remote` with a Redis backplane: PROTOCOL.md "ack"; `duplicate: true` when
+   * `idempotencyKey` was used on the topic within the relay's window: nothing was
+   * published again, and `seq` names the first one). Rejects with a RelayError: the
    * relay's ("forbidden", "bad-topic", "bad-payload", ...: nothing was published);
    * "disconnected" (the connection was lost after the message was sent: it may or may not
    * have been published; it is not sent again); "timeout" (no report within
    * `publishTimeout`); "closed" (`close()` was called first). While not connected, the
    * message waits for the next connection. `echo: false`: the relay does not send it back
-   * to this connection's own subscription.
+   * to this connection's own subscription. `idempotencyKey` (a string of 1 to 128
+   * characters) makes publishing it again after "disconnected" or "timeout" safe.
    */
-  publish(topic, data, { echo = true } = {}) {
+  publish(topic, data, { echo = true, idempotencyKey = null } = {}) {
     if (typeof topic !== "string") {
       return Promise.reject(new TypeError("a topic is a string"));
     }
     const payload = payloadOf(data);
     if (payload === null) {
       return Promise.reject(new TypeError("publish a string, an ArrayBuffer or a typed array"));
+    }
+    if (idempotencyKey !== null && !(typeof idempotencyKey === "string" && idempotencyKey.length >= 1 && idempotencyKey.length <= 128)) {
+      return Promise.reject(new TypeError("idempotencyKey is a string of 1 to 128 characters"));
     }
     if (this.#state === "closed") {
       return Promise.reject(new RelayError("closed", "the client is closed", { topic }));
@@ -266,6 +272,7 @@ export class Relay extends EventTarget {
       const id = this.#nextId++;
       const frame = { type: "publish", topic, id, ...payload };
       if (!echo) frame.echo = false;
+      if (idempotencyKey !== null) frame.idempotency_key = idempotencyKey;
       const request = { kind: "publish", topic, id, frame, resolve, reject, sent: false };
       request.timer = setTimeout(() => this.#timeOut(request), this.#publishTimeout * 1000);
       if (this.#isOpen()) {
