@@ -607,3 +607,32 @@ async def test_the_relay_reads_redis_clock_to_the_millisecond(redis_server: Redi
         redis_ms = int(seconds) * 1000 + int(microseconds) / 1000
         estimate = (before + after) * 500 + a.backplane._clock_offset
         assert abs(estimate - redis_ms) < 50 + (after - before) * 1000
+
+
+async def test_publishes_that_arrive_together_go_to_redis_together(
+    redis_server: RedisServer,
+) -> None:
+    async with relays(redis_server.url, 1) as (a,):
+        assert a.backplane is not None
+        calls = 0
+        script = a.backplane._publish_script
+
+        async def counted(**kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await script(**kwargs)
+
+        a.backplane._publish_script = counted
+        reports: list[Any] = []
+
+        async def publish(n: int) -> None:
+            reports.append(await a.topics.publish(f"t{n % 3}", f"m{n}"))
+
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                for n in range(30):
+                    nursery.start_soon(publish, n)
+    assert len(reports) == 30 and all(r.remote is True for r in reports)
+    for topic in ("t0", "t1", "t2"):
+        assert sorted(r.seq for r in reports if r.topic == topic) == list(range(1, 11))
+    assert calls < 10, calls  # one round trip for many publishes (not 30)

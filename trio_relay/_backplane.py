@@ -65,75 +65,90 @@ __all__ = ["BackplaneStatistics", "RedisBackplane"]
 
 logger = logging.getLogger("trio_relay")
 
-# KEYS: the topic's hash (fields e: epoch, s: last number), the log, the log's identity,
-# the log's size in bytes, and the idempotency key's (if the publish has one). ARGV: the
+# Publishes a relay has ready together go to Redis in one call of this script.
+# KEYS: the log, the log's identity, the log's size in bytes; then, per batch, its topic's
+# hash (fields e: epoch, s: last number) and, if it has one, its idempotency key's.
+# ARGV: the log's bounds in entries, bytes and age (ms), the topic hashes' time to live
+# (s), a fresh log identity (taken if the log has none), the idempotency window (s); then,
+# per batch: its number of values, 1 if it has an idempotency key (else 0), the
 # publishing relay's epoch of the topic and last number in it, a fresh epoch (taken if the
-# numbering cannot go on), the topic, the origin, the log's bounds in entries, the topic
-# hash's time to live (s), the deadline (Redis time, ms; 0: none), a fresh log identity
-# (taken if the log has none), the idempotency window (s), the log's bounds in bytes and
-# in age (ms), then one value per message, its first byte t(ext) or b(inary).
-# Returns {epoch, first number, entry id}; {epoch, first number, "duplicate"} for a key
-# used within the window (nothing appended); or {} past the deadline.
-# The log is trimmed here, oldest entries first, while it is over any bound (a few entries
-# a call at most, so each publish costs O(1)); the size key follows every entry's "n".
+# numbering cannot go on), the topic, the origin, the deadline (Redis time, ms; 0: none),
+# then its values, each with a first byte t(ext) or b(inary).
+# Returns, per batch: {epoch, first number, entry id}; {epoch, first number,
+# "duplicate"} for a key used within the window (nothing appended); or {"", 0, "late"}
+# past its deadline (refused). The log is trimmed here, oldest entries first, while it is
+# over any bound (a few entries a batch at most, so each costs O(1)); the size key follows
+# every entry's "n".
 _PUBLISH = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local deadline = tonumber(ARGV[8])
-if deadline > 0 and now_ms > deadline then
-  return {}
-end
-if #KEYS > 4 then
-  local seen = redis.call('GET', KEYS[5])
-  if seen then
+redis.call('SET', KEYS[2], ARGV[5], 'NX')
+local results = {}
+local k, a = 4, 7
+local bytes = nil
+while a <= #ARGV do
+  local count, keyed = tonumber(ARGV[a]), ARGV[a + 1] == '1'
+  local deadline = tonumber(ARGV[a + 7])
+  local first_value = a + 8
+  local hash_key, idem_key = KEYS[k], nil
+  if keyed then idem_key = KEYS[k + 1] end
+  if keyed then k = k + 2 else k = k + 1 end
+  local seen = nil
+  if idem_key then seen = redis.call('GET', idem_key) end
+  if deadline > 0 and now_ms > deadline then
+    results[#results + 1] = {'', 0, 'late'}
+  elseif seen then
     local seen_epoch, seen_first = string.match(seen, '^([^:]+):(%d+)$')
-    return {seen_epoch, tonumber(seen_first), 'duplicate'}
+    results[#results + 1] = {seen_epoch, tonumber(seen_first), 'duplicate'}
+  else
+    local epoch = redis.call('HGET', hash_key, 'e')
+    local last = tonumber(redis.call('HGET', hash_key, 's') or '0')
+    if not epoch or (epoch == ARGV[a + 2] and last < tonumber(ARGV[a + 3])) then
+      epoch = ARGV[a + 4]
+      last = 0
+    end
+    local first = last + 1
+    redis.call('HSET', hash_key, 'e', epoch, 's', last + count)
+    redis.call('EXPIRE', hash_key, ARGV[4])
+    local size = 0
+    for i = first_value, first_value + count - 1 do
+      size = size + #ARGV[i]
+    end
+    local fields = {'t', ARGV[a + 5], 'e', epoch, 's', first, 'o', ARGV[a + 6], 'n', size}
+    for i = first_value, first_value + count - 1 do
+      fields[#fields + 1] = tostring(i - first_value)
+      fields[#fields + 1] = ARGV[i]
+    end
+    local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+    if idem_key then
+      redis.call('SET', idem_key, epoch .. ':' .. first, 'EX', ARGV[6])
+    end
+    bytes = redis.call('INCRBY', KEYS[3], size)
+    results[#results + 1] = {epoch, first, id}
+  end
+  a = first_value + count
+end
+if bytes then
+  local length = redis.call('XLEN', KEYS[1])
+  local max_length, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local oldest_ms = now_ms - tonumber(ARGV[3])
+  for _ = 1, 8 * #results do
+    if length <= 1 then break end
+    local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+    local oldest_id = oldest[1]
+    local ms = tonumber(string.match(oldest_id, '^(%d+)'))
+    if length <= max_length and bytes <= max_bytes and ms >= oldest_ms then break end
+    local entry_size = 0
+    local entry = oldest[2]
+    for j = 1, #entry, 2 do
+      if entry[j] == 'n' then entry_size = tonumber(entry[j + 1]) end
+    end
+    redis.call('XDEL', KEYS[1], oldest_id)
+    bytes = redis.call('DECRBY', KEYS[3], entry_size)
+    length = length - 1
   end
 end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-local last = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-if not epoch or (epoch == ARGV[1] and last < tonumber(ARGV[2])) then
-  epoch = ARGV[3]
-  last = 0
-end
-local first = last + 1
-last = last + #ARGV - 12
-redis.call('HSET', KEYS[1], 'e', epoch, 's', last)
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('SET', KEYS[3], ARGV[9], 'NX')
-local size = 0
-for i = 13, #ARGV do
-  size = size + #ARGV[i]
-end
-local fields = {'t', ARGV[4], 'e', epoch, 's', first, 'o', ARGV[5], 'n', size}
-for i = 13, #ARGV do
-  fields[#fields + 1] = tostring(i - 13)
-  fields[#fields + 1] = ARGV[i]
-end
-local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
-if #KEYS > 4 then
-  redis.call('SET', KEYS[5], epoch .. ':' .. first, 'EX', ARGV[10])
-end
-local bytes = redis.call('INCRBY', KEYS[4], size)
-local length = redis.call('XLEN', KEYS[2])
-local max_length, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[11])
-local oldest_ms = now_ms - tonumber(ARGV[12])
-for _ = 1, 8 do
-  if length <= 1 then break end
-  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-  local oldest_id = oldest[1]
-  local ms = tonumber(string.match(oldest_id, '^(%d+)'))
-  if length <= max_length and bytes <= max_bytes and ms >= oldest_ms then break end
-  local entry_size = 0
-  local entry = oldest[2]
-  for j = 1, #entry, 2 do
-    if entry[j] == 'n' then entry_size = tonumber(entry[j + 1]) end
-  end
-  redis.call('XDEL', KEYS[2], oldest_id)
-  bytes = redis.call('DECRBY', KEYS[4], entry_size)
-  length = length - 1
-end
-return {epoch, first, id}
+return results
 """
 
 # KEYS: topic hashes; ARGV: for each, an epoch and a last number a relay saw in it, then
@@ -154,6 +169,8 @@ end
 return bumped
 """
 
+MAX_PUBLISHES_PER_CALL = 100
+"""Most publishes one script call carries (those that arrived together)."""
 LANE_LIMIT = 10_000
 """Entries of one topic that may wait for its slow subscribers on a relay; past it, the
 relay skips that topic's entries (its subscribers get a gap when it moves on)."""
@@ -288,6 +305,20 @@ class _Pending:
         self.report: DeliveryReport | None = None
 
 
+class _Outgoing:
+    """A publish on its way to Redis: its keys and arguments in the publish script's call,
+    and, once :attr:`done`, the script's answer or the call's error."""
+
+    __slots__ = ("answer", "args", "done", "error", "keys")
+
+    def __init__(self, keys: list[str], args: list[object]) -> None:
+        self.keys = keys
+        self.args = args
+        self.done = trio.Event()
+        self.answer: Any = None
+        self.error: BaseException | None = None
+
+
 class _Delivery:
     """A log entry on its way to the local topics, with what the reader knows of it."""
 
@@ -379,6 +410,8 @@ class RedisBackplane:
         self._clock_offset = 0.0  # Redis's clock (ms) minus trio's (ms), as last measured
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._outbox: list[_Outgoing] = []  # publishes ready to go, in order
+        self._ready = trio.Event()
         # Topics whose deliveries wait for a subscriber with no room, in log order, each
         # drained by a task of its own (at most LANE_LIMIT entries; past it, dropped here).
         self._lanes: dict[str, deque[_Delivery]] = {}
@@ -438,6 +471,7 @@ class RedisBackplane:
         async with client, trio.open_nursery() as nursery:
             self._nursery = nursery
             self._client = client
+            nursery.start_soon(self._send_outbox, topics)
             self._publish_script = client.register_script(_PUBLISH)
             self._check_script = client.register_script(_CHECK)
             self._time_script = client.register_script("return redis.call('TIME')")
@@ -675,6 +709,41 @@ class RedisBackplane:
             pending.report = report
             pending.delivered.set()
 
+    async def _send_outbox(self, topics: Topics) -> NoReturn:
+        """Send the publishes that are ready, all of them in one script call (at most
+        :data:`MAX_PUBLISHES_PER_CALL`), and again as soon as more are: publishes that
+        arrive together go to Redis together (one round trip), and each waits for none
+        but those sent with it."""
+        while True:
+            await self._ready.wait()
+            self._ready = trio.Event()
+            while self._outbox:
+                sending = self._outbox[:MAX_PUBLISHES_PER_CALL]
+                del self._outbox[:MAX_PUBLISHES_PER_CALL]
+                keys = [self._log_key, self._log_id_key, self._log_bytes_key]
+                args: list[object] = [
+                    self.log_size,
+                    self.log_bytes if self.log_bytes is not None else topics.history_total_bytes,
+                    int(1000 * (self.log_age if self.log_age is not None else topics.history_age)),
+                    max(1, int(self.topic_ttl)),
+                    new_epoch(),
+                    max(1, int(topics.idempotency_window)),
+                ]
+                for outgoing in sending:
+                    keys += outgoing.keys
+                    args += outgoing.args
+                try:
+                    with trio.fail_after(self.timeout):
+                        answers = await self._publish_script(keys=keys, args=args)
+                    for outgoing, answer in zip(sending, answers, strict=True):
+                        outgoing.answer = answer
+                except self._failures as exc:
+                    for outgoing in sending:
+                        outgoing.error = exc
+                finally:
+                    for outgoing in sending:
+                        outgoing.done.set()
+
     async def position(self, topic: str) -> tuple[str, int] | None:
         """The epoch and last number of ``topic`` in Redis; None if Redis has none for it
         or cannot be asked now."""
@@ -740,7 +809,7 @@ class RedisBackplane:
         # this task hears the answer.
         self._pending[number] = item
         epoch, last = topics.position(name)
-        keys = [self._topic_key(name), self._log_key, self._log_id_key, self._log_bytes_key]
+        keys = [self._topic_key(name)]
         if idempotency_key is not None:
             keys.append(f"{self.prefix}:k:{name}:{idempotency_key}")
         # Redis refuses the script past half the time this relay waits for it: one that
@@ -748,47 +817,37 @@ class RedisBackplane:
         # is the margin for the clock's estimate), so "no answer" almost always means
         # "not published", and a republish cannot make a second copy.
         deadline = (trio.current_time() + self.timeout / 2) * 1000 + self._clock_offset
-        try:
-            with trio.fail_after(self.timeout):
-                answer = await self._publish_script(
-                    keys=keys,
-                    args=[
-                        epoch,
-                        last,
-                        new_epoch(),
-                        name,
-                        f"{self.relay_id}:{number}",
-                        self.log_size,
-                        max(1, int(self.topic_ttl)),
-                        int(deadline),
-                        new_epoch(),
-                        max(1, int(topics.idempotency_window)),
-                        self.log_bytes
-                        if self.log_bytes is not None
-                        else topics.history_total_bytes,
-                        int(
-                            1000
-                            * (self.log_age if self.log_age is not None else topics.history_age)
-                        ),
-                        *encode_values(payloads, texts),
-                    ],
-                )
-        except self._failures as exc:
+        values = encode_values(payloads, texts)
+        head = [len(values), 1 if idempotency_key is not None else 0, epoch, last, new_epoch()]
+        outgoing = _Outgoing(keys, [*head, name, f"{self.relay_id}:{number}", int(deadline)])
+        outgoing.args += values
+        self._outbox.append(outgoing)
+        self._ready.set()
+        failure: BaseException | None = None
+        with trio.move_on_after(self.timeout):
+            await outgoing.done.wait()
+        if not outgoing.done.is_set() and outgoing in self._outbox:
+            self._outbox.remove(outgoing)  # never sent: certainly not published
+            del self._pending[number]
+            return await self._publish_locally(topics, item, False)
+        answer = outgoing.answer
+        if answer is None:
+            failure = outgoing.error or trio.TooSlowError()
             logger.warning(
                 "backplane publish on %r got no answer (%s): delivered locally",
                 name,
-                shown(exc) or type(exc).__name__,
+                shown(failure) or type(failure).__name__,
             )
             if self._pending.pop(number, None) is None:
                 assert item.report is not None
                 return item.report  # in the log after all: the reader delivered it
             self._remember_local_only(number)
             return await self._publish_locally(topics, item, None)
-        if not answer:
+        if _text(answer[2]) == "late":
             # Past its deadline when Redis ran it: refused there, so it is in no log.
             del self._pending[number]
             return await self._publish_locally(topics, item, False)
-        if answer[2] in (b"duplicate", "duplicate"):
+        if _text(answer[2]) == "duplicate":
             del self._pending[number]  # nothing appended: the first one's name
             return DeliveryReport(
                 name,
