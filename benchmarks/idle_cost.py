@@ -5,6 +5,7 @@ each goes (tracemalloc, cProfile).
     python benchmarks/idle_cost.py --mode mem           # + tracemalloc: bytes per connection
     python benchmarks/idle_cost.py --mode prof          # + cProfile of the set-ups
     python benchmarks/idle_cost.py --pythonpath ../old  # another checkout's trio_relay
+    python benchmarks/idle_cost.py --drop --mode prof   # closing them all at once, profiled
 
 It starts ``trio-relay serve`` (this tree's, or ``--pythonpath``'s) in a subprocess with its
 connection and subscriber limits raised, opens 200 warm-up clients, then ``--clients``
@@ -123,6 +124,18 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def wait_idle(pid: int) -> float:
+    """Wait until the relay has used no CPU for 0.3 s; when it last did (monotonic)."""
+    last, at = cpu_seconds(pid), time.monotonic()
+    while True:
+        time.sleep(0.05)
+        now = cpu_seconds(pid)
+        if now != last:
+            last, at = now, time.monotonic()
+        elif time.monotonic() - at > 0.3:
+            return at
+
+
 def report_memory(out: str, count: int, top: int) -> None:
     import tracemalloc
 
@@ -153,6 +166,11 @@ def main() -> int:
     parser.add_argument("--path", default="/", help="the clients' topic; default: /")
     parser.add_argument("--top", type=int, default=40, help="lines of breakdown")
     parser.add_argument("--pythonpath", help="run the trio_relay found here instead")
+    parser.add_argument(
+        "--drop",
+        action="store_true",
+        help="measure closing instead: the clients close their sockets at once (FIN)",
+    )
     parser.add_argument("--relay", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.relay is not None:
@@ -180,20 +198,29 @@ def main() -> int:
         else:
             sys.exit("the relay did not start listening within 60 s")
         warm = open_clients(port, args.path, 200)
+        if args.drop:
+            clients = open_clients(port, args.path, args.clients)
         time.sleep(0.5)
         server.send_signal(signal.SIGUSR1)
         time.sleep(2.0 if args.mode == "mem" else 0.3)
         cpu, rss, began = cpu_seconds(server.pid), rss_kib(server.pid), time.monotonic()
-        clients = open_clients(port, args.path, args.clients)
-        wall = time.monotonic() - began
-        time.sleep(0.3)
+        if args.drop:
+            for client in clients:
+                client.close()
+            clients = []
+            wall = wait_idle(server.pid) - began
+        else:
+            clients = open_clients(port, args.path, args.clients)
+            wall = time.monotonic() - began
+            time.sleep(0.3)
         cpu, rss = cpu_seconds(server.pid) - cpu, rss_kib(server.pid) - rss
         server.send_signal(signal.SIGUSR2)
         while not Path(out + ".done").exists():
             time.sleep(0.1)
+        event = "close (all at once)" if args.drop else "set-up"
         print(
             f"{args.clients} connections on {args.path}: server CPU {cpu / args.clients * 1e6:.0f} "
-            f"µs per set-up, RSS {rss / args.clients:.2f} KiB per connection, {wall:.2f} s"
+            f"µs per {event}, RSS {rss / args.clients:.2f} KiB per connection, {wall:.2f} s"
             + (" (under tracemalloc)" if args.mode == "mem" else "")
             + (" (under cProfile)" if args.mode == "prof" else "")
         )

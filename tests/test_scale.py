@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import collections
 import gc
+import itertools
 import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 
+import pytest
 import trio
 import trio.testing
 from helpers import masked_frame, upgrade_request
 
-from trio_relay import RelayConfig, RelayStatistics, Topics
+from trio_relay import RelayConfig, RelayStatistics, Topics, _server
+from trio_relay._connection import Turnstile
 from trio_relay._topics import ENTRY_OVERHEAD, TOPIC_OVERHEAD
 from trio_relay.testing import MemoryRelay, open_memory_relay
 
@@ -236,3 +239,61 @@ async def test_an_idle_connection_keeps_no_nursery_write_slot_or_generator(
     async with relay_with(SMALL * 10):
         large = _kinds()
     assert large == small, (small, large)
+
+
+async def test_a_turnstile_lets_through_at_most_its_number_per_trip_in_order() -> None:
+    turnstile = Turnstile(2)
+    passed: list[int] = []
+    seen: list[int] = []
+
+    async def wait(n: int, nursery: trio.Nursery) -> None:
+        await turnstile.wait(nursery)
+        passed.append(n)
+
+    async def watch() -> None:  # once per trip through the scheduler
+        while len(passed) < 10:
+            seen.append(len(passed))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        for n in range(10):
+            nursery.start_soon(wait, n, nursery)
+            await trio.sleep(0)  # they come in this order
+    # In the order they came, two by two (within a trip trio runs tasks in any order).
+    assert sorted(passed) == list(range(10))
+    assert all(abs(n - i) < 2 for i, n in enumerate(passed)), passed
+    # Two a trip; the watcher runs before or after them within a trip, so between two of
+    # its looks at most two trips' worth have passed (all ten at once without the gate).
+    steps = [later - earlier for earlier, later in itertools.pairwise([*seen, 10])]
+    assert max(steps) <= 4 and sum(steps) == 10, seen
+
+
+async def test_clients_that_drop_at_once_end_a_few_per_trip_while_others_are_served(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mass disconnect (benchmarks/mass_disconnect.py, at 19,000): every reader wakes in
+    # one trip through the scheduler; each ending takes its turn, ENDINGS_AT_ONCE a trip.
+    monkeypatch.setattr(_server, "ENDINGS_AT_ONCE", 5)
+    async with open_memory_relay(CONFIG) as relay, relay.consume("bystander") as bystander:
+        server = relay.server
+        idle = await open_idle(relay, 40)
+        open_before = server.statistics().connections
+        counts: list[int] = []
+
+        async def watch() -> None:
+            while (count := server.statistics().connections) > open_before - 40:
+                counts.append(count)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            counts.append(count)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as closers:  # all in the same trip
+                for stream in idle:
+                    closers.start_soon(trio.aclose_forcefully, stream)
+            await relay.produce("served meanwhile", "bystander")
+            assert await anext(bystander) == "served meanwhile"
+        ended = [earlier - later for earlier, later in itertools.pairwise(counts)]
+        # The watcher looks once a trip, before or after them: two trips' worth at most.
+        assert sum(ended) == 40 and max(ended) <= 5 * 2, counts

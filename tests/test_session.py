@@ -148,6 +148,9 @@ async def test_resume_resubscribes_every_topic_from_its_last_number(autojump_clo
             # Published while the session is away: it gets them once it is back.
             await relay.publish("a-during", "a")
             await relay.publish("b-during", "b")
+            # The dropped connection ends first (after its turn: see _wait_turn), then the
+            # session's new one subscribes (after its backoff).
+            await relay.server.wait_until(lambda s: s.connections == 0)
             await relay.server.wait_until(lambda s: s.subscribers == 2)
         items = [await session.__anext__() for _ in range(6)]
         assert [(i.topic, i.seq) for i in items if i.topic == "a"] == [("a", 2), ("a", 3), ("a", 4)]
