@@ -177,6 +177,28 @@ async def test_publish_nowait_numbers_its_messages_like_publish(
     assert (await topics.publish("news", "d")).seq == 4
 
 
+async def test_deliver_nowait_publishes_as_publish_nowait_does_without_a_report(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    topics = Topics()
+    async with topics.subscribe("news") as subscription:
+        await topics.publish("news", "a")
+        source = object()
+        assert topics.deliver_nowait("news", [b"b", b"c"], [True, False], source=source) is None
+        assert (await topics.publish("news", "d")).seq == 4
+        assert await take(subscription, 4) == messages("news", 1, ["a", "b", b"c", "d"])
+    assert (await topics.retained("news", since=1))[2] == messages("news", 2, ["b", b"c", "d"])
+    # As publish_nowait: WouldBlock, having published nothing, while a publish waits.
+    async with topics.subscribe("news", policy="block", max_buffer=1), trio.open_nursery() as n:
+        n.start_soon(topics.publish, "news", "fills")
+        n.start_soon(topics.publish, "news", "waits")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.WouldBlock):
+            topics.deliver_nowait("news", [b"e"], [True])
+        n.cancel_scope.cancel()
+    assert topics.statistics()["news"].last_seq == 6
+
+
 async def test_a_delivery_report_counts_the_subscribers_the_message_was_queued_for(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -990,7 +990,7 @@ class RelayConnection:
                         step = kept
                     if step.requests is None:
                         try:  # the hot path: publish synchronously when nobody must wait
-                            topics.publish_nowait(topic, step.payloads, step.texts, source=protocol)
+                            topics.deliver_nowait(topic, step.payloads, step.texts, source=protocol)
                         except trio.WouldBlock:
                             await topics.publish_batch(
                                 topic, step.payloads, step.texts, source=protocol

@@ -768,6 +768,21 @@ class Topics:
         if self._retained > self.history_total_bytes:
             self._evict()
 
+    def deliver_nowait(
+        self, name: str, payloads: list[bytes], texts: list[bool], *, source: object = None
+    ) -> None:
+        """:meth:`publish_nowait` for a caller that has no use for the report (a raw
+        client's messages, once per read, the relay's hottest path: making a
+        :class:`DeliveryReport` cost about a microsecond there, a fifth of the relay's own
+        CPU per message at one message in flight). Raises ``WouldBlock`` having published
+        nothing, as that one does."""
+        topic = self._topics.get(name) or self._get(name)
+        if topic.lock.locked() or self.backplane is not None:
+            raise trio.WouldBlock
+        batch = self._batch(topic, payloads, texts, source, True)
+        topic.broadcast.publish_nowait(batch)  # WouldBlock from it: nothing was published
+        self._commit(topic, batch)
+
     def publish_nowait(
         self,
         name: str,
