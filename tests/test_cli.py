@@ -116,6 +116,7 @@ def test_client_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "log_level": "INFO",
         "timeout": 10.0,
         "since": None,
+        "epoch": None,
         "resume": False,
         "show_seq": False,
         "json": False,
@@ -605,8 +606,11 @@ async def test_consume_prints_sequence_numbers_or_json_lines(
     lines = await launch(PYTHON, "-m", "trio_relay", *common, "--json")
     await shown.expect("stdout", "third\n")
     await lines.expect("stdout", "third")
-    assert shown.lines("stdout") == ["/news #2: <2 bytes> 00ff", "/news #3: third"]
     epoch = server.topics.epoch
+    assert shown.lines("stdout") == [
+        f"/news #2 epoch={epoch}: <2 bytes> 00ff",
+        f"/news #3 epoch={epoch}: third",
+    ]
     assert [json.loads(line) for line in lines.lines("stdout")] == [
         {"type": "message", "topic": "news", "seq": 2, "epoch": epoch, "binary": "AP8="},
         {"type": "message", "topic": "news", "seq": 3, "epoch": epoch, "text": "third"},
@@ -628,6 +632,67 @@ async def test_consume_prints_sequence_numbers_or_json_lines(
         program.process.send_signal(signal.SIGINT)
         assert await program.finish() == 130, program.describe()
     nursery.cancel_scope.cancel()
+
+
+async def test_consume_resumes_with_the_epoch_it_printed(
+    launch: Launch, nursery: trio.Nursery
+) -> None:
+    # Issue 12: what --show-seq printed, copied into --since and --epoch, resumes with no
+    # gap and no duplicate; another epoch (another numbering) gets a reset, not numbers.
+    server = await nursery.start(partial(trio_relay.serve_relay, "127.0.0.1", 0))
+    for text in ("one", "two", "three"):
+        await server.publish(text, "news")
+    common = ("consume", *at(server.port), "--topic", "news", "--show-seq")
+    first = await launch(PYTHON, "-m", "trio_relay", *common, "--since", "0")
+    await first.expect("stdout", "three\n")
+    printed = re.fullmatch(r"/news #(\d+) epoch=(\S+): two", first.lines("stdout")[1])
+    assert printed is not None, first.describe()
+    seq, epoch = printed.groups()
+    assert (seq, epoch) == ("2", server.topics.epoch)
+    right = await launch(PYTHON, "-m", "trio_relay", *common, "--since", seq, "--epoch", epoch)
+    wrong = await launch(
+        PYTHON, "-m", "trio_relay", *common, "--since", seq, "--epoch", "not-this-one"
+    )
+    await right.expect("stdout", "three\n")
+    await wrong.expect("stdout", "three\n")
+    await server.publish("four", "news")
+    await right.expect("stdout", "four\n")
+    await wrong.expect("stdout", "four\n")
+    for program in (first, right, wrong):
+        program.process.send_signal(signal.SIGINT)
+        assert await program.finish() == 130, program.describe()
+    assert right.lines("stdout") == [
+        f"/news #{n} epoch={epoch}: {t}" for n, t in ((3, "three"), (4, "four"))
+    ]
+    assert "gap" not in right.output["stderr"], right.describe()
+    # The reset comes first, then everything retained, renumbered by nobody.
+    assert (
+        "WARNING trio_relay: gap: topic /news was reset; numbering restarted at 1"
+        in (wrong.output["stderr"])
+    ), wrong.describe()
+    assert [line.split(": ", 1)[1] for line in wrong.lines("stdout")] == [
+        "one",
+        "two",
+        "three",
+        "four",
+    ]
+    nursery.cancel_scope.cancel()
+
+
+def test_consume_epoch_needs_since_and_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["consume", "--epoch", "9f3c2a10", "--port", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "trio-relay consume: --epoch needs --since (the epoch names the numbering of "
+        "--since's number)\n"
+    )
+    with pytest.raises(SystemExit) as info:
+        main(["consume", "--since", "3", "--epoch", "not an epoch"])
+    assert info.value.code == 2
+    assert "argument --epoch: an epoch is 1 to 32 letters, digits, '_' or '-'" in (
+        capsys.readouterr().err
+    )
+    args = build_parser().parse_args(["consume", "--since", "3", "--epoch", "9f3c2a10"])
+    assert (args.since, args.epoch) == (3, "9f3c2a10")
 
 
 async def _produce_from(port: int, stdin: bytes | int, *options: str) -> tuple[int, str, str]:

@@ -45,7 +45,7 @@ from ._exceptions import ClientError
 from ._redact import redact, shown
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
 from ._sideport import serve_metrics
-from ._topics import DeliveryReport, Gap, Message
+from ._topics import DeliveryReport, Gap, Message, check_epoch
 from ._workers import reserve_port, stop_with_supervisor, supervise
 
 __all__ = ["main"]
@@ -114,6 +114,13 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
+
+
+def _epoch(text: str) -> str:
+    try:
+        return check_epoch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -358,6 +365,14 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
         help="first replay the retained messages after this sequence number",
     )
     consume_cmd.add_argument(
+        "--epoch",
+        type=_epoch,
+        default=None,
+        help="the epoch of --since's number, as --show-seq or --json printed it with "
+        "that number: a relay whose numbering of the topic is another (it restarted, say) "
+        "answers with a reset gap instead of messages of another numbering; needs --since",
+    )
+    consume_cmd.add_argument(
         "--resume",
         action="store_true",
         help="reconnect after a dropped connection and resume where it left off "
@@ -373,7 +388,8 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
     output.add_argument(
         "--show-seq",
         action="store_true",
-        help="print each message as '/TOPIC #SEQ: MESSAGE' (uses trio-relay.v1)",
+        help="print each message as '/TOPIC #SEQ epoch=EPOCH: MESSAGE', the numbers "
+        "--since and --epoch take (uses trio-relay.v1)",
     )
     output.add_argument(
         "--json",
@@ -606,6 +622,10 @@ def _json_line(item: Message | Gap) -> str:
 
 
 async def _consume(args: argparse.Namespace) -> None:
+    if args.epoch is not None and args.since is None:
+        raise CommandError(
+            "--epoch needs --since (the epoch names the numbering of --since's number)", 2
+        )
     url, context, token = _client_target(args)
     envelope = args.show_seq or args.json
     async with consume(
@@ -614,6 +634,7 @@ async def _consume(args: argparse.Namespace) -> None:
         ssl_context=context,
         connect_timeout=args.timeout,
         since=args.since,
+        epoch=args.epoch,
         resume=args.resume,
         envelope=envelope,
         max_message_size=args.max_message_size,
@@ -627,7 +648,8 @@ async def _consume(args: argparse.Namespace) -> None:
                 if args.json:
                     print(_json_line(item), flush=True)
                 elif args.show_seq:
-                    print(f"/{item.topic} #{item.seq}: {_show(item.data)}", flush=True)
+                    epoch = f" epoch={item.epoch}" if item.epoch else ""
+                    print(f"/{item.topic} #{item.seq}{epoch}: {_show(item.data)}", flush=True)
                 else:
                     print(_show(item.data), flush=True)
             else:
