@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -28,12 +29,14 @@ from test_end_to_end import (
     at,
     launch as launch,  # the fixture: it starts and kills programs
     refused_port as refused_port,  # a fixture: a port nothing listens on
+    scrape,
 )
 
 import trio_relay
-from trio_relay import DEFAULT_TIMEOUT, Gap, RelayConfig, verify_token
+from trio_relay import DEFAULT_TIMEOUT, Gap, RedisBackplane, RelayConfig, verify_token
 from trio_relay._cli import (
     _client_target,
+    _server_settings,
     build_parser,
     configure_logging,
     describe_gap,
@@ -83,6 +86,12 @@ def test_serve_defaults() -> None:
         "idempotency_window": 120.0,
         "max_topics": 10_000,
         "backplane": None,
+        "backplane_prefix": None,  # None: not given; the backplane's own default holds
+        "backplane_timeout": None,
+        "backplane_log_size": None,
+        "backplane_log_bytes": None,
+        "backplane_log_age": None,
+        "backplane_topic_ttl": None,
         "workers": 1,
         "worker": False,
         "http_socket": None,
@@ -762,3 +771,214 @@ async def test_the_relays_log_has_its_own_lines_only_through_a_redis_outage(
     assert await server.finish() == 0, server.describe()
     for line in server.lines("stderr"):
         assert re.fullmatch(r"[\d-]+ [\d:,]+ (INFO|WARNING|ERROR) trio_relay: .*", line), line
+
+
+# ------------------------------------------------------------------------ issue 12: backplane
+
+
+BACKPLANE_FLAGS = [
+    *("--backplane-prefix", "p1", "--backplane-timeout", "0.5"),
+    *("--backplane-log-size", "7", "--backplane-log-bytes", "1000"),
+    *("--backplane-log-age", "30", "--backplane-topic-ttl", "3600"),
+]
+BACKPLANE_VALUES = {
+    "backplane_prefix": "p1",
+    "backplane_timeout": 0.5,
+    "backplane_log_size": 7,
+    "backplane_log_bytes": 1000,
+    "backplane_log_age": 30.0,
+    "backplane_topic_ttl": 3600.0,
+}
+BACKPLANE_OPTIONS = {
+    "prefix": "p1",
+    "timeout": 0.5,
+    "log_size": 7,
+    "log_bytes": 1000,
+    "log_age": 30.0,
+    "topic_ttl": 3600.0,
+}
+
+
+def test_backplane_settings_from_flags_environment_and_file(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--backplane", "redis://r", *BACKPLANE_FLAGS])
+    assert {name: getattr(args, name) for name in BACKPLANE_VALUES} == BACKPLANE_VALUES
+    environ = {f"TRIO_RELAY_{name.upper()}": str(value) for name, value in BACKPLANE_VALUES.items()}
+    assert serve_settings(environ, None) == BACKPLANE_VALUES
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        "[serve]\nbackplane = 'redis://r'\nbackplane_prefix = 'p1'\nbackplane-timeout = 0.5\n"
+        "backplane_log_size = 7\nbackplane_log_bytes = 1000\nbackplane_log_age = 30\n"
+        "backplane_topic_ttl = 3600\n"
+    )
+    settings = serve_settings({}, str(config))
+    assert settings == {"backplane": "redis://r", **BACKPLANE_VALUES}
+    args = build_parser(settings).parse_args(["serve", "--backplane-log-size", "9"])
+    assert (args.backplane_log_size, args.backplane_prefix) == (9, "p1")  # the flag wins
+    config, _ = _server_settings(args)
+    assert config.backplane_options() == {**BACKPLANE_OPTIONS, "log_size": 9}
+    # Left out: nothing passed, so RedisBackplane's defaults hold.
+    assert RelayConfig(backplane="redis://r").backplane_options() == {}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "error"),
+    [
+        ("--backplane-prefix", "p{1}", "must not contain '{' or '}' (keys are hash-tagged"),
+        ("--backplane-prefix", "", "must not be empty"),
+        ("--backplane-timeout", "0", "must be a number of seconds > 0: 0"),
+        ("--backplane-log-age", "nan", "must be a number of seconds > 0: nan"),
+        ("--backplane-topic-ttl", "inf", "must be a number of seconds > 0: inf"),
+        ("--backplane-topic-ttl", "-5", "must be a number of seconds > 0: -5"),
+        ("--backplane-log-size", "0", "must be at least 1: 0"),
+        ("--backplane-log-bytes", "lots", "invalid _positive_int value: 'lots'"),
+    ],
+)
+def test_bad_backplane_flags_exit_2_naming_the_flag(
+    flag: str, value: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--backplane", "redis://r", f"{flag}={value}"])
+    assert info.value.code == 2
+    assert f"argument {flag}: {error}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("backplane_prefix", "a}b", "must not contain '{' or '}'"),
+        ("backplane_timeout", "0", "must be a number of seconds > 0: 0"),
+        ("backplane_log_bytes", "0", "must be at least 1: 0"),
+        ("backplane_topic_ttl", "soon", "not a number: 'soon'"),
+    ],
+)
+def test_bad_backplane_settings_name_their_variable_or_key(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    error: str,
+) -> None:
+    variable = f"TRIO_RELAY_{name.upper()}"
+    monkeypatch.setenv(variable, value)
+    assert main(["serve", "--backplane", "redis://r"]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"trio-relay serve: settings: environment variable {variable}: {error}")
+    assert line.count("\n") == 1
+    monkeypatch.delenv(variable)
+    config = tmp_path / "relay.toml"
+    config.write_text(f"{name} = {json.dumps(value)}\n")
+    assert main(["serve", "--backplane", "redis://r", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"trio-relay serve: settings: {config}: {name}: {error}"
+    )
+
+
+def test_backplane_settings_without_a_backplane_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TRIO_RELAY_BACKPLANE", raising=False)
+    for flag, value in zip(BACKPLANE_FLAGS[::2], BACKPLANE_FLAGS[1::2], strict=True):
+        assert main(["serve", "--port", "0", flag, value]) == 2
+        assert capsys.readouterr().err == f"trio-relay serve: {flag} needs --backplane\n"
+    assert main(["serve", "--workers", "2", "--backplane-log-size", "5"]) == 2
+    assert capsys.readouterr().err == "trio-relay serve: --backplane-log-size needs --backplane\n"
+    monkeypatch.setenv("TRIO_RELAY_BACKPLANE_TOPIC_TTL", "60")
+    assert main(["serve", "--port", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "trio-relay serve: environment variable TRIO_RELAY_BACKPLANE_TOPIC_TTL needs --backplane\n"
+    )
+    monkeypatch.delenv("TRIO_RELAY_BACKPLANE_TOPIC_TTL")
+    config = tmp_path / "relay.toml"
+    config.write_text("backplane_prefix = 'p1'\n")
+    assert main(["serve", "--port", "0", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"trio-relay serve: {config}: backplane_prefix needs --backplane\n"
+    )
+    # The library refuses them too: they would be ignored.
+    with pytest.raises(ValueError, match=r"^backplane_log_age needs backplane"):
+        RelayConfig(backplane_log_age=60.0)
+    with pytest.raises(ValueError, match=r"^backplane_prefix must not contain"):
+        RelayConfig(backplane="redis://r", backplane_prefix="{x}")
+    with pytest.raises(ValueError, match=r"^backplane_timeout must be a number of seconds > 0"):
+        RelayConfig(backplane="redis://r", backplane_timeout=0.0)
+    with pytest.raises(ValueError, match=r"^backplane_log_size must be at least 1"):
+        RelayConfig(backplane="redis://r", backplane_log_size=0)
+
+
+def test_the_backplane_flags_defaults_are_the_backplanes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What --help says a flag left out means is what RedisBackplane then does.
+    monkeypatch.setenv("COLUMNS", "500")  # argparse wraps at hyphens: trio-relay
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    parameters = inspect.signature(RedisBackplane).parameters
+    for name in ("prefix", "timeout", "topic_ttl"):
+        option = f"--backplane-{name.replace('_', '-')}"
+        shown = re.search(rf"{option} \S+ [^(]*\(default: ([^)]*)\)", help_text)
+        assert shown is not None, help_text
+        assert shown[1] == str(parameters[name].default)
+    for name in ("size", "bytes", "age"):
+        assert f"(default: the relay's --history-{name})" in help_text
+    assert "hash-tagged by topic for Redis Cluster" in help_text
+
+
+async def test_serve_relay_builds_its_backplane_with_the_settings(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    config = RelayConfig(backplane=redis_server.url, **BACKPLANE_VALUES)  # type: ignore[arg-type]
+    server = await nursery.start(partial(trio_relay.serve_relay, "127.0.0.1", 0, config=config))
+    backplane = server.backplane
+    assert {name: getattr(backplane, name) for name in BACKPLANE_OPTIONS} == BACKPLANE_OPTIONS
+    plain = await nursery.start(
+        partial(
+            trio_relay.serve_relay, "127.0.0.1", 0, config=RelayConfig(backplane=redis_server.url)
+        )
+    )
+    default = RedisBackplane(redis_server.url)
+    for name in BACKPLANE_OPTIONS:
+        assert getattr(plain.backplane, name) == getattr(default, name), name
+    nursery.cancel_scope.cancel()
+
+
+async def test_serve_workers_keep_their_redis_keys_under_backplane_prefix(
+    launch: Launch, redis_server: RedisServer
+) -> None:
+    import coredis
+
+    supervisor = await launch(
+        PYTHON,
+        *("-m", "trio_relay", "serve", *at(0), "--workers", "2", "--http-port", "0"),
+        *("--backplane", redis_server.url, "--backplane-prefix", "p1"),
+        *("--backplane-log-size", "2", "--backplane-topic-ttl", "50", "--ping-interval", "0"),
+    )
+    port = int((await supervisor.expect("stderr", r"supervising 2 workers on port (\d+)"))[1])
+    http_line = r"HTTP port of all 2 workers on http://127\.0\.0\.1:(\d+)/"
+    http = int((await supervisor.expect("stderr", http_line))[1])
+    await supervisor.expect("stderr", r"worker \d: backplane \S+ connected", 2)
+    # Publish on new connections until each worker has published through Redis (the
+    # kernel picks the worker): both then wrote under the prefix they were given.
+    url = f"ws://127.0.0.1:{port}/news"
+    published = 0
+    with trio.fail_after(DEADLINE):
+        while True:
+            report = await trio_relay.produce(url, f"m{published}", envelope=True)
+            published += 1
+            assert report is not None and report.remote is True
+            samples = await scrape(http)
+            name = "trio_relay_backplane_batches_published_total"
+            if published >= 5 and all(samples.get((name, (("worker", w),)), 0) for w in "01"):
+                break
+    client = coredis.Redis.from_url(redis_server.url, decode_responses=True)
+    async with client:
+        keys = sorted(await client.keys("*"))
+        ttls = [await client.ttl(key) for key in keys]
+        logs = [key for key in keys if await client.type(key) == "stream"]
+        lengths = [await client.xlen(key) for key in logs]
+    assert keys and all(key.startswith("p1") for key in keys), keys
+    assert any(0 < ttl <= 50 for ttl in ttls), dict(zip(keys, ttls, strict=True))
+    assert lengths and max(lengths) <= 2 < published, (logs, lengths, published)
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert await supervisor.finish() == 0, supervisor.describe()

@@ -455,7 +455,7 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
             [PYTHON, "-m", "trio_relay", "serve", "--help"],
             capture_stdout=True,
             capture_stderr=True,
-            env=ENV,
+            env={**ENV, "COLUMNS": "500"},  # argparse may wrap at a hyphen: trio-relay
         )
     help_text = " ".join(result.stdout.decode().split())
     expected = {
@@ -492,6 +492,12 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--receive-buffer-size RECEIVE_BUFFER_SIZE": "65536",
         "--workers WORKERS": "1",
         "--http-host HTTP_HOST": "127.0.0.1",
+        "--backplane-prefix BACKPLANE_PREFIX": "trio-relay",
+        "--backplane-timeout BACKPLANE_TIMEOUT": "2.0",
+        "--backplane-log-size BACKPLANE_LOG_SIZE": "the relay's --history-size",
+        "--backplane-log-bytes BACKPLANE_LOG_BYTES": "the relay's --history-bytes",
+        "--backplane-log-age BACKPLANE_LOG_AGE": "the relay's --history-age",
+        "--backplane-topic-ttl BACKPLANE_TOPIC_TTL": "86400.0",
     }
     for option, default in expected.items():
         # The option, then its help up to the first parenthesis, without reaching another option.

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import ssl
@@ -40,7 +41,7 @@ from ._client import (
     leaf,
     open_producer,
 )
-from ._config import RelayConfig
+from ._config import BACKPLANE_SETTINGS, RelayConfig, check_backplane_prefix
 from ._exceptions import ClientError
 from ._redact import redact, shown
 from ._server import DEFAULT_HOST, DEFAULT_PORT, open_listeners, serve_relay
@@ -116,6 +117,21 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds above 0 (and finite)."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0: {text}")
+    return value
+
+
+def _backplane_prefix(text: str) -> str:
+    try:
+        return check_backplane_prefix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _epoch(text: str) -> str:
     try:
         return check_epoch(text)
@@ -129,6 +145,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
     return value
 
+
+_BACKPLANE_TYPES: dict[str, Callable[[str], object]] = {
+    "backplane_prefix": _backplane_prefix,
+    "backplane_timeout": _seconds,
+    "backplane_log_size": _positive_int,
+    "backplane_log_bytes": _positive_int,
+    "backplane_log_age": _seconds,
+    "backplane_topic_ttl": _seconds,
+}
 
 _SERVE_HELP = {
     "queue_size": "batches of messages queued per consumer before its policy applies",
@@ -172,8 +197,26 @@ _SERVE_HELP = {
     "max_topics": "topics at once; a new one forgets the idle topic used longest ago, or "
     "gets HTTP 503 if all are in use",
     "backplane": "redis://host:port/db of a Redis that relays share topics through",
+    "backplane_prefix": "namespace of the backplane's keys in Redis: relays with another "
+    "prefix share nothing; no { or }: keys are hash-tagged by topic for Redis Cluster",
+    "backplane_timeout": "seconds each Redis command may take",
+    "backplane_log_size": "entries each topic's log in Redis holds at most",
+    "backplane_log_bytes": "payload bytes each topic's log in Redis holds at most",
+    "backplane_log_age": "seconds an entry stays in its topic's log in Redis at most",
+    "backplane_topic_ttl": "seconds after its last publish a topic's keys in Redis expire",
 }
 """Help of each ``serve`` option; one per :class:`RelayConfig` field (a test checks)."""
+
+_BACKPLANE_DEFAULTS = {
+    "backplane_prefix": "trio-relay",
+    "backplane_timeout": "2.0",
+    "backplane_log_size": "the relay's --history-size",
+    "backplane_log_bytes": "the relay's --history-bytes",
+    "backplane_log_age": "the relay's --history-age",
+    "backplane_topic_ttl": "86400.0",
+}
+"""What each ``--backplane-*`` option left out means: RedisBackplane's own defaults (a test
+checks the prefix, timeout and TTL against its signature)."""
 
 
 def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse.ArgumentParser:
@@ -277,6 +320,17 @@ def build_parser(serve_defaults: Mapping[str, object] | None = None) -> argparse
                 type=_patterns,
                 default=default,
                 help=f"{_SERVE_HELP[field.name]}; default: any origin",
+            )
+            continue
+        if field.name in BACKPLANE_SETTINGS:
+            # Default None: not given, so the backplane's own default holds, and one given
+            # without --backplane is refused (main() does, naming it).
+            serve.add_argument(
+                option,
+                type=_BACKPLANE_TYPES[field.name],
+                default=None,
+                help=f"{_SERVE_HELP[field.name]} "
+                f"(default: {_BACKPLANE_DEFAULTS[field.name]}); needs --backplane",
             )
             continue
         if isinstance(default, float):
@@ -766,6 +820,8 @@ def _convert(name: str, value: object, source: str) -> object:
             isinstance(value, list) and name != "allowed_origins"
         ):
             raise ValueError(f"not a valid value: {json.dumps(value, default=str)}")
+        if name in BACKPLANE_SETTINGS:
+            return _BACKPLANE_TYPES[name](text)
         if name in _TEXT_SETTINGS:
             return text
         if name in ("port", "http_port", "metrics_port"):
@@ -984,7 +1040,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"trio-relay serve: settings: {redact(str(exc))}", file=sys.stderr)
             return 2
-        args = build_parser(settings).parse_args(argv)
+        given, args = args, build_parser(settings).parse_args(argv)
+        if args.backplane is None:
+            for name in BACKPLANE_SETTINGS:
+                if getattr(args, name) is None:
+                    continue
+                if getattr(given, name) is not None:
+                    source = "--" + name.replace("_", "-")
+                elif f"TRIO_RELAY_{name.upper()}" in os.environ:
+                    source = f"environment variable TRIO_RELAY_{name.upper()}"
+                else:
+                    source = f"{args.config}: {name}"
+                print(f"trio-relay serve: {source} needs --backplane", file=sys.stderr)
+                return 2
     if args.command == "token":
         return _token(args)
     configure_logging(args.log_level, os.environ.get("TRIO_RELAY_WORKER"))

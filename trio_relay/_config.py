@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import get_args
+from typing import Any, get_args
 
 from ._broadcast import OverflowPolicy
 
-__all__ = ["RelayConfig"]
+__all__ = ["BACKPLANE_SETTINGS", "RelayConfig", "check_backplane_prefix"]
 
 _POLICIES: frozenset[str] = frozenset(get_args(OverflowPolicy))
+
+BACKPLANE_SETTINGS = {
+    "backplane_prefix": "prefix",
+    "backplane_timeout": "timeout",
+    "backplane_log_size": "log_size",
+    "backplane_log_bytes": "log_bytes",
+    "backplane_log_age": "log_age",
+    "backplane_topic_ttl": "topic_ttl",
+}
+"""The :class:`RelayConfig` fields that set the Redis backplane the relay builds from
+``backplane``, each with its :class:`~trio_relay.RedisBackplane` parameter."""
+
+
+def check_backplane_prefix(prefix: str) -> str:
+    """``prefix`` if it can namespace the backplane's keys, else ``ValueError`` saying why:
+    not empty, and no ``{`` or ``}`` (the keys are hash-tagged by topic, ``{topic}``, for
+    Redis Cluster: a brace in the prefix would make the prefix the hash tag)."""
+    if not prefix:
+        raise ValueError("must not be empty")
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(
+            f"must not contain '{{' or '}}' (keys are hash-tagged by topic for Redis "
+            f"Cluster): {prefix!r}"
+        )
+    return prefix
 
 
 @dataclass(frozen=True)
@@ -116,12 +142,44 @@ class RelayConfig:
     """``redis://host:port/db`` of a Redis that relay processes share topics through (see
     :class:`~trio_relay.RedisBackplane`); None keeps topics in this process. Left out of
     the ``repr``: it may hold a password (``redis://:PASSWORD@host``)."""
+    backplane_prefix: str | None = None
+    """Namespace of the backplane's keys in Redis (None: ``trio-relay``); relays with
+    another prefix share nothing. Not empty, no ``{`` or ``}`` (keys are hash-tagged by
+    topic for Redis Cluster). This and the other ``backplane_*`` settings need
+    ``backplane`` (a :class:`~trio_relay.RedisBackplane` given to
+    :func:`~trio_relay.serve_relay` keeps its own); None leaves the backplane's default."""
+    backplane_timeout: float | None = None
+    """Seconds each Redis command may take (None: 2 s)."""
+    backplane_log_size: int | None = None
+    """Entries each topic's log in Redis holds at most (None: the relay's ``history_size``)."""
+    backplane_log_bytes: int | None = None
+    """Payload bytes each topic's log in Redis holds at most (None: ``history_bytes``)."""
+    backplane_log_age: float | None = None
+    """Seconds an entry stays in its topic's log in Redis at most (None: ``history_age``)."""
+    backplane_topic_ttl: float | None = None
+    """Seconds after its last publish a topic's keys in Redis expire (None: 86,400)."""
 
     def __post_init__(self) -> None:
         if self.backplane is not None and not self.backplane.startswith(
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError("backplane must be a redis://, rediss:// or unix:// URL")
+        for name in BACKPLANE_SETTINGS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.backplane is None:
+                raise ValueError(f"{name} needs backplane (it sets the Redis backplane)")
+            if name == "backplane_prefix":
+                try:
+                    check_backplane_prefix(value)
+                except ValueError as exc:
+                    raise ValueError(f"{name} {exc}") from None
+            elif name in ("backplane_log_size", "backplane_log_bytes"):
+                if value < 1:
+                    raise ValueError(f"{name} must be at least 1")
+            elif not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a number of seconds > 0")
         if self.auth_secret is not None and len(self.auth_secret) < 32:
             raise ValueError("auth_secret must be at least 32 characters (HS256 needs 256 bits)")
         if self.overflow_policy not in _POLICIES:
@@ -168,3 +226,10 @@ class RelayConfig:
                 raise ValueError(f"{name} must be a number of seconds >= 0")
         if not self.http_request_timeout > 0:
             raise ValueError("http_request_timeout must be a number of seconds > 0")
+
+    def backplane_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~trio_relay.RedisBackplane` that the
+        ``backplane_*`` settings give (those left None are left out: the backplane's
+        defaults hold)."""
+        options = {parameter: getattr(self, name) for name, parameter in BACKPLANE_SETTINGS.items()}
+        return {parameter: value for parameter, value in options.items() if value is not None}

@@ -398,9 +398,9 @@ async def serve_relay(
     ``listeners`` are given, in which case those are served instead (in-memory listeners in
     tests, say). ``ssl_context`` (a server context with its certificate loaded) makes the
     relay serve ``wss://``. ``topics`` defaults to a new :class:`Topics` built from ``config``.
-    ``backplane`` (or ``config.backplane``, a URL) shares the topics with other relays
-    through Redis; the relay runs it, and starts serving once it connected or failed to
-    (it serves its local clients either way).
+    ``backplane`` (or ``config.backplane``, a URL, with the ``backplane_*`` settings)
+    shares the topics with other relays through Redis; the relay runs it, and starts
+    serving once it connected or failed to (it serves its local clients either way).
 
     On cancellation the listeners close, every client gets close 1001 ("going away") within
     ``config.close_timeout`` seconds, and the cancellation propagates.
@@ -453,7 +453,7 @@ async def serve_relay(
     if listeners is None:
         listeners = await open_listeners(host, port, ssl_context)
     if backplane is None and config.backplane is not None:
-        backplane = RedisBackplane(config.backplane)
+        backplane = RedisBackplane(config.backplane, **config.backplane_options())
     server = RelayServer(
         listeners, topics, config, backplane, authorize=authorize, on_publish=on_publish
     )
