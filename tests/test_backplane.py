@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from coredis._utils import hash_slot  # Redis Cluster's key slot (CRC16 of the hash tag)
 from helpers import http_request
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client import generate_latest
@@ -25,7 +26,13 @@ from redis_support import RedisServer, redis_server
 
 import trio_relay
 from trio_relay import Gap, Message, RedisBackplane, RelayConfig, RelayServer
-from trio_relay._backplane import Entry, decode_entry, encode_values
+from trio_relay._backplane import (
+    Entry,
+    decode_entry,
+    decode_message,
+    encode_message,
+    encode_values,
+)
 from trio_relay._console import relay_stats
 from trio_relay._metrics import metrics_registry
 
@@ -169,10 +176,8 @@ async def test_an_interrupted_history_fill_goes_on_where_it_stopped(
     class FailsOnceAfterOneEntry(RedisBackplane):
         failed = False
 
-        async def _deliver(
-            self, identifier: bytes, fields: dict[bytes, bytes], *, fill: bool = False
-        ) -> None:
-            await super()._deliver(identifier, fields, fill=fill)
+        def _deliver(self, entry: Entry, *, fill: bool = False) -> None:
+            super()._deliver(entry, fill=fill)
             if not self.failed:
                 self.failed = True
                 raise OSError("connection lost during the fill")
@@ -204,24 +209,21 @@ async def test_an_interrupted_history_fill_goes_on_where_it_stopped(
 async def test_a_consumer_ahead_of_a_lagging_relay_waits_for_the_log_instead_of_a_gap(
     redis_server: RedisServer,
 ) -> None:
-    # b has not read message 1 from the log yet when a consumer arrives with since=1 (it
-    # saw 1 on relay a): that must not look like a restart (a gap, and a replay from 1).
-    async with relays(redis_server.url, 2) as (a, b):
+    # b holds t but has not delivered message 1 yet when a consumer arrives with since=1
+    # (it saw 1 on relay a): that must not look like a restart (a gap, and a replay from 1).
+    async with relays(redis_server.url, 2) as (a, b), trio.open_nursery() as nursery:
         assert b.backplane is not None
-        deliver, gate = b.backplane._deliver, trio.Event()
-
-        async def held_back(
-            identifier: bytes, fields: dict[bytes, bytes], *, fill: bool = False
-        ) -> None:
-            await gate.wait()
-            await deliver(identifier, fields, fill=fill)
-
-        b.backplane._deliver = held_back  # type: ignore[method-assign]
+        nursery.start_soon(partial(collect, ws(b, "t"), 2, [], lambda: None))
+        await subscribed(b, "t")
+        take, held = b.backplane._take, []
+        b.backplane._take = lambda *message: held.append(message)  # type: ignore[method-assign]
         report = await a.publish("first", "t")
-        assert "t" not in b.topics  # b has not delivered it
+        assert b.topics.last_number("t") == 0  # b has not delivered it
         async with trio_relay.consume(ws(b, "t", f"since={report.seq}"), envelope=True) as items:
-            await subscribed(b, "t")
-            gate.set()
+            await subscribed(b, "t", 2)
+            b.backplane._take = take  # type: ignore[method-assign]
+            for message in held:
+                take(*message)
             await a.publish("second", "t")
             with trio.fail_after(LIMIT):
                 item = await items.__anext__()
@@ -319,14 +321,22 @@ async def test_a_foreign_entry_in_the_log_is_skipped_and_logged(
             await subscribed(b, "t")
             client = coredis.Redis.from_url(redis_server.url)
             async with client:
-                await client.xadd("trio-relay:log", {"something": "else"})
-                await client.xadd("trio-relay:log", {"t": "t", "s": "9", "o": "x:1", "0": "q"})
-                await client.xadd("trio-relay:log", {"t": "t", "s": "9", "o": "x:1", "0": b"t\xff"})
+                await client.publish("trio-relay:{t:t}", "something else")
+                await client.publish("trio-relay:{t:t}", "e 9 x:1 1\n2:qx")
+                await client.publish("trio-relay:{t:t}", b"e 9 x:1 1\n2:t\xff")
+                await client.xadd("trio-relay:{t:t}:log", {"something": "else"})
+            # a starts holding t to publish on it: it reads the log, and skips that entry
+            # (then the first publish starts the topic's numbering, in a log of its own).
             with trio.fail_after(LIMIT):
                 await a.publish("real", "t")
+            async with relays(redis_server.url, 1) as (late,):
+                with trio.fail_after(LIMIT):
+                    _, _, messages = await late.topics.retained("t")
     assert got == [Message("t", 1, "real")]
-    skipped = [r for r in caplog.records if "skipped, not a relay's batch" in r.getMessage()]
-    assert len(skipped) == 2 * 3  # each relay skips each of the three
+    assert [m.data for m in messages] == ["real"]
+    skipped = [r.getMessage() for r in caplog.records]
+    skipped = [line for line in skipped if "skipped, not a relay's batch" in line]
+    assert len(skipped) == 3 + 1, skipped  # b skips the three messages; a, the entry
 
 
 async def test_echo_false_skips_only_the_publishers_own_connection(
@@ -481,13 +491,15 @@ async def test_a_publish_that_got_no_answer_is_unknown_and_never_reaches_the_log
     ]
 
 
-async def read_log(url: str, prefix: str = "trio-relay") -> list[dict[bytes, bytes]]:
-    """The fields of every entry of the log in the Redis at ``url``."""
+async def read_log(
+    url: str, topic: str = "t", prefix: str = "trio-relay"
+) -> list[dict[bytes, bytes]]:
+    """The fields of every entry of ``topic``'s log in the Redis at ``url``."""
     import coredis
 
     client = coredis.Redis.from_url(url)
     async with client:
-        entries = await client.xrange(f"{prefix}:log")
+        entries = await client.xrange(f"{prefix}:{{t:{topic}}}:log")
     return [dict(entry.field_values) for entry in entries]
 
 
@@ -550,20 +562,21 @@ async def test_metrics_tell_whether_the_backplane_is_up(redis_server: RedisServe
 )
 def test_a_log_entry_decodes_to_what_was_published(messages: list[tuple[bytes, bool]]) -> None:
     payloads, texts = [p for p, _ in messages], [t for _, t in messages]
-    fields = {b"t": b"a/b", b"e": b"0a1b2c3d", b"s": b"7", b"o": b"relay:3"}
+    fields = {b"e": b"0a1b2c3d", b"s": b"7", b"o": b"relay:3"}
     fields |= {str(i).encode(): v for i, v in enumerate(encode_values(payloads, texts))}
-    assert decode_entry(fields) == Entry("a/b", "0a1b2c3d", 7, "relay:3", payloads, texts)
+    entry = Entry("a/b", "0a1b2c3d", 7, "relay:3", payloads, texts)
+    assert decode_entry("a/b", fields) == entry
+    assert decode_message("a/b", encode_message(entry)) == entry
 
 
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({b"x": b"1"}, "no field b't'"),
+        ({b"x": b"1"}, "no field b'e'"),
         ({b"t": b"a", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "no field b'e'"),
         ({b"t": b"a", b"e": b"e!", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "an epoch is"),
         ({b"t": b"a", b"e": b"e", b"s": b"0", b"o": b"r:1", b"0": b"tx"}, "a number below 1"),
         ({b"t": b"a", b"e": b"e", b"s": b"one", b"o": b"r:1", b"0": b"tx"}, "invalid literal"),
-        ({b"t": b"a//b", b"e": b"e", b"s": b"1", b"o": b"r:1", b"0": b"tx"}, "topic names are"),
         ({b"t": b"a", b"e": b"e", b"s": b"1", b"o": b"r:1", b"0": b"qx"}, "unknown kind b'q'"),
         ({b"t": b"a", b"e": b"e", b"s": b"1", b"o": b"r:1", b"0": b"t\xff"}, "not UTF-8"),
         ({b"t": b"a", b"e": b"e", b"s": b"1", b"o": b"r:1"}, "no messages"),
@@ -573,7 +586,7 @@ def test_a_log_entry_no_relay_wrote_is_refused_with_a_reason(
     fields: dict[bytes, bytes], reason: str
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(reason)):
-        decode_entry(fields)
+        decode_entry("a", fields)
 
 
 def test_a_backplane_url_must_name_redis() -> None:
@@ -615,14 +628,16 @@ async def test_publishes_that_arrive_together_go_to_redis_together(
     async with relays(redis_server.url, 1) as (a,):
         assert a.backplane is not None
         calls = 0
-        script = a.backplane._publish_script
+        call_many = a.backplane._call_many
+        slots: list[set[int]] = []
 
-        async def counted(**kwargs: Any) -> Any:
+        async def counted(sha: Any, calls_now: list[tuple[list[str], list[Any]]]) -> Any:
             nonlocal calls
             calls += 1
-            return await script(**kwargs)
+            slots.extend({hash_slot(key.encode()) for key in keys} for keys, _ in calls_now)
+            return await call_many(sha, calls_now)
 
-        a.backplane._publish_script = counted
+        a.backplane._call_many = counted  # type: ignore[method-assign]
         reports: list[Any] = []
 
         async def publish(n: int) -> None:
@@ -636,3 +651,4 @@ async def test_publishes_that_arrive_together_go_to_redis_together(
     for topic in ("t0", "t1", "t2"):
         assert sorted(r.seq for r in reports if r.topic == topic) == list(range(1, 11))
     assert calls < 10, calls  # one round trip for many publishes (not 30)
+    assert all(len(slot) == 1 for slot in slots)  # each script call: one Cluster slot

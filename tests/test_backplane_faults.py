@@ -589,24 +589,36 @@ async def test_redis_holds_a_bounded_log_and_forgets_idle_topics(
     redis_server: RedisServer,
 ) -> None:
     # Issue 12, row 8: 1,500 messages of 256 KiB took Redis from 17 to 508 MB (the log was
-    # capped by entry count only; topic counters never expired). Scaled down here: a log
-    # of at most 1 MiB of payload, entries of at most 0 s but the newest on another.
+    # capped by entry count only; topic counters never expired). Scaled down here: each
+    # topic's log holds at most 1 MiB of payload (and its newest entry), then 3 entries,
+    # then entries of at most 0 s but the newest.
     async with relays(redis_server.url, 1, log_bytes=1024 * 1024, topic_ttl=30) as (a,):
         payload = b"x" * 65536
         for _ in range(40):  # 2.5 MiB
             await a.topics.publish("big", payload, idempotency_key=None)
         await a.topics.publish("keyed", "k", idempotency_key="once")
-        log = await read_log(redis_server.url)
-        size = int(redis_server.command("GET", "trio-relay:log-bytes"))
-        topic_ttl = redis_server.command("TTL", "trio-relay:t:big")
-        key_ttl = redis_server.command("TTL", "trio-relay:k:keyed:once")
+        log = await read_log(redis_server.url, "big")
+        size = int(redis_server.command("HGET", "trio-relay:{t:big}:n", "b"))
+        ttls = [
+            redis_server.command("TTL", key)
+            for key in ("trio-relay:{t:big}:n", "trio-relay:{t:big}:log")
+        ]
+        key_ttl = redis_server.command("TTL", "trio-relay:{t:keyed}:k:once")
     sizes = [int(fields[b"n"]) for fields in log]
-    assert sum(sizes[:-1]) <= 1024 * 1024 and size == sum(sizes)  # the size key is exact
-    assert [fields[b"t"] for fields in log][-1] == b"keyed"
-    assert topic_ttl.startswith(b":") and 0 < int(topic_ttl[1:]) <= 30
+    # The newest 15 (each value is 64 KiB and its kind byte): one more would be over.
+    assert sum(sizes) <= 1024 * 1024 < sum(sizes) + 65537
+    assert size == sum(sizes)  # the size the hash keeps is exact
+    assert [int(fields[b"s"]) for fields in log] == list(range(26, 41))
+    for ttl in ttls:
+        assert ttl.startswith(b":") and 0 < int(ttl[1:]) <= 30
     assert key_ttl.startswith(b":") and 0 < int(key_ttl[1:]) <= 120  # idempotency_window
-    async with relays(redis_server.url, 1, log_age=0) as (b,):
+    async with relays(redis_server.url, 1, log_size=3) as (b,):
+        for n in range(5):
+            await b.publish(f"m{n}", "counted")
+        log = await read_log(redis_server.url, "counted")
+    assert [fields[b"0"] for fields in log] == [b"tm2", b"tm3", b"tm4"]
+    async with relays(redis_server.url, 1, log_age=0) as (c,):
         for n in range(3):
-            await b.publish(f"m{n}", "aged")
-        log = await read_log(redis_server.url)
+            await c.publish(f"m{n}", "aged")
+        log = await read_log(redis_server.url, "aged")
     assert [fields[b"0"] for fields in log] == [b"tm2"]  # older than 0 s: all but the newest

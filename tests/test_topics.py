@@ -1202,6 +1202,7 @@ class _LogBackplane:
 
     def __init__(self) -> None:
         self.published: list[tuple[str, list[bytes]]] = []
+        self.routes: set[str] = set()
 
     async def publish(
         self,
@@ -1224,6 +1225,15 @@ class _LogBackplane:
     async def position(self, topic: str) -> tuple[str, int] | None:
         return "log", 10
 
+    def route(self, topic: str) -> None:
+        self.routes = self.routes | {topic}
+
+    def unroute(self, topic: str) -> None:
+        self.routes = self.routes - {topic}
+
+    async def routed(self, topic: str) -> None:
+        await trio.sleep(0)
+
 
 async def test_with_a_backplane_publishes_go_through_it(autojump_clock: trio.abc.Clock) -> None:
     topics = Topics()
@@ -1231,6 +1241,7 @@ async def test_with_a_backplane_publishes_go_through_it(autojump_clock: trio.abc
     report = await topics.publish("a", "x")
     assert (report.seq, report.remote) == (10, True)
     assert backplane.published == [("a", [b"x"])]
+    assert backplane.routes == {"a"}  # received here while the topic is here
     with pytest.raises(trio.WouldBlock):
         topics.publish_nowait("a", [b"y"], [True])
     async with topics.subscribe("a", since=10, epoch="log") as subscription:

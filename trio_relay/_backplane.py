@@ -1,46 +1,55 @@
 """The Redis backplane: relay processes that share topics through one Redis.
 
-Design (a choice the issue left open; see README "Scaling out"):
+Design (a choice the issue left open; see README "Scaling out"), in the manner of
+Centrifugo's Redis engine:
 
-- One Redis **stream** is the log of every publish of every relay (``<prefix>:log``). A Lua
-  script names a batch (its topic's epoch and next numbers, kept in the topic's hash
-  ``<prefix>:t:<topic>``) and appends it to the log, atomically, so the log's order is
-  every topic's numbering order.
-- Every relay reads the whole log with ``XREAD`` from the last entry it has seen and
-  delivers each entry to its local :class:`~trio_relay.Topics`, its own publishes included.
-  So every relay delivers a topic's messages in the same order under the same names
-  (epoch, sequence number), and its local history (for ``since=`` resume) is that of
-  every relay.
-- **Epochs.** A topic's numbering has an epoch, kept in Redis beside its counter. The
-  script starts a fresh epoch (numbering from 1) whenever the numbering cannot simply go
-  on: Redis has no record of the topic (new, expired, or lost with Redis's data), or it
-  knows less of the numbering than the relay that publishes (Redis came back from an older
-  snapshot). So an (epoch, seq) pair names one message, whatever Redis lost.
-- **Loss is detected by data.** The log has an identity (``<prefix>:log-id``, set by the
-  first publish to a log); a relay that reconnects to the same log goes on from its last
-  entry (a restart with data or a failover repeats nothing and loses nothing), and one
-  that finds another reads the new log from its start. On reconnecting, a relay also
-  checks every topic it knows against Redis's counters and starts a fresh epoch where
-  Redis went back.
-- **Filling is not delivering.** A starting relay fills its histories from the log
-  (``XRANGE`` over the history age) without delivering those messages to anyone: its
-  subscribers get only what is read live after it.
+- **Per-topic keys, hash-tagged.** Each topic has a hash ``<prefix>:{t:<topic>}:n`` (its
+  epoch, last number and log size), a stream ``<prefix>:{t:<topic>}:log`` (its retained
+  publishes) and a pub/sub channel ``<prefix>:{t:<topic>}``; idempotency keys are
+  ``<prefix>:{t:<topic>}:k:<key>``. Every key of a topic has the same hash tag, and every
+  script touches one topic's keys only, so the design runs on Redis Cluster.
+- **Publishing.** A Lua script names a topic's batches (its epoch and next numbers),
+  appends them to the topic's stream, trims the stream by entries, bytes and age, and
+  ``PUBLISH``es each to the topic's channel, atomically: the channel's order is the
+  topic's numbering order. Publishes that are ready together go in one round trip (one
+  script call per topic, pipelined).
+- **Routing.** A relay subscribes to the channels of the topics it holds (those its
+  clients use, or retain history of) and to nothing else: it receives only those. Every
+  relay delivers a topic's messages in the same order under the same names (epoch,
+  sequence number), its own publishes included (they come back on the channel).
+- **Recovery, filling is not delivering.** When a relay starts holding a topic, it
+  subscribes first, then reads the topic's stream and *fills* its history from it
+  (retains, delivers to nobody); what arrives on the channel meanwhile waits and follows.
+  When it reconnects after losing Redis, or sees a topic's numbers skip on the channel,
+  it reads the stream again and *delivers* what it had not had, in order; what the
+  stream no longer holds is a gap.
+- **Epochs; loss is told by data.** A topic's numbering has an epoch, kept in its hash.
+  The publish script starts a fresh one (numbering from 1, the stream emptied) whenever
+  the numbering cannot simply go on: Redis has no record of the topic (new, expired, or
+  lost with Redis's data), or knows less of the current epoch than the relay that
+  publishes (Redis came back from an older snapshot). A reconnecting relay makes the same
+  check for every topic it holds while it reads the stream. So an (epoch, seq) pair names
+  one message, whatever Redis lost, and nothing depends on Redis's ``run_id``.
 - **Outages** (the contract, in README "Scaling out"): a relay that cannot reach Redis
   delivers its own publishes to its own subscribers under a relay-local epoch, fresh per
   outage (``remote=False``; ``None`` when a publish got no answer in time: it may or may
-  not be in the log), and never numbers in a shared epoch alone. Each publish carries a
+  not be shared), and never numbers in a shared epoch alone. Each publish carries a
   deadline in Redis's time, past which the script refuses it, so one that timed out
-  cannot reach the others much later. Back online, the relay reads what it missed; its
-  topics switch back to the shared numbering with the next entry of each (subscribers get
-  a reset).
-- Why a stream, not pub/sub: a reader that loses its connection goes on from the last
-  entry it saw, so nothing is lost across a short outage; a starting relay fills its
-  histories from the log; ``XREAD COUNT`` bounds what one read brings in, where a pub/sub
-  client buffers without bound; and there are no pub/sub contexts to leave.
+  cannot reach the others much later. Back online, the relay reads what it missed of
+  each topic; its topics switch back to the shared numbering (subscribers get a reset).
+- **Noticing a dead Redis.** Every ``block`` seconds the relay publishes a heartbeat on a
+  channel of its own and expects it back on its subscription within ``timeout``: a
+  frozen Redis, or a subscription connection that died silently, is noticed within
+  ``block + timeout``.
+- **Isolation.** The reader never waits for a subscriber: a topic whose subscriber has no
+  room gets a queue (a lane) drained by a task of its own, at most :data:`LANE_LIMIT`
+  entries (past it, entries are dropped there and its subscribers get a gap).
 
 coredis runs under trio through anyio. One client serves the relay's lifetime, opened
 outside every scope that gets cancelled; its retries are off (a retried publish could be
-appended twice) and every command is bounded by ``timeout``.
+appended twice) and every command is bounded by ``timeout``. The subscription runs on a
+connection of its own (coredis's ``PubSub``, retries off too: this module reconnects and
+recovers, so that no loss goes unnoticed).
 """
 
 from __future__ import annotations
@@ -65,34 +74,38 @@ __all__ = ["BackplaneStatistics", "RedisBackplane"]
 
 logger = logging.getLogger("trio_relay")
 
-# Publishes a relay has ready together go to Redis in one call of this script.
-# KEYS: the log, the log's identity, the log's size in bytes; then, per batch, its topic's
-# hash (fields e: epoch, s: last number) and, if it has one, its idempotency key's.
-# ARGV: the log's bounds in entries, bytes and age (ms), the topic hashes' time to live
-# (s), a fresh log identity (taken if the log has none), the idempotency window (s); then,
-# per batch: its number of values, 1 if it has an idempotency key (else 0), the
-# publishing relay's epoch of the topic and last number in it, a fresh epoch (taken if the
-# numbering cannot go on), the topic, the origin, the deadline (Redis time, ms; 0: none),
-# then its values, each with a first byte t(ext) or b(inary).
+# One topic's publishes that are ready together, in one call. Keys are all the topic's.
+# KEYS: the topic's hash (fields e: epoch, s: last number, b: payload bytes in its log),
+# its log (a stream); then, per batch with an idempotency key, that key's.
+# ARGV: the log's bounds in entries, bytes and age (ms), the keys' time to live (s), the
+# idempotency window (s), the topic's channel, the publishing relay's epoch of the topic
+# and last number in it, a fresh epoch (taken if the numbering cannot go on); then, per
+# batch: its number of values, 1 if it has an idempotency key (else 0), its origin, its
+# deadline (Redis time, ms; 0: none), then its values, each with a first byte t(ext) or
+# b(inary).
 # Returns, per batch: {epoch, first number, entry id}; {epoch, first number,
 # "duplicate"} for a key used within the window (nothing appended); or {"", 0, "late"}
-# past its deadline (refused). The log is trimmed here, oldest entries first, while it is
-# over any bound (a few entries a batch at most, so each costs O(1)); the size key follows
-# every entry's "n".
+# past its deadline (refused). Each appended batch is published on the channel as
+# "<epoch> <first> <origin> <count>\n" then each value as "<length>:<bytes>". The log is
+# trimmed here, oldest entries first, while it is over any bound (keeping the newest; a
+# few entries a batch at most, so each costs O(1)).
 _PUBLISH = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('SET', KEYS[2], ARGV[5], 'NX')
+local epoch = nil
+local last, bytes = 0, 0
 local results = {}
-local k, a = 4, 7
-local bytes = nil
+local appended = 0
+local k, a = 3, 10
 while a <= #ARGV do
   local count, keyed = tonumber(ARGV[a]), ARGV[a + 1] == '1'
-  local deadline = tonumber(ARGV[a + 7])
-  local first_value = a + 8
-  local hash_key, idem_key = KEYS[k], nil
-  if keyed then idem_key = KEYS[k + 1] end
-  if keyed then k = k + 2 else k = k + 1 end
+  local origin, deadline = ARGV[a + 2], tonumber(ARGV[a + 3])
+  local first_value = a + 4
+  local idem_key = nil
+  if keyed then
+    idem_key = KEYS[k]
+    k = k + 1
+  end
   local seen = nil
   if idem_key then seen = redis.call('GET', idem_key) end
   if deadline > 0 and now_ms > deadline then
@@ -101,76 +114,88 @@ while a <= #ARGV do
     local seen_epoch, seen_first = string.match(seen, '^([^:]+):(%d+)$')
     results[#results + 1] = {seen_epoch, tonumber(seen_first), 'duplicate'}
   else
-    local epoch = redis.call('HGET', hash_key, 'e')
-    local last = tonumber(redis.call('HGET', hash_key, 's') or '0')
-    if not epoch or (epoch == ARGV[a + 2] and last < tonumber(ARGV[a + 3])) then
-      epoch = ARGV[a + 4]
-      last = 0
+    if not epoch then
+      epoch = redis.call('HGET', KEYS[1], 'e')
+      last = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+      bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
+      if not epoch or (epoch == ARGV[7] and last < tonumber(ARGV[8])) then
+        epoch, last, bytes = ARGV[9], 0, 0
+        redis.call('DEL', KEYS[2])
+      end
     end
     local first = last + 1
-    redis.call('HSET', hash_key, 'e', epoch, 's', last + count)
-    redis.call('EXPIRE', hash_key, ARGV[4])
+    last = last + count
     local size = 0
+    local fields = {'e', epoch, 's', first, 'o', origin, 'n', 0}
+    local message = {epoch, ' ', first, ' ', origin, ' ', count, '\\n'}
     for i = first_value, first_value + count - 1 do
-      size = size + #ARGV[i]
-    end
-    local fields = {'t', ARGV[a + 5], 'e', epoch, 's', first, 'o', ARGV[a + 6], 'n', size}
-    for i = first_value, first_value + count - 1 do
+      local value = ARGV[i]
+      size = size + #value
       fields[#fields + 1] = tostring(i - first_value)
-      fields[#fields + 1] = ARGV[i]
+      fields[#fields + 1] = value
+      message[#message + 1] = #value .. ':'
+      message[#message + 1] = value
     end
-    local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+    fields[8] = size
+    local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+    redis.call('PUBLISH', ARGV[6], table.concat(message))
     if idem_key then
-      redis.call('SET', idem_key, epoch .. ':' .. first, 'EX', ARGV[6])
+      redis.call('SET', idem_key, epoch .. ':' .. first, 'EX', ARGV[5])
     end
-    bytes = redis.call('INCRBY', KEYS[3], size)
+    bytes = bytes + size
+    appended = appended + 1
     results[#results + 1] = {epoch, first, id}
   end
   a = first_value + count
 end
-if bytes then
-  local length = redis.call('XLEN', KEYS[1])
+if appended > 0 then
+  local length = redis.call('XLEN', KEYS[2])
   local max_length, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
   local oldest_ms = now_ms - tonumber(ARGV[3])
-  for _ = 1, 8 * #results do
+  for _ = 1, 8 * appended do
     if length <= 1 then break end
-    local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
-    local oldest_id = oldest[1]
-    local ms = tonumber(string.match(oldest_id, '^(%d+)'))
-    if length <= max_length and bytes <= max_bytes and ms >= oldest_ms then break end
-    local entry_size = 0
+    local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+    local ms = tonumber(string.match(oldest[1], '^(%d+)'))
+    if length <= max_length and bytes <= max_bytes and ms > oldest_ms then break end
     local entry = oldest[2]
     for j = 1, #entry, 2 do
-      if entry[j] == 'n' then entry_size = tonumber(entry[j + 1]) end
+      if entry[j] == 'n' then bytes = bytes - tonumber(entry[j + 1]) end
     end
-    redis.call('XDEL', KEYS[1], oldest_id)
-    bytes = redis.call('DECRBY', KEYS[3], entry_size)
+    redis.call('XDEL', KEYS[2], oldest[1])
     length = length - 1
   end
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', last, 'b', bytes)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 return results
 """
 
-# KEYS: topic hashes; ARGV: for each, an epoch and a last number a relay saw in it, then
-# fresh epochs, one per key. Where Redis knows less of that epoch's numbering than the
-# relay did (it came back from an older snapshot, or a replica that lagged), the topic
-# starts a fresh epoch: its next numbers must not name messages some relay already has.
-_CHECK = """
-local n = #KEYS
-local bumped = 0
-for i = 1, n do
-  local epoch = redis.call('HGET', KEYS[i], 'e')
-  local last = tonumber(redis.call('HGET', KEYS[i], 's') or '0')
-  if epoch == ARGV[2 * i - 1] and last < tonumber(ARGV[2 * i]) then
-    redis.call('HSET', KEYS[i], 'e', ARGV[2 * n + i], 's', 0)
-    bumped = bumped + 1
-  end
+# Read one topic's log, for a relay that starts holding the topic or must catch up on it.
+# KEYS: the topic's hash and log. ARGV: the epoch and last number the relay saw of the
+# shared numbering ("" and 0: none), a fresh epoch, the most entries to return, the
+# topic's channel and a marker ("sync <relay id>:<number>") published on it as the log is
+# read: on the relay's subscription, what comes before the marker was published before
+# the read (the log holds it), what comes after, after it.
+# Where Redis knows less of that epoch's numbering than the relay did (it came back from
+# an older snapshot, or a replica that lagged), the topic starts the fresh epoch (its next
+# numbers must not name messages some relay already has) and its log is emptied.
+# Returns {epoch ("" if Redis has no record of the topic), last number, 1 if it started
+# the fresh epoch else 0, the log's entries}.
+_RECOVER = """
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local last = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if epoch and epoch == ARGV[1] and last < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'e', ARGV[3], 's', 0, 'b', 0)
+  redis.call('DEL', KEYS[2])
+  return {ARGV[3], 0, 1, {}}
 end
-return bumped
+return {epoch or '', last, 0, redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[4])}
 """
 
 MAX_PUBLISHES_PER_CALL = 100
-"""Most publishes one script call carries (those that arrived together)."""
+"""Most publishes one round trip to Redis carries (those that arrived together)."""
 LANE_LIMIT = 10_000
 """Entries of one topic that may wait for its slow subscribers on a relay; past it, the
 relay skips that topic's entries (its subscribers get a gap when it moves on)."""
@@ -178,25 +203,41 @@ INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 _MAX_LOCAL_ONLY = 100_000
 _CHUNK = 500
-"""Topics per script call when a reconnecting relay checks Redis's numbering."""
+"""Topics per round trip when a relay subscribes to topics or reads their logs."""
+_RECOVER_COUNT = 100_000
+"""Most entries one read of a topic's log returns (its bounds keep it far smaller)."""
 
 
-class _LogLost(OSError):
-    """The log the reader reads is not Redis's log any more (Redis lost its data)."""
+class _Reconnect(OSError):
+    """The subscription missed something it cannot catch up on in place."""
 
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _id_key(identifier: bytes) -> tuple[int, int]:
-    """A stream entry ID (``b"<ms>-<seq>"``) as a tuple that orders as the log does."""
-    ms, _, seq = identifier.partition(b"-")
-    return int(ms), int(seq or 0)
+def _id_ms(identifier: bytes) -> int:
+    """The milliseconds (Redis's clock) of a stream entry ID ``b"<ms>-<seq>"``."""
+    return int(identifier.partition(b"-")[0])
 
 
-# ---------------------------------------------------------------------- the log's entries
-# Sans-IO: what the publish script is given, and what a relay makes of an entry it reads.
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+# ------------------------------------------------------------- keys, entries, messages
+# Sans-IO: the keys of a topic, what the publish script is given, and what a relay makes
+# of a log entry or a channel message it reads.
+
+
+def topic_keys(prefix: str, topic: str) -> tuple[str, str, str]:
+    """The hash, log (stream) and channel of ``topic``: one hash tag (``{t:<topic>}``, never
+    empty, even for the root topic ``""``), so one Redis Cluster slot."""
+    tag = f"{prefix}:{{t:{topic}}}"
+    return f"{tag}:n", f"{tag}:log", tag
 
 
 def encode_values(payloads: list[bytes], texts: list[bool]) -> list[bytes]:
@@ -208,8 +249,8 @@ def encode_values(payloads: list[bytes], texts: list[bool]) -> list[bytes]:
 
 @dataclass(frozen=True)
 class Entry:
-    """A log entry the publish script wrote: a batch of ``topic`` named from ``first_seq``
-    in ``epoch``, published by ``origin`` (``relay id:number``)."""
+    """A batch of ``topic`` the publish script named from ``first_seq`` in ``epoch``,
+    published by ``origin`` (``relay id:number``)."""
 
     topic: str
     epoch: str
@@ -218,28 +259,22 @@ class Entry:
     payloads: list[bytes]
     texts: list[bool]
 
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.payloads) - 1
 
-def decode_entry(fields: dict[bytes, bytes]) -> Entry:
-    """The :class:`Entry` of a log entry's fields (``t``, ``e``, ``s``, ``o``, ``n`` the
-    payloads' size, then ``0``, ``1``, ...).
 
-    Raises ``ValueError`` saying what is wrong with any other entry: a missing field, a bad
-    topic name, epoch or number, a value of no known kind, text that is not UTF-8.
-    """
+def _entry(topic: str, epoch: bytes, first: bytes, origin: bytes, values: list[bytes]) -> Entry:
+    """An :class:`Entry` of decoded parts, or ``ValueError`` saying what is wrong."""
     try:
-        name = fields[b"t"].decode()
-        epoch = check_epoch(fields[b"e"].decode())
-        first_seq = int(fields[b"s"])
-        origin = fields[b"o"].decode()
-        count = sum(1 for key in fields if key.isdigit())
-        values = [fields[str(i).encode()] for i in range(count)]
-    except KeyError as exc:
-        raise ValueError(f"no field {exc}") from None
+        epoch_text = check_epoch(epoch.decode())
+        first_seq = int(first)
+        origin_text = origin.decode()
     except UnicodeDecodeError as exc:
         raise ValueError(str(exc)) from None
     if first_seq < 1 or not values:
         raise ValueError("no messages, or a number below 1")
-    topic_from_path("/" + name)  # a ValueError saying what is wrong with the name
+    topic_from_path("/" + topic)  # a ValueError saying what is wrong with the name
     payloads: list[bytes] = []
     texts: list[bool] = []
     for value in values:
@@ -253,7 +288,61 @@ def decode_entry(fields: dict[bytes, bytes]) -> Entry:
             raise ValueError(f"a value of unknown kind {kind!r}")
         payloads.append(payload)
         texts.append(kind == b"t")
-    return Entry(name, epoch, first_seq, origin, payloads, texts)
+    return Entry(topic, epoch_text, first_seq, origin_text, payloads, texts)
+
+
+def decode_entry(topic: str, fields: dict[bytes, bytes]) -> Entry:
+    """The :class:`Entry` of an entry of ``topic``'s log (fields ``e``, ``s``, ``o``, ``n``
+    the payloads' size, then ``0``, ``1``, ...).
+
+    Raises ``ValueError`` saying what is wrong with any other entry: a missing field, a bad
+    epoch or number, a value of no known kind, text that is not UTF-8.
+    """
+    try:
+        count = sum(1 for key in fields if key.isdigit())
+        values = [fields[str(i).encode()] for i in range(count)]
+        return _entry(topic, fields[b"e"], fields[b"s"], fields[b"o"], values)
+    except KeyError as exc:
+        raise ValueError(f"no field {exc}") from None
+
+
+def encode_message(entry: Entry) -> bytes:
+    """A channel message as the publish script writes it (for tests and tools)."""
+    values = encode_values(entry.payloads, entry.texts)
+    head = f"{entry.epoch} {entry.first_seq} {entry.origin} {len(values)}\n".encode()
+    return head + b"".join(b"%d:%s" % (len(value), value) for value in values)
+
+
+def decode_message(topic: str, data: bytes) -> Entry:
+    """The :class:`Entry` of a message on ``topic``'s channel (see :data:`_PUBLISH`), or
+    ``ValueError`` saying what is wrong with it."""
+    head, newline, rest = data.partition(b"\n")
+    parts = head.split(b" ")
+    if not newline or len(parts) != 4:
+        raise ValueError("not '<epoch> <first> <origin> <count>' and a newline")
+    epoch, first, origin, count_text = parts
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise ValueError(f"a count of {count_text!r}") from None
+    values: list[bytes] = []
+    position = 0
+    for _ in range(count):
+        colon = rest.find(b":", position, position + 12)
+        if colon < 0:
+            raise ValueError("a value without its length")
+        try:
+            length = int(rest[position:colon])
+        except ValueError:
+            raise ValueError("a value's length is not a number") from None
+        end = colon + 1 + length
+        if length < 0 or end > len(rest):
+            raise ValueError("a value longer than the message")
+        values.append(rest[colon + 1 : end])
+        position = end
+    if position != len(rest):
+        raise ValueError("bytes after the last value")
+    return _entry(topic, epoch, first, origin, values)
 
 
 @dataclass(frozen=True)
@@ -262,27 +351,31 @@ class BackplaneStatistics:
 
     up: bool
     published: int
-    """Batches this relay appended to the log."""
+    """Batches this relay appended to a topic's log."""
     received: int
-    """Batches read from the log that other relays published."""
+    """Batches that other relays published, received here (of the topics held here)."""
     local_only: int
     """Batches published while Redis was unreachable (or did not answer in time),
     delivered to local clients only, under a relay-local epoch."""
     reconnects: int
-    """Times the reader reconnected after losing Redis."""
+    """Times the relay reconnected after losing Redis."""
     conflicts: int
-    """Entries of the log skipped because this relay had their names already (a Redis
-    that went back to an older snapshot, before any relay noticed)."""
+    """Entries skipped because this relay had their names already (a Redis that went
+    back to an older snapshot, before any relay noticed)."""
     epochs: int = 0
     """Topics this relay started a fresh epoch of on reconnecting, Redis having gone back."""
     dropped: int = 0
     """Entries not delivered here because :data:`LANE_LIMIT` entries of their topic were
     already waiting for its slow subscribers (they get a gap)."""
+    routes: int = 0
+    """Topics this relay holds, so receives (subscribed to their channels)."""
+    recoveries: int = 0
+    """Reads of a topic's log to catch up (a topic held anew, a reconnect, a skip seen)."""
 
 
 class _Pending:
-    """An own publish that the script appended, on its way through the log to this relay's
-    reader, which delivers it with its source and echo."""
+    """An own publish that the script appended, on its way back through the topic's
+    channel to this relay's reader, which delivers it with its source and echo."""
 
     __slots__ = ("delivered", "echo", "key", "name", "payloads", "report", "source", "texts")
 
@@ -306,13 +399,15 @@ class _Pending:
 
 
 class _Outgoing:
-    """A publish on its way to Redis: its keys and arguments in the publish script's call,
-    and, once :attr:`done`, the script's answer or the call's error."""
+    """A publish on its way to Redis: its topic, its idempotency key's Redis key (if any)
+    and its arguments in the publish script's call, and, once :attr:`done`, the script's
+    answer or the call's error."""
 
-    __slots__ = ("answer", "args", "done", "error", "keys")
+    __slots__ = ("answer", "args", "done", "error", "key", "topic")
 
-    def __init__(self, keys: list[str], args: list[object]) -> None:
-        self.keys = keys
+    def __init__(self, topic: str, key: str | None, args: list[object]) -> None:
+        self.topic = topic
+        self.key = key
         self.args = args
         self.done = trio.Event()
         self.answer: Any = None
@@ -336,18 +431,76 @@ class _Delivery:
         return entry.topic, entry.epoch, entry.first_seq, entry.payloads, entry.texts
 
 
+class _Route:
+    """A topic this relay holds: its channel, and how far it has had the shared numbering
+    (``epoch``, ``seq``: the last entry delivered or filled from Redis)."""
+
+    __slots__ = (
+        "answer",
+        "buffer",
+        "channel",
+        "epoch",
+        "hash_key",
+        "log_key",
+        "marked",
+        "marker",
+        "name",
+        "recovering",
+        "seq",
+        "subscribed",
+        "synced",
+        "wake",
+    )
+
+    def __init__(self, name: str, prefix: str, epoch: str | None, seq: int) -> None:
+        self.name = name
+        self.hash_key, self.log_key, channel = topic_keys(prefix, name)
+        self.channel = channel.encode()
+        self.epoch = epoch
+        self.seq = seq
+        self.synced = False  # its log was read once since it was routed: it is live here
+        self.subscribed = False  # in the current subscription
+        self.recovering = False  # its log is being read: channel messages wait in buffer
+        self.buffer: list[Entry] = []
+        self.marker = b""  # the marker of the read in progress ("sync <relay>:<n>")
+        self.marked = False  # that marker came on the channel
+        self.answer: Any = None  # what the read found, once it answered
+        self.wake = trio.Event()  # set once synced (or no longer held)
+
+    def reset(self) -> None:
+        """Forget a read of the log in progress (a new subscription starts another)."""
+        self.recovering = self.marked = False
+        self.buffer, self.marker, self.answer = [], b"", None
+
+    def has(self, entry: Entry) -> bool:
+        """Whether this relay had every number of ``entry`` already (from Redis)."""
+        return entry.epoch == self.epoch and entry.last_seq <= self.seq
+
+    def follows(self, entry: Entry) -> bool:
+        """Whether ``entry`` goes on from what this relay had: no number skipped."""
+        if entry.epoch == self.epoch:
+            return entry.first_seq <= self.seq + 1
+        return entry.first_seq == 1
+
+    def advance(self, entry: Entry) -> None:
+        if entry.epoch != self.epoch or entry.last_seq > self.seq:
+            self.epoch, self.seq = entry.epoch, entry.last_seq
+
+
 class RedisBackplane:
     """Shares the topics of relay processes through the Redis at ``url``.
 
     ``url`` is ``redis://host:port/db`` (``rediss://`` for TLS). ``prefix`` namespaces the
-    keys, so relays that use another prefix share nothing; the log holds at most
+    keys, so relays that use another prefix share nothing (it may not contain ``{`` or
+    ``}``: the keys are hash-tagged by topic). Each topic's log in Redis holds at most
     ``log_size`` entries, ``log_bytes`` bytes of payload and entries of ``log_age``
-    seconds (by default the relay's ``history_total_bytes`` and ``history_age``: what a
-    relay could retain of it), trimmed as publishes append; ``timeout`` bounds every
-    Redis command (seconds); ``block`` is how long one ``XREAD`` waits for new entries
-    (seconds); ``topic_ttl`` is how long a topic's numbering outlives its last publish in
-    Redis (seconds; then a publish starts a fresh epoch; idempotency keys live
-    ``idempotency_window`` seconds).
+    seconds (by default the relay's ``history_size``, ``history_bytes`` and
+    ``history_age``: what a relay could retain of it), trimmed as publishes append, and a
+    topic's keys expire ``topic_ttl`` seconds after its last publish (then a publish
+    starts a fresh epoch; idempotency keys live ``idempotency_window`` seconds).
+    ``timeout`` bounds every Redis command (seconds); every ``block`` seconds the relay
+    checks that Redis and its subscription answer (a heartbeat; a dead Redis is noticed
+    within ``block + timeout``).
 
     Give it to :func:`~trio_relay.serve_relay` (``backplane=``) or set
     ``RelayConfig(backplane=url)``; the relay runs it (:meth:`run`) in its own nursery.
@@ -358,7 +511,7 @@ class RedisBackplane:
         url: str,
         *,
         prefix: str = "trio-relay",
-        log_size: int = 100_000,
+        log_size: int | None = None,
         timeout: float = 2.0,
         block: float = 1.0,
         topic_ttl: float = 86_400.0,
@@ -371,7 +524,19 @@ class RedisBackplane:
             raise RuntimeError(
                 "the Redis backplane needs coredis: pip install 'trio-relay[redis]'"
             ) from exc
-        self._failures = (OSError, trio.TooSlowError, coredis.exceptions.RedisError)
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the backplane prefix may not contain '{' or '}'")
+        import anyio
+
+        self._failures = (
+            OSError,
+            trio.TooSlowError,
+            coredis.exceptions.RedisError,
+            # coredis's PubSub, when its connection is gone (or closed by a cancellation
+            # that ends it too: tests/test_backplane.py stops relays mid-subscription).
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+        )
         """What a Redis command may raise when Redis is unreachable, slow or in trouble."""
         self.url = url
         """The Redis URL, password included: log :attr:`shown_url` instead."""
@@ -379,45 +544,52 @@ class RedisBackplane:
         """The URL without its password (``redis://:<redacted>@host``), for logs and pages."""
         self.prefix = prefix
         self.log_size = log_size
+        """Entries each topic's log holds at most (None: the relay's ``history_size``)."""
         self.timeout = timeout
         self.block = block
         self.topic_ttl = topic_ttl
         self.log_bytes = log_bytes
-        """Payload bytes the log holds at most (None: the relay's ``history_total_bytes``)."""
+        """Payload bytes each topic's log holds at most (None: ``history_bytes``)."""
         self.log_age = log_age
-        """Seconds an entry stays in the log at most (None: the relay's ``history_age``)."""
+        """Seconds an entry stays in its topic's log at most (None: ``history_age``)."""
         self.relay_id = os.urandom(6).hex()
-        """Tells this relay's own entries in the log from those of other relays."""
+        """Tells this relay's own entries from those of other relays."""
         self.up = False
         self.local_epoch = new_epoch()
         """The epoch this relay numbers its own publishes in while it cannot reach Redis:
         fresh for each outage, never a shared epoch."""
-        self._log_key = f"{prefix}:log"
-        self._log_id_key = f"{prefix}:log-id"
-        self._log_bytes_key = f"{prefix}:log-bytes"
+        self._heartbeat_channel = f"{prefix}:relay:{self.relay_id}".encode()
         self._topics: Topics | None = None
         self._client: Any = None
-        self._publish_script: Any = None
-        self._check_script: Any = None
-        self._time_script: Any = None
+        self._pubsub: Any = None
+        self._shas: dict[str, Any] = {}
         self._numbers = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         # Own publishes delivered locally (Redis gave no answer in time) that may still be
-        # in the log: the reader only fills histories with them. Bounded, oldest first.
+        # shared: the reader only fills histories with them. Bounded, oldest first.
         self._local_only: OrderedDict[int, None] = OrderedDict()
-        self._last_id = b"0-0"
-        self._log_id: bytes | None = None
         self._clock_offset = 0.0  # Redis's clock (ms) minus trio's (ms), as last measured
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._outbox: list[_Outgoing] = []  # publishes ready to go, in order
         self._ready = trio.Event()
-        # Topics whose deliveries wait for a subscriber with no room, in log order, each
+        # The topics held here, by name and by channel; those to subscribe to or leave,
+        # and those whose logs must be read, by the current subscription's tasks.
+        self._routes: dict[str, _Route] = {}
+        self._by_channel: dict[bytes, _Route] = {}
+        self._to_subscribe: dict[str, _Route] = {}
+        self._to_unsubscribe: set[bytes] = set()
+        self._to_recover: dict[str, _Route] = {}
+        self._routing = trio.Event()
+        self._recovering = trio.Event()
+        self._heartbeat = 0  # the last heartbeat seen on the subscription
+        self._heard = trio.Event()
+        # Topics whose deliveries wait for a subscriber with no room, in order, each
         # drained by a task of its own (at most LANE_LIMIT entries; past it, dropped here).
         self._lanes: dict[str, deque[_Delivery]] = {}
         self._dropped = 0
         self._published = self._received = self._local = self._reconnects = 0
-        self._conflicts = self._epochs = 0
+        self._conflicts = self._epochs = self._recoveries = 0
 
     def statistics(self) -> BackplaneStatistics:
         return BackplaneStatistics(
@@ -429,6 +601,8 @@ class RedisBackplane:
             self._conflicts,
             self._epochs,
             self._dropped,
+            len(self._routes),
+            self._recoveries,
         )
 
     async def wait_until_up(self, up: bool = True) -> None:
@@ -444,16 +618,58 @@ class RedisBackplane:
             self._changed.set()
             self._changed = trio.Event()
 
-    def _topic_key(self, topic: str) -> str:
-        return f"{self.prefix}:t:{topic}"
+    # ------------------------------------------------------------------ routing
+
+    def route(self, name: str) -> None:
+        """Hold topic ``name`` here: subscribe to its channel and read its log (fill its
+        history), soon; :meth:`routed` waits for that. Called by :class:`Topics` when it
+        makes a topic; idempotent."""
+        if name in self._routes:
+            return
+        epoch: str | None = None
+        seq = 0
+        if self._topics is not None:
+            here, last = self._topics.position(name)
+            if last:
+                epoch, seq = here, last  # a topic forgotten here and made again
+        route = _Route(name, self.prefix, epoch, seq)
+        self._routes[name] = route
+        self._by_channel[route.channel] = route
+        self._to_unsubscribe.discard(route.channel)
+        self._to_subscribe[name] = route
+        self._routing.set()
+
+    def unroute(self, name: str) -> None:
+        """Stop holding topic ``name`` (:class:`Topics` forgot it): leave its channel."""
+        route = self._routes.pop(name, None)
+        if route is None:
+            return
+        del self._by_channel[route.channel]
+        route.wake.set()
+        self._to_recover.pop(name, None)
+        if self._to_subscribe.pop(name, None) is None and route.subscribed:
+            self._to_unsubscribe.add(route.channel)
+            self._routing.set()
+
+    async def routed(self, name: str) -> None:
+        """Return once topic ``name`` (:meth:`route`) is live here: subscribed, its history
+        filled from its log (across a reconnect, if the connection failed meanwhile);
+        at once if Redis is unreachable now (then it is filled once Redis is back), and
+        after ``timeout`` at most."""
+        route = self._routes.get(name)
+        if route is None or route.synced or not self.up:
+            return
+        with trio.move_on_after(self.timeout):
+            await route.wake.wait()
 
     # ------------------------------------------------------------------ running
 
     async def run(
         self, topics: Topics, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Connect, fill the topics' histories from the log, and deliver the log to
-        ``topics`` until cancelled, reconnecting with backoff (0.1 s doubling to 5 s).
+        """Connect, subscribe to the topics held, and deliver what their channels and logs
+        bring to ``topics`` until cancelled, reconnecting with backoff (0.1 s doubling to
+        5 s).
 
         Reports started once the first connection succeeded or failed: a relay starts
         serving its local clients either way.
@@ -463,6 +679,8 @@ class RedisBackplane:
 
         self._topics = topics
         topics.backplane = self
+        for name in topics.names():
+            self.route(name)
         client = coredis.Redis.from_url(
             self.url, decode_responses=False, retry_policy=NoRetryPolicy()
         )
@@ -472,165 +690,300 @@ class RedisBackplane:
             self._nursery = nursery
             self._client = client
             nursery.start_soon(self._send_outbox, topics)
-            self._publish_script = client.register_script(_PUBLISH)
-            self._check_script = client.register_script(_CHECK)
-            self._time_script = client.register_script("return redis.call('TIME')")
             started = False
             backoff = INITIAL_BACKOFF
             failures = 0
-            while True:
-                try:
-                    await self._connect()
-                    if failures:
-                        self._reconnects += 1
-                        logger.info("backplane %s is back: sharing topics again", self.shown_url)
-                    else:
-                        logger.info("backplane %s connected", self.shown_url)
-                    failures, backoff = 0, INITIAL_BACKOFF
-                    self._set_up(True)
-                    if not started:
-                        task_status.started()
-                        started = True
-                    await self._read_forever()
-                except self._failures as exc:
-                    failures += 1
-                    if self.up or failures == 1:
-                        logger.error(
-                            "backplane %s unreachable (%s): serving local clients only, retrying",
-                            self.shown_url,
-                            shown(exc) or type(exc).__name__,
-                        )
-                    self._set_up(False)
-                    if not started:
-                        task_status.started()
-                        started = True
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF)
 
-    async def _connect(self) -> None:
-        """Check Redis, find where to read the log from, and check Redis's numbering of
-        every topic this relay knows against its own."""
-        from coredis.tokens import PureToken
+            def connected() -> None:
+                nonlocal started, failures, backoff
+                if failures:
+                    self._reconnects += 1
+                    logger.info("backplane %s is back: sharing topics again", self.shown_url)
+                else:
+                    logger.info("backplane %s connected", self.shown_url)
+                failures, backoff = 0, INITIAL_BACKOFF
+                self._set_up(True)
+                if not started:
+                    task_status.started()
+                    started = True
+
+            while True:
+                failure: BaseException
+                try:
+                    await self._session(connected)
+                except self._failures as exc:
+                    failure = exc
+                except BaseExceptionGroup as group:
+                    others = group.subgroup(
+                        lambda exc: not isinstance(exc, (BaseExceptionGroup, *self._failures))
+                    )
+                    if others is not None:
+                        # A cancellation (what failed as it tore things down goes with it),
+                        # or a bug.
+                        raise others from None
+                    failure = _first_leaf(group)
+                failures += 1
+                if self.up or failures == 1:
+                    logger.error(
+                        "backplane %s unreachable (%s): serving local clients only, retrying",
+                        self.shown_url,
+                        shown(failure) or type(failure).__name__,
+                    )
+                self._set_up(False)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _session(self, connected: Any) -> NoReturn:
+        """One connection's life: measure Redis's clock, load the scripts, subscribe to
+        every topic held and read their logs (delivering what was missed), then deliver
+        their channels until something fails."""
+        from coredis.retry import NoRetryPolicy
 
         client = self._client
-        topics = self._topics
-        assert topics is not None
         with trio.fail_after(self.timeout):
             sent = trio.current_time()
-            # Redis's clock (the log's IDs are its ms), read by a script: coredis 6.9's
+            # Redis's clock (its stream IDs are its ms), read by a script: coredis 6.9's
             # time() drops the microseconds (tests/test_backplane.py pins the reading).
-            seconds, microseconds = await self._time_script(keys=[], args=[])
+            seconds, microseconds = await client.eval("return redis.call('TIME')", [], [])
         now_ms = int(seconds) * 1000 + int(microseconds) / 1000
         # Redis read its clock at `sent` or later: taking `sent` errs towards later
         # deadlines, so Redis never refuses a publish whose answer could still be waited for.
         self._clock_offset = now_ms - sent * 1000
         with trio.fail_after(self.timeout):
-            await client.set(self._log_id_key, new_epoch().encode(), condition=PureToken.NX)
-            log_id = await client.get(self._log_id_key)
-        if self._log_id is None:
-            # First connection: fill the histories from the log's last history_age seconds
-            # (or go on from where an interrupted fill got: nothing is delivered twice).
-            if self._last_id == b"0-0":
-                start_ms = int(now_ms) - int(topics.history_age * 1000)
-                self._last_id = f"{max(start_ms, 0)}-0".encode()
-            await self._backfill()
-        elif log_id != self._log_id:
-            # Not the log this relay read: Redis lost its data (or another took its place).
-            # Everything in the new one is new here: read it from its start.
+            for name, script in (("publish", _PUBLISH), ("recover", _RECOVER)):
+                self._shas[name] = await client.script_load(script)
+        pubsub = client.pubsub(
+            retry_policy=NoRetryPolicy(),
+            ignore_subscribe_messages=True,
+            subscription_timeout=self.timeout,
+        )
+        async with pubsub, trio.open_nursery() as session:
+            self._pubsub = pubsub
+            await pubsub.subscribe(self._heartbeat_channel)
+            for route in self._routes.values():
+                route.subscribed = False
+                route.reset()
+                self._to_subscribe[route.name] = route
+            self._to_unsubscribe.clear()
+            self._to_recover.clear()
+            self._routing.set()
+            session.start_soon(self._read, pubsub)
+            session.start_soon(self._recover_routes)
+            await self._update_subscriptions(pubsub)  # every topic held: subscribed
+            connected()
+            session.start_soon(self._send_heartbeats)
+            while True:
+                await self._routing.wait()
+                await self._update_subscriptions(pubsub)
+
+    async def _update_subscriptions(self, pubsub: Any) -> None:
+        """Leave the channels of topics no longer held and subscribe to those of topics held
+        anew, ``_CHUNK`` a command; the latter's logs are read once subscribed (so that
+        nothing published between the two is missed)."""
+        self._routing = trio.Event()
+        if self._to_unsubscribe:
+            channels = list(self._to_unsubscribe)
+            self._to_unsubscribe.clear()
+            for start in range(0, len(channels), _CHUNK):
+                # A message of a topic no longer held is ignored: a confirmation that comes
+                # late changes nothing (coredis waits 0.1 s for it, and only logs its absence).
+                await pubsub.unsubscribe(*channels[start : start + _CHUNK])
+        while self._to_subscribe:
+            routes = list(itertools.islice(self._to_subscribe.values(), _CHUNK))
+            for route in routes:
+                del self._to_subscribe[route.name]
+            await pubsub.subscribe(*(route.channel for route in routes))
+            for route in routes:
+                if self._routes.get(route.name) is route:
+                    route.subscribed = True
+                    self._start_recovery(route)
+
+    def _start_recovery(self, route: _Route) -> None:
+        """Read ``route``'s log (soon): its channel's messages wait meanwhile."""
+        route.reset()
+        route.recovering = True
+        route.marker = b"sync %s:%d" % (self.relay_id.encode(), next(self._numbers))
+        self._to_recover[route.name] = route
+        self._recovering.set()
+
+    async def _recover_routes(self) -> NoReturn:
+        """Read the logs of the topics that need it, ``_CHUNK`` topics a round trip."""
+        sha = self._shas["recover"]
+        while True:
+            await self._recovering.wait()
+            self._recovering = trio.Event()
+            while self._to_recover:
+                routes = list(itertools.islice(self._to_recover.values(), _CHUNK))
+                for route in routes:
+                    del self._to_recover[route.name]
+                calls = [
+                    (
+                        [route.hash_key, route.log_key],
+                        [
+                            route.epoch or "",
+                            route.seq,
+                            new_epoch(),
+                            _RECOVER_COUNT,
+                            route.channel,
+                            route.marker,
+                        ],
+                    )
+                    for route in routes
+                ]
+                answers = await self._call_many(sha, calls)
+                for route, answer in zip(routes, answers, strict=True):
+                    if self._routes.get(route.name) is route and route.recovering:
+                        route.answer = answer
+                        if route.marked:
+                            self._recovered(route)
+
+    def _marked(self, route: _Route, marker: bytes) -> None:
+        """A read's marker came on ``route``'s channel: the messages published before the
+        read are all here (in ``route.buffer``); the read's answer may be too."""
+        if route.recovering and marker == route.marker:
+            route.marked = True
+            if route.answer is not None:
+                self._recovered(route)
+
+    async def _call_many(self, sha: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run a loaded script once per ``(keys, args)``, all in one round trip, each call
+        on one topic's keys (so each goes to that topic's Redis Cluster slot)."""
+        client = self._client
+        with trio.fail_after(self.timeout):
+            if len(calls) == 1:
+                keys, args = calls[0]
+                return [await client.evalsha(sha, keys=keys, args=args)]
+            async with client.pipeline(transaction=False) as pipe:
+                requests = [pipe.evalsha(sha, keys=keys, args=args) for keys, args in calls]
+            return [await request for request in requests]
+
+    def _recovered(self, route: _Route) -> None:
+        """Take what a read of ``route``'s log found: deliver what this relay had not had (or,
+        the first time, fill the history with what was published before this relay
+        subscribed), then what its channel brought meanwhile."""
+        answer = route.answer
+        self._recoveries += 1
+        epoch, last, bumped, raw = _text(answer[0]), int(answer[1]), int(answer[2]), answer[3]
+        if bumped:
+            self._epochs += 1
             logger.warning(
-                "backplane %s has a new log (its data was lost): reading it from the start",
+                "backplane %s went back (an older snapshot?): topic %r starts a new epoch",
                 self.shown_url,
+                route.name,
             )
-            self._last_id = b"0-0"
-            self._local_only.clear()
-            self._pending.clear()  # their entries went with the old log
-        else:
-            # The same log (a reconnect, a restart with data, a failover): go on from the
-            # last entry read, or from the log's end if it went back (an older snapshot).
-            with trio.fail_after(self.timeout):
-                newest = await client.xrevrange(self._log_key, count=1)
-            if newest and _id_key(newest[0].identifier) < _id_key(self._last_id):
-                self._last_id = newest[0].identifier
-        self._log_id = log_id
-        await self._check_numbering()
-
-    async def _check_numbering(self) -> None:
-        """Where Redis knows less of a topic's numbering than this relay saw (it came back
-        from an older snapshot), start a fresh epoch of it, so that no number is given
-        twice."""
-        topics = self._topics
-        assert topics is not None
-        positions = list(topics.positions().items())
-        for start in range(0, len(positions), _CHUNK):
-            chunk = positions[start : start + _CHUNK]
-            args: list[str | int] = []
-            for _, (epoch, seq) in chunk:
-                args += (epoch, seq)
-            args += [new_epoch() for _ in chunk]
-            with trio.fail_after(self.timeout):
-                bumped = await self._check_script(
-                    keys=[self._topic_key(name) for name, _ in chunk], args=args
+        fill = not route.synced
+        # What came on the channel meanwhile was published after this relay subscribed:
+        # it is delivered (below), never only filled, though the log holds it too.
+        live = {(entry.epoch, entry.first_seq) for entry in route.buffer}
+        assert self._topics is not None
+        oldest_ms = (trio.current_time() - self._topics.history_age) * 1000 + self._clock_offset
+        for identifier, fields in raw:
+            try:
+                entry = decode_entry(route.name, dict(zip(fields[::2], fields[1::2], strict=True)))
+            except ValueError as exc:
+                logger.error(
+                    "topic %r: log entry %s skipped, not a relay's batch: %s",
+                    route.name,
+                    shown(_text(identifier)),
+                    shown(exc),
                 )
-            if bumped:
-                self._epochs += int(bumped)
-                logger.warning(
-                    "backplane %s went back (an older snapshot?): %d topics start a new epoch",
-                    self.shown_url,
-                    bumped,
-                )
-
-    async def _backfill(self) -> None:
-        """Fill the histories with the log's retained entries after ``_last_id``, without
-        delivering them to anyone."""
-        client = self._client
-        while True:
-            with trio.fail_after(self.timeout):
-                entries = await client.xrange(self._log_key, b"(" + self._last_id, b"+", count=1000)
-            if not entries:
-                return
-            for entry in entries:
-                await self._deliver(entry.identifier, entry.field_values, fill=True)
-
-    async def _read_forever(self) -> NoReturn:
-        client = self._client
-        block_ms = int(self.block * 1000)
-        while True:
-            with trio.fail_after(self.block + self.timeout):
-                reply = await client.xread(
-                    {self._log_key: self._last_id}, count=1000, block=block_ms
-                )
-            if not reply:
-                # Idle: check the log is still the one read (a Redis that lost its data
-                # behind a reconnect the reader did not see).
-                with trio.fail_after(self.timeout):
-                    log_id = await client.get(self._log_id_key)
-                if log_id is not None and log_id != self._log_id:
-                    raise _LogLost("the log was replaced: Redis lost its data")
                 continue
-            for entries in reply.values():
-                for entry in entries:
-                    await self._deliver(entry.identifier, entry.field_values)
+            if route.has(entry):
+                continue
+            if fill and (entry.epoch, entry.first_seq) in live:
+                break
+            if fill and _id_ms(identifier) < oldest_ms:
+                route.advance(entry)  # older than any history keeps: had, not retained
+                continue
+            route.advance(entry)
+            self._deliver(entry, fill=fill)
+        buffered = route.buffer
+        route.reset()
+        if buffered and buffered[0].epoch == epoch:
+            last = min(last, buffered[0].first_seq - 1)  # those come next, from the buffer
+        if epoch and not bumped and (epoch != route.epoch or last > route.seq):
+            # Numbers the log no longer holds (trimmed): they are a gap when the next comes.
+            route.epoch, route.seq = epoch, last
+        for entry in buffered:
+            if not route.has(entry):
+                route.advance(entry)
+                self._deliver(entry)
+        route.synced = True
+        route.wake.set()
 
-    async def _deliver(
-        self, identifier: bytes, fields: dict[bytes, bytes], *, fill: bool = False
-    ) -> None:
-        """Deliver one log entry to the local topics (or skip it, logged, if it is not one
-        a relay wrote: someone else's XADD must not stop the relay). ``fill``: retain it
-        only (see :meth:`Topics.deliver_numbered`)."""
-        self._last_id = identifier
-        topics = self._topics
-        assert topics is not None
+    async def _send_heartbeats(self) -> NoReturn:
+        """Every ``block`` seconds, publish a heartbeat on this relay's own channel and wait
+        for it on the subscription: a Redis that stopped answering (frozen, cut off), or a
+        subscription that died silently, fails the session within ``timeout``."""
+        number = 0
+        while True:
+            number += 1
+            await trio.sleep(self.block)
+            with trio.fail_after(self.timeout):
+                await self._client.publish(self._heartbeat_channel, str(number))
+                while self._heartbeat < number:
+                    await self._heard.wait()
+
+    async def _read(self, pubsub: Any) -> NoReturn:
+        """Deliver the messages of the subscription, never waiting for a subscriber."""
+        heartbeat = self._heartbeat_channel
+        while True:
+            message = await pubsub.get_message()
+            if message is None:
+                continue
+            channel = message["channel"]
+            if channel == heartbeat:
+                self._heartbeat = int(message["data"])
+                self._heard.set()
+                self._heard = trio.Event()
+                continue
+            self._take(channel, message["data"])
+
+    def _take(self, channel: bytes, data: bytes) -> None:
+        """A message of a topic's channel: deliver it, or keep it for after the read of the
+        topic's log that is in progress, or start one if numbers were skipped."""
+        route = self._by_channel.get(channel)
+        if route is None:
+            return  # a topic no longer held here
+        if data.startswith(b"sync "):
+            self._marked(route, data)  # or another relay's
+            return
         try:
-            entry = decode_entry(fields)
+            entry = decode_message(route.name, data)
         except ValueError as exc:
             logger.error(
-                "backplane log entry %s skipped, not a relay's batch: %s", identifier, shown(exc)
+                "topic %r: message skipped, not a relay's batch: %s", route.name, shown(exc)
             )
             return
+        if route.recovering:
+            route.buffer.append(entry)
+            if len(route.buffer) > LANE_LIMIT:
+                route.buffer.clear()  # the log holds them (or a gap will say so)
+            return
+        if route.has(entry):
+            return
+        if not route.follows(entry):
+            # Numbers this relay never got: read the log, deliver from there.
+            self._start_recovery(route)
+            route.buffer.append(entry)
+            return
+        route.advance(entry)
+        self._deliver(entry)
+
+    def _deliver(self, entry: Entry, *, fill: bool = False) -> None:
+        """Deliver one entry to the local topics (``fill``: retain it only, see
+        :meth:`Topics.deliver_numbered`), its publisher's report included if it is this
+        relay's."""
         relay_id, _, number_text = entry.origin.partition(":")
         pending: _Pending | None = None
         if relay_id == self.relay_id:
-            number = int(number_text)
+            try:
+                number = int(number_text)
+            except ValueError:
+                number = 0
             if number in self._local_only:
                 del self._local_only[number]
                 fill = True  # delivered here already, under the local epoch: retain only
@@ -647,6 +1000,8 @@ class RedisBackplane:
                 self._dropped += 1  # the numbers skipped are a gap when the lane moves on
                 self._finish(delivery, None, True)
             return
+        topics = self._topics
+        assert topics is not None
         try:
             report, new = topics.deliver_numbered_nowait(
                 *delivery.arguments, source=delivery.source, echo=delivery.echo, fill=fill
@@ -699,8 +1054,8 @@ class RedisBackplane:
         if not new:
             self._conflicts += 1
             logger.warning(
-                "topic %r: epoch %s, seq %d read from the log again, or named twice (a Redis "
-                "that went back): skipped",
+                "topic %r: epoch %s, seq %d read again, or named twice (a Redis that went "
+                "back): skipped",
                 entry.topic,
                 entry.epoch,
                 entry.first_seq,
@@ -710,34 +1065,47 @@ class RedisBackplane:
             pending.delivered.set()
 
     async def _send_outbox(self, topics: Topics) -> NoReturn:
-        """Send the publishes that are ready, all of them in one script call (at most
-        :data:`MAX_PUBLISHES_PER_CALL`), and again as soon as more are: publishes that
-        arrive together go to Redis together (one round trip), and each waits for none
-        but those sent with it."""
+        """Send the publishes that are ready, all of them in one round trip (at most
+        :data:`MAX_PUBLISHES_PER_CALL`; one script call per topic), and again as soon as
+        more are: publishes that arrive together go to Redis together, and each waits for
+        none but those sent with it."""
         while True:
             await self._ready.wait()
             self._ready = trio.Event()
             while self._outbox:
                 sending = self._outbox[:MAX_PUBLISHES_PER_CALL]
                 del self._outbox[:MAX_PUBLISHES_PER_CALL]
-                keys = [self._log_key, self._log_id_key, self._log_bytes_key]
-                args: list[object] = [
-                    self.log_size,
-                    self.log_bytes if self.log_bytes is not None else topics.history_total_bytes,
+                by_topic: dict[str, list[_Outgoing]] = {}
+                for outgoing in sending:
+                    by_topic.setdefault(outgoing.topic, []).append(outgoing)
+                bounds: list[object] = [
+                    self.log_size if self.log_size is not None else topics.history_size,
+                    self.log_bytes if self.log_bytes is not None else topics.history_bytes,
                     int(1000 * (self.log_age if self.log_age is not None else topics.history_age)),
                     max(1, int(self.topic_ttl)),
-                    new_epoch(),
                     max(1, int(topics.idempotency_window)),
                 ]
-                for outgoing in sending:
-                    keys += outgoing.keys
-                    args += outgoing.args
+                calls: list[tuple[list[str], list[Any]]] = []
+                for name, group in by_topic.items():
+                    route = self._routes.get(name)
+                    hash_key, log_key, channel = topic_keys(self.prefix, name)
+                    keys = [hash_key, log_key]
+                    args: list[Any] = [*bounds, channel]
+                    if route is not None and route.epoch is not None:
+                        args += [route.epoch, route.seq, new_epoch()]
+                    else:
+                        args += ["", 0, new_epoch()]
+                    for outgoing in group:
+                        if outgoing.key is not None:
+                            keys.append(outgoing.key)
+                        args += outgoing.args
+                    calls.append((keys, args))
                 try:
-                    with trio.fail_after(self.timeout):
-                        answers = await self._publish_script(keys=keys, args=args)
-                    for outgoing, answer in zip(sending, answers, strict=True):
-                        outgoing.answer = answer
-                except self._failures as exc:
+                    answers = await self._call_many(self._shas["publish"], calls)
+                    for group, answer in zip(by_topic.values(), answers, strict=True):
+                        for outgoing, result in zip(group, answer, strict=True):
+                            outgoing.answer = result
+                except (*self._failures, KeyError) as exc:  # KeyError: never connected
                     for outgoing in sending:
                         outgoing.error = exc
                 finally:
@@ -751,7 +1119,8 @@ class RedisBackplane:
             return None
         try:
             with trio.fail_after(self.timeout):
-                epoch, seq = await self._client.hmget(self._topic_key(topic), ["e", "s"])
+                hash_key = topic_keys(self.prefix, topic)[0]
+                epoch, seq = await self._client.hmget(hash_key, ["e", "s"])
         except self._failures:
             return None
         if epoch is None:
@@ -794,36 +1163,36 @@ class RedisBackplane:
         echo: bool,
         idempotency_key: str | None = None,
     ) -> DeliveryReport:
-        """Append a batch to the log and return its report once this relay delivered it.
+        """Append a batch to the topic's log and return its report once this relay
+        delivered it (it comes back on the topic's channel).
 
         While Redis is unreachable, deliver it here only, under this relay's local epoch
         (``remote=False``); if Redis gives no answer within ``timeout``, the same, with
-        ``remote=None``: it may be in the log after all (then every other relay delivers
-        it, and this one retains it only). An ``idempotency_key`` is kept in Redis for
+        ``remote=None``: it may be shared after all (then every other relay delivers it,
+        and this one retains it only). An ``idempotency_key`` is kept in Redis for
         ``topics.idempotency_window`` seconds (locally while Redis is unreachable)."""
         item = _Pending(name, payloads, texts, source, echo, idempotency_key)
+        self.route(name)
+        await self.routed(name)  # subscribed: this publish comes back to this relay
         if not self.up:
             return await self._publish_locally(topics, item, False)
         number = next(self._numbers)
-        # Registered before the script runs: the reader may read the entry back before
+        # Registered before the script runs: the reader may get the entry back before
         # this task hears the answer.
         self._pending[number] = item
-        epoch, last = topics.position(name)
-        keys = [self._topic_key(name)]
+        key = None
         if idempotency_key is not None:
-            keys.append(f"{self.prefix}:k:{name}:{idempotency_key}")
+            key = f"{topic_keys(self.prefix, name)[2]}:k:{idempotency_key}"
         # Redis refuses the script past half the time this relay waits for it: one that
         # ran late enough for the answer to miss the wait never appends (the other half
         # is the margin for the clock's estimate), so "no answer" almost always means
         # "not published", and a republish cannot make a second copy.
         deadline = (trio.current_time() + self.timeout / 2) * 1000 + self._clock_offset
         values = encode_values(payloads, texts)
-        head = [len(values), 1 if idempotency_key is not None else 0, epoch, last, new_epoch()]
-        outgoing = _Outgoing(keys, [*head, name, f"{self.relay_id}:{number}", int(deadline)])
-        outgoing.args += values
+        head = [len(values), 1 if key is not None else 0, f"{self.relay_id}:{number}"]
+        outgoing = _Outgoing(name, key, [*head, int(deadline), *values])
         self._outbox.append(outgoing)
         self._ready.set()
-        failure: BaseException | None = None
         with trio.move_on_after(self.timeout):
             await outgoing.done.wait()
         if not outgoing.done.is_set() and outgoing in self._outbox:
@@ -840,7 +1209,7 @@ class RedisBackplane:
             )
             if self._pending.pop(number, None) is None:
                 assert item.report is not None
-                return item.report  # in the log after all: the reader delivered it
+                return item.report  # shared after all: the reader delivered it
             self._remember_local_only(number)
             return await self._publish_locally(topics, item, None)
         if _text(answer[2]) == "late":
@@ -868,6 +1237,7 @@ class RedisBackplane:
             await item.delivered.wait()
         if item.report is not None:
             return item.report
+        self._pending.pop(number, None)
         return DeliveryReport(
             name,
             int(answer[1]),

@@ -488,7 +488,10 @@ async def _respond(
                 403, "forbidden", f"the token does not allow subscribing to {_quote(topic)}"
             )
         epoch = history_epoch(query, since)
-        seq, gap, messages = await server.topics.retained(topic, since, epoch)
+        try:
+            seq, gap, messages = await server.topics.retained(topic, since, epoch)
+        except TooManyTopicsError as exc:
+            raise ApiError(503, "too-many-topics", str(exc)) from None
         # No checkpoint since: the position is the one the answer was read at.
         here = gap.epoch if gap is not None else server.topics.position(topic)[0]
         return 200, history_document(topic, seq, gap, messages, here)

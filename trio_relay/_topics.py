@@ -491,6 +491,19 @@ class Backplane(Protocol):
         none yet or the backplane cannot be asked now."""
         ...
 
+    def route(self, topic: str) -> None:
+        """Start receiving ``topic`` (made here): a relay receives only the topics it has."""
+        ...
+
+    def unroute(self, topic: str) -> None:
+        """Stop receiving ``topic`` (forgotten here)."""
+        ...
+
+    async def routed(self, topic: str) -> None:
+        """Return once ``topic`` is received here, its history filled (bounded by the
+        backplane's timeout; at once if it cannot be reached)."""
+        ...
+
 
 class Topics:
     """The relay's topics, each a :class:`~trio_relay.Broadcast` plus a sequence and a history.
@@ -577,6 +590,10 @@ class Topics:
     def __contains__(self, name: str) -> bool:
         return name in self._topics
 
+    def names(self) -> list[str]:
+        """The names of the topics this relay has now (in use, or kept for their history)."""
+        return list(self._topics)
+
     def __len__(self) -> int:
         return len(self._topics)
 
@@ -618,6 +635,8 @@ class Topics:
             topic.last_seq = last
             topic.idle = True
             self._idle[name] = topic
+            if self.backplane is not None:
+                self.backplane.route(name)
         return topic
 
     def _make_room(self) -> None:
@@ -645,6 +664,8 @@ class Topics:
             del self._idle[topic.name]
         if topic.last_seq:
             self._retire(topic.name, topic.epoch, topic.last_seq)
+        if self.backplane is not None:
+            self.backplane.unroute(topic.name)
 
     def _retire(self, name: str, epoch: str, last: int) -> None:
         self._retired[name] = (epoch, last)
@@ -840,16 +861,23 @@ class Topics:
         if idempotency_key is not None and len(payloads) != 1:
             raise ValueError("an idempotency key names one message: publish it alone")
         if self.backplane is not None:
-            self._get(name)  # a new topic is refused here, before it reaches other relays
-            return await self.backplane.publish(
-                self,
-                name,
-                payloads,
-                texts,
-                source=source,
-                echo=echo,
-                idempotency_key=idempotency_key,
-            )
+            # Held while it goes through Redis (and comes back on the topic's channel): a
+            # new topic is refused here, before it reaches other relays.
+            topic = self._get(name)
+            self._use(topic)
+            try:
+                return await self.backplane.publish(
+                    self,
+                    name,
+                    payloads,
+                    texts,
+                    source=source,
+                    echo=echo,
+                    idempotency_key=idempotency_key,
+                )
+            finally:
+                topic.users -= 1
+                self._collect(topic)
         return await self.publish_locally(
             name, payloads, texts, source=source, echo=echo, idempotency_key=idempotency_key
         )
@@ -1122,10 +1150,13 @@ class Topics:
         1.3 KB per connection. The caller must call :meth:`leave` exactly once, in a
         ``finally``; cancelled here, nothing was subscribed.
         """
-        shared = await self._shared_position(name, since, epoch)
         topic = self._get(name)
         self._use(topic)
         try:
+            if self.backplane is not None:
+                # Received here from now on, its history filled from the backplane first.
+                await self.backplane.routed(name)
+            shared = await self._shared_position(name, since, epoch)
             subscription = topic.broadcast.join(
                 max_buffer=max_buffer,
                 max_bytes=max_bytes,
@@ -1262,10 +1293,23 @@ class Topics:
         What a subscription with ``since`` (and ``epoch``) would replay (same gap, same
         messages, the number its ``welcome`` would carry); with ``since=None``, every
         retained message and no gap. Raises ``ValueError`` for a negative ``since``.
-        Subscribes nothing and leaves no topic behind.
+        Subscribes nothing and leaves no topic behind; with a backplane, a topic not held
+        here is held while it is read (:class:`TooManyTopicsError` past ``max_topics``),
+        and kept for its history as others are.
         """
         if since is not None and since < 0:
             raise ValueError("since must be a sequence number >= 0")
+        if self.backplane is not None and name not in self._topics:
+            # Only topics held here are received: hold it (its history filled from the
+            # backplane) while reading; kept afterwards as any topic with a history is.
+            held = self._get(name)
+            self._use(held)
+            try:
+                await self.backplane.routed(name)
+                return await self.retained(name, since, epoch)
+            finally:
+                held.users -= 1
+                self._collect(held)
         shared = None
         here, last = self.position(name)
         if since is not None and self.backplane is not None and since > last:
