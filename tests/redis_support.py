@@ -45,9 +45,11 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process that a test can kill and start again on the same port."""
 
-    def __init__(self, executable: str, directory: Path) -> None:
+    def __init__(self, executable: str, directory: Path, *options: str) -> None:
         self.executable = executable
         self.directory = directory
+        self.options = options
+        """More command-line options of the server (``--cluster-enabled yes``, say)."""
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -71,21 +73,28 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.options,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
         self.process = process
-        assert process.stdout is not None
+        self.wait_for_log(READY)
+
+    def wait_for_log(self, line: bytes) -> None:
+        """Return once the server's log (its standard output) says ``line``, read as it
+        comes (bounded by START_TIMEOUT)."""
+        process = self.process
+        assert process is not None and process.stdout is not None
         output = b""
         deadline = time.monotonic() + START_TIMEOUT
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
-            while READY not in output:
+            while line not in output:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
                     self.stop()
-                    raise RuntimeError(f"redis-server did not start: {output.decode()!r}")
+                    raise RuntimeError(f"redis-server did not log {line!r}: {output.decode()!r}")
                 chunk = os.read(process.stdout.fileno(), 65536)
                 if not chunk:
                     self.stop()
@@ -205,6 +214,27 @@ class Proxy:
 
     def heal(self) -> None:
         self.open = True
+
+
+@pytest.fixture
+def redis_cluster_node(tmp_path: Path) -> Iterator[RedisServer]:
+    """A one-node Redis Cluster holding every slot: it refuses, as a cluster does, any
+    command or script whose keys are not all in one slot (``CROSSSLOT``)."""
+    server = RedisServer(
+        redis_server_or_skip(),
+        tmp_path,
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(tmp_path / "nodes.conf"),
+    )
+    server.start()
+    try:
+        assert server.command("CLUSTER", "ADDSLOTSRANGE", "0", "16383") == b"+OK"
+        server.wait_for_log(b"Cluster state changed: ok")
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
