@@ -617,6 +617,21 @@ async def test_redis_holds_a_bounded_log_and_forgets_idle_topics(
             await b.publish(f"m{n}", "counted")
         log = await read_log(redis_server.url, "counted")
     assert [fields[b"0"] for fields in log] == [b"tm2", b"tm3", b"tm4"]
+    # Many topics: the logs of those this relay published to hold 300,000 bytes together
+    # at most (its history_total_bytes, by default); the oldest logs go, numbering kept.
+    async with relays(redis_server.url, 1, log_total_bytes=300_000) as (d,):
+        for n in range(10):
+            await d.topics.publish(f"many{n}", payload)
+        held = [
+            int(redis_server.command("HGET", f"trio-relay:{{t:many{n}}}:n", "b") or b"0")
+            for n in range(10)
+        ]
+        numbers = [
+            redis_server.command("HGET", f"trio-relay:{{t:many{n}}}:n", "s") for n in range(10)
+        ]
+    assert held == [0] * 6 + [65537] * 4 and sum(held) <= 300_000
+    assert numbers == [b"1"] * 10
+    assert await read_log(redis_server.url, "many0") == []
     async with relays(redis_server.url, 1, log_age=0) as (c,):
         for n in range(3):
             await c.publish(f"m{n}", "aged")

@@ -91,6 +91,7 @@ def test_serve_defaults() -> None:
         "backplane_log_size": None,
         "backplane_log_bytes": None,
         "backplane_log_age": None,
+        "backplane_log_total_bytes": None,
         "backplane_topic_ttl": None,
         "workers": 1,
         "worker": False,

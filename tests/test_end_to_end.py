@@ -497,6 +497,9 @@ async def test_cli_serve_help_lists_every_option_with_its_default() -> None:
         "--backplane-log-size BACKPLANE_LOG_SIZE": "the relay's --history-size",
         "--backplane-log-bytes BACKPLANE_LOG_BYTES": "the relay's --history-bytes",
         "--backplane-log-age BACKPLANE_LOG_AGE": "the relay's --history-age",
+        "--backplane-log-total-bytes BACKPLANE_LOG_TOTAL_BYTES": (
+            "the relay's --history-total-bytes"
+        ),
         "--backplane-topic-ttl BACKPLANE_TOPIC_TTL": "86400.0",
     }
     for option, default in expected.items():

@@ -83,10 +83,11 @@ logger = logging.getLogger("trio_relay")
 # batch: its number of values, 1 if it has an idempotency key (else 0), its origin, its
 # deadline (Redis time, ms; 0: none), then its values, each with a first byte t(ext) or
 # b(inary).
-# Returns, per batch: {epoch, first number, entry id}; {epoch, first number,
-# "duplicate"} for a key used within the window (nothing appended); or {"", 0, "late"}
-# past its deadline (refused). Each appended batch is published on the channel as
-# "<epoch> <first> <origin> <count>\n" then each value as "<length>:<bytes>". The log is
+# Returns, per batch: {epoch, first number, entry id, the log's payload bytes after this
+# call}; {epoch, first number, "duplicate"} for a key used within the window (nothing
+# appended); or {"", 0, "late"} past its deadline (refused). Each appended batch is
+# published on the channel as "<epoch> <first> <origin> <count>\n" then each value as
+# "<length>:<bytes>". The log is
 # trimmed here, oldest entries first, while it is over any bound (keeping the newest; a
 # few entries a batch at most, so each costs O(1)).
 _PUBLISH = """
@@ -144,7 +145,7 @@ while a <= #ARGV do
     end
     bytes = bytes + size
     appended = appended + 1
-    results[#results + 1] = {epoch, first, id}
+    results[#results + 1] = {epoch, first, id, 0}
   end
   a = first_value + count
 end
@@ -165,6 +166,9 @@ if appended > 0 then
     length = length - 1
   end
   redis.call('HSET', KEYS[1], 'e', epoch, 's', last, 'b', bytes)
+  for i = 1, #results do
+    if results[i][4] then results[i][4] = bytes end
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
@@ -194,6 +198,14 @@ end
 return {epoch or '', last, 0, redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[4])}
 """
 
+# Drop one topic's log (a relay keeping what it published within its byte budget); the
+# topic's numbering stays. KEYS: the topic's hash and log.
+_DROP = """
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'b', 0) end
+return 1
+"""
+
 MAX_PUBLISHES_PER_CALL = 100
 """Most publishes one round trip to Redis carries (those that arrived together)."""
 LANE_LIMIT = 10_000
@@ -204,6 +216,8 @@ MAX_BACKOFF = 5.0
 _MAX_LOCAL_ONLY = 100_000
 _CHUNK = 500
 """Topics per round trip when a relay subscribes to topics or reads their logs."""
+_MAX_ACCOUNTED = 100_000
+"""Topics whose log sizes a relay keeps track of (those it published to last)."""
 _RECOVER_COUNT = 100_000
 """Most entries one read of a topic's log returns (its bounds keep it far smaller)."""
 
@@ -495,9 +509,13 @@ class RedisBackplane:
     ``}``: the keys are hash-tagged by topic). Each topic's log in Redis holds at most
     ``log_size`` entries, ``log_bytes`` bytes of payload and entries of ``log_age``
     seconds (by default the relay's ``history_size``, ``history_bytes`` and
-    ``history_age``: what a relay could retain of it), trimmed as publishes append, and a
-    topic's keys expire ``topic_ttl`` seconds after its last publish (then a publish
-    starts a fresh epoch; idempotency keys live ``idempotency_window`` seconds).
+    ``history_age``: what a relay could retain of it), trimmed as publishes append; the
+    logs of the topics this relay published to hold ``log_total_bytes`` together at most
+    (by default the relay's ``history_total_bytes``: past it, the logs of those it
+    published to longest ago are dropped, their numbering kept), so that the number of
+    topics does not multiply what Redis holds; and a topic's keys expire ``topic_ttl``
+    seconds after its last publish (then a publish starts a fresh epoch; idempotency keys
+    live ``idempotency_window`` seconds).
     ``timeout`` bounds every Redis command (seconds); every ``block`` seconds the relay
     checks that Redis and its subscription answer (a heartbeat; a dead Redis is noticed
     within ``block + timeout``).
@@ -517,6 +535,7 @@ class RedisBackplane:
         topic_ttl: float = 86_400.0,
         log_bytes: int | None = None,
         log_age: float | None = None,
+        log_total_bytes: int | None = None,
     ) -> None:
         try:
             import coredis  # an optional dependency: fail early and clearly
@@ -552,6 +571,10 @@ class RedisBackplane:
         """Payload bytes each topic's log holds at most (None: ``history_bytes``)."""
         self.log_age = log_age
         """Seconds an entry stays in its topic's log at most (None: ``history_age``)."""
+        self.log_total_bytes = log_total_bytes
+        """Payload bytes the logs of the topics this relay published to hold together at
+        most (None: ``history_total_bytes``): past it, the logs of those it published to
+        longest ago are dropped (their numbering stays)."""
         self.relay_id = os.urandom(6).hex()
         """Tells this relay's own entries from those of other relays."""
         self.up = False
@@ -587,6 +610,10 @@ class RedisBackplane:
         # Topics whose deliveries wait for a subscriber with no room, in order, each
         # drained by a task of its own (at most LANE_LIMIT entries; past it, dropped here).
         self._lanes: dict[str, deque[_Delivery]] = {}
+        # The payload bytes of the logs of the topics this relay published to, as the
+        # publish script last said, published to longest ago first; and their sum.
+        self._log_sizes: OrderedDict[str, int] = OrderedDict()
+        self._logged = 0
         self._dropped = 0
         self._published = self._received = self._local = self._reconnects = 0
         self._conflicts = self._epochs = self._recoveries = 0
@@ -753,7 +780,7 @@ class RedisBackplane:
         # deadlines, so Redis never refuses a publish whose answer could still be waited for.
         self._clock_offset = now_ms - sent * 1000
         with trio.fail_after(self.timeout):
-            for name, script in (("publish", _PUBLISH), ("recover", _RECOVER)):
+            for name, script in (("publish", _PUBLISH), ("recover", _RECOVER), ("drop", _DROP)):
                 self._shas[name] = await client.script_load(script)
         pubsub = client.pubsub(
             retry_policy=NoRetryPolicy(),
@@ -1112,6 +1139,34 @@ class RedisBackplane:
                     for outgoing in sending:
                         outgoing.done.set()
 
+    async def _account(self, topics: Topics, name: str, size: int) -> None:
+        """Topic ``name``'s log holds ``size`` payload bytes now: past the budget, drop the
+        logs of the topics this relay published to longest ago (as its own histories lose
+        their oldest messages first past ``history_total_bytes``), so that what one relay's
+        clients publish holds a bounded part of Redis, whatever the number of topics. The
+        publish that went past it waits for that (one more round trip); a drop that fails
+        is left to expire (``topic_ttl``)."""
+        sizes = self._log_sizes
+        self._logged += size - sizes.pop(name, 0)
+        sizes[name] = size
+        budget = self.log_total_bytes
+        if budget is None:
+            budget = topics.history_total_bytes
+        dropped: list[str] = []
+        while (self._logged > budget or len(sizes) > _MAX_ACCOUNTED) and len(sizes) > 1:
+            oldest, oldest_size = sizes.popitem(last=False)
+            self._logged -= oldest_size
+            dropped.append(oldest)
+        for start in range(0, len(dropped), _CHUNK):
+            calls: list[tuple[list[str], list[Any]]] = [
+                (list(topic_keys(self.prefix, name)[:2]), [])
+                for name in dropped[start : start + _CHUNK]
+            ]
+            try:
+                await self._call_many(self._shas["drop"], calls)
+            except (*self._failures, KeyError):
+                logger.debug("backplane: %d topics' logs not dropped now", len(calls))
+
     async def position(self, topic: str) -> tuple[str, int] | None:
         """The epoch and last number of ``topic`` in Redis; None if Redis has none for it
         or cannot be asked now."""
@@ -1231,6 +1286,7 @@ class RedisBackplane:
                 duplicate=True,
             )
         self._published += 1
+        await self._account(topics, name, int(answer[3]))
         # Delivered here by the reader, with this report; if the reader is down meanwhile
         # (it delivers the entry once back), the report says what the script named it.
         with trio.move_on_after(self.timeout):

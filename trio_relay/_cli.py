@@ -152,6 +152,7 @@ _BACKPLANE_TYPES: dict[str, Callable[[str], object]] = {
     "backplane_log_size": _positive_int,
     "backplane_log_bytes": _positive_int,
     "backplane_log_age": _seconds,
+    "backplane_log_total_bytes": _positive_int,
     "backplane_topic_ttl": _seconds,
 }
 
@@ -203,6 +204,8 @@ _SERVE_HELP = {
     "backplane_log_size": "entries each topic's log in Redis holds at most",
     "backplane_log_bytes": "payload bytes each topic's log in Redis holds at most",
     "backplane_log_age": "seconds an entry stays in its topic's log in Redis at most",
+    "backplane_log_total_bytes": "payload bytes the logs in Redis of the topics this relay "
+    "published to hold together at most: past it, those published to longest ago are dropped",
     "backplane_topic_ttl": "seconds after its last publish a topic's keys in Redis expire",
 }
 """Help of each ``serve`` option; one per :class:`RelayConfig` field (a test checks)."""
@@ -213,6 +216,7 @@ _BACKPLANE_DEFAULTS = {
     "backplane_log_size": "the relay's --history-size",
     "backplane_log_bytes": "the relay's --history-bytes",
     "backplane_log_age": "the relay's --history-age",
+    "backplane_log_total_bytes": "the relay's --history-total-bytes",
     "backplane_topic_ttl": "86400.0",
 }
 """What each ``--backplane-*`` option left out means: RedisBackplane's own defaults (a test

@@ -18,6 +18,7 @@ BACKPLANE_SETTINGS = {
     "backplane_log_size": "log_size",
     "backplane_log_bytes": "log_bytes",
     "backplane_log_age": "log_age",
+    "backplane_log_total_bytes": "log_total_bytes",
     "backplane_topic_ttl": "topic_ttl",
 }
 """The :class:`RelayConfig` fields that set the Redis backplane the relay builds from
@@ -156,6 +157,10 @@ class RelayConfig:
     """Payload bytes each topic's log in Redis holds at most (None: ``history_bytes``)."""
     backplane_log_age: float | None = None
     """Seconds an entry stays in its topic's log in Redis at most (None: ``history_age``)."""
+    backplane_log_total_bytes: int | None = None
+    """Payload bytes the logs in Redis of the topics this relay published to hold together
+    at most (None: ``history_total_bytes``); past it, those published to longest ago are
+    dropped."""
     backplane_topic_ttl: float | None = None
     """Seconds after its last publish a topic's keys in Redis expire (None: 86,400)."""
 
@@ -175,7 +180,7 @@ class RelayConfig:
                     check_backplane_prefix(value)
                 except ValueError as exc:
                     raise ValueError(f"{name} {exc}") from None
-            elif name in ("backplane_log_size", "backplane_log_bytes"):
+            elif name in ("backplane_log_size", "backplane_log_bytes", "backplane_log_total_bytes"):
                 if value < 1:
                     raise ValueError(f"{name} must be at least 1")
             elif not (value > 0 and math.isfinite(value)):
