@@ -9,6 +9,7 @@ real clock, every wait bounded and waiting for an event (see tests/test_backplan
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import trio
 from redis_support import RedisServer, redis_cluster_node, redis_server
@@ -137,3 +138,103 @@ async def test_the_backplane_runs_on_a_redis_cluster(redis_cluster_node: RedisSe
         assert server.backplane is not None
         statistics = server.backplane.statistics()
         assert (statistics.local_only, statistics.reconnects, statistics.conflicts) == (0, 0, 0)
+
+
+def command_counts(redis: RedisServer) -> dict[str, int]:
+    """How many times Redis ran each command so far (``INFO commandstats``); a pipeline of
+    500 script calls counts 500 ``evalsha``, one ``SUBSCRIBE`` of 500 channels counts 1."""
+    stats = redis.command("INFO", "commandstats").decode()
+    return {
+        line.partition(":")[0].removeprefix("cmdstat_"): int(line.split("calls=")[1].split(",")[0])
+        for line in stats.splitlines()
+        if line.startswith("cmdstat_")
+    }
+
+
+SCRIPTED = {"publish", "hget", "hset", "del", "xrange", "xadd", "xdel", "xlen", "expire"}
+"""What the relay's scripts run inside Redis (counted too by ``INFO commandstats``)."""
+
+
+def spent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The commands sent between two :func:`command_counts`: those of the relay's scripts
+    and the ``INFO`` asking excluded (no heartbeat runs meanwhile: its ``PUBLISH`` would
+    be excluded too)."""
+    return {
+        name: count - before.get(name, 0)
+        for name, count in after.items()
+        if count != before.get(name, 0) and name not in SCRIPTED | {"info"}
+    }
+
+
+async def test_routing_costs_round_trips_per_500_topics_and_a_join_costs_the_same_at_2000(
+    redis_server: RedisServer,
+) -> None:
+    # Issue 12's routing must not cost per event what grows with the topics held: a relay
+    # taking 2,000 topics at once subscribes 500 channels a command and reads 500 logs a
+    # round trip; joining one more with 2,000 held costs what joining one with none does.
+    held = 2000
+    async with relays(redis_server.url, 1, timeout=5.0, block=60.0) as (a,):
+        backplane = a.backplane
+        assert backplane is not None
+        trips: list[int] = []  # the script calls of each round trip of _call_many
+        call_many = backplane._call_many
+
+        async def counted(sha: Any, calls: list[tuple[list[str], list[Any]]]) -> Any:
+            trips.append(len(calls))
+            return await call_many(sha, calls)
+
+        backplane._call_many = counted  # type: ignore[method-assign]
+
+        joined: list[tuple[str, Any]] = []
+
+        async def join_one(name: str) -> tuple[dict[str, int], int]:
+            """Redis commands and round trips of _call_many that one join costs."""
+            before, trips_before = command_counts(redis_server), len(trips)
+            with trio.fail_after(LIMIT):
+                subscription, *_ = await a.topics.join(name)
+            joined.append((name, subscription))
+            return spent(before, command_counts(redis_server)), len(trips) - trips_before
+
+        await join_one("warm")  # the client's pool opens its connection (HELLO) once
+        alone = await join_one("first")
+        # 2,000 topics held at once (as 2,000 clients' handshakes would).
+        before, first_trip = command_counts(redis_server), len(trips)
+        names = [f"held/{n}" for n in range(held)]
+        for name in names:
+            a.topics.hold(name)
+        with trio.fail_after(LIMIT):
+            for name in names:
+                await backplane.routed(name)
+        holding = spent(before, command_counts(redis_server))
+        holding_trips = trips[first_trip:]
+        assert backplane.statistics().routes == held + 2  # and "warm", "first"
+        assert all(backplane._routes[name].synced for name in names)  # each log read
+        assert subscribers_of(redis_server, "held/1999") == 1
+        among_many = await join_one("one-more")
+        # Leaving them all: 500 channels an UNSUBSCRIBE. Once a topic routed after the
+        # releases is live (its SUBSCRIBE went after them on the subscription's connection,
+        # and its read's marker came back on it), Redis ran every UNSUBSCRIBE.
+        before = command_counts(redis_server)
+        for name in names:
+            a.topics.release(name)
+        a.topics.hold("after")
+        with trio.fail_after(LIMIT):
+            await backplane.routed("after")
+        leaving = spent(before, command_counts(redis_server))
+        assert subscribers_of(redis_server, "held/1999") == 0
+        assert backplane.statistics().routes == 4  # "warm", "first", "one-more", "after"
+        for name, subscription in joined:
+            a.topics.leave(name, subscription)
+    rounds = -(-held // 500)  # 4
+    assert holding.get("subscribe") == rounds, holding
+    assert holding.get("evalsha") == held, holding  # one script call a topic ...
+    # ... pipelined: at most 500 a round trip, O(topics / 500) round trips (a chunk's
+    # reads go once its SUBSCRIBE is answered, maybe before the next chunk's are ready).
+    assert sum(holding_trips) == held and max(holding_trips) <= 500, holding_trips
+    assert len(holding_trips) <= 2 * rounds, holding_trips
+    assert sum(holding.values()) == rounds + held, holding  # nothing else, per topic or not
+    assert leaving.get("unsubscribe") == rounds, leaving
+    assert alone == among_many, (alone, among_many)
+    # SUBSCRIBE, the log's read, and HMGET of where the shared numbering is (the topic is
+    # not numbered here yet): one round trip each.
+    assert alone == ({"subscribe": 1, "evalsha": 1, "hmget": 1}, 1), alone
