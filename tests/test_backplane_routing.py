@@ -238,3 +238,47 @@ async def test_routing_costs_round_trips_per_500_topics_and_a_join_costs_the_sam
     # SUBSCRIBE, the log's read, and HMGET of where the shared numbering is (the topic is
     # not numbered here yet): one round trip each.
     assert alone == ({"subscribe": 1, "evalsha": 1, "hmget": 1}, 1), alone
+
+
+async def test_numbers_given_again_by_a_redis_that_went_back_are_skipped_and_end_the_epoch(
+    redis_server: RedisServer,
+) -> None:
+    # A failover to a replica that missed the last writes: Redis's counter and log go
+    # back, and a relay that never saw those writes publishes first. A relay that saw them
+    # must not deliver the new message under a taken name; it makes Redis start a fresh
+    # epoch, so that the next publishes are named anew (its consumers are told: a reset).
+    async with relays(redis_server.url, 2, **FAST) as (a, b), trio.open_nursery() as nursery:
+        assert a.backplane is not None
+        on_a = Consumer("on a")
+        await on_a.start(nursery, ws(a, "t"))
+        await subscribed(a, "t")
+        first = [await a.publish(f"m{n}", "t") for n in range(1, 4)]
+        await on_a.wait_for_data("m3")
+        hash_key, log_key, _ = topic_keys("trio-relay", "t")
+        # Redis "went back" to just after m1: its counter says 1, its log ends at m1.
+        keep_first = (
+            "local entries = redis.call('XRANGE', KEYS[1], '-', '+') "
+            "for i = 2, #entries do redis.call('XDEL', KEYS[1], entries[i][1]) end "
+            "return #entries"
+        )
+        assert redis_server.command("EVAL", keep_first, "1", log_key) == b":3"
+        assert redis_server.command("HSET", hash_key, "s", "1") == b":0"
+        recovered, read_again = a.backplane._recovered, trio.Event()
+
+        def read(route: Any) -> None:
+            recovered(route)
+            read_again.set()
+
+        a.backplane._recovered = read  # type: ignore[method-assign]
+        async with relays(redis_server.url, 1, **FAST) as (c,):
+            reused = await c.publish("reused", "t")  # c never saw m2 and m3: number 2 again
+            with trio.fail_after(LIMIT):
+                await read_again.wait()  # a skipped it, and read t's log: a fresh epoch
+            after = await b.publish("after", "t")
+        await on_a.wait_for_data("after")
+        await on_a.stop()
+    assert (reused.epoch, reused.seq) == (first[1].epoch, 2)
+    assert (a.backplane.statistics().conflicts, a.backplane.statistics().epochs) == (1, 1)
+    assert after.epoch != first[0].epoch and after.seq == 1
+    assert [m.data for m in on_a.messages] == ["m1", "m2", "m3", "after"]
+    check(on_a)

@@ -991,6 +991,18 @@ class RedisBackplane:
                 route.buffer.clear()  # the log holds them (or a gap will say so)
             return
         if route.has(entry):
+            # Numbers this relay had from Redis already: a Redis that went back (a failover
+            # to a replica that lagged) gave them again. Never delivered under a taken name.
+            # Reading the log now makes Redis start a fresh epoch (it knows less of this one
+            # than this relay saw), so that no further number is given twice.
+            self._conflicts += 1
+            logger.warning(
+                "topic %r: epoch %s, seq %d named twice (a Redis that went back): skipped",
+                route.name,
+                entry.epoch,
+                entry.first_seq,
+            )
+            self._start_recovery(route)
             return
         if not route.follows(entry):
             # Numbers this relay never got: read the log, deliver from there.
