@@ -1165,6 +1165,34 @@ async def test_a_filled_batch_is_retained_but_reaches_no_live_subscriber(
         assert await take(resumed, 2) == [Message("a", 1, "old"), Message("a", 2, "new")]
 
 
+@pytest.mark.parametrize("nowait", [False, True])
+async def test_numbers_filled_past_a_live_subscriber_are_a_gap_for_it_never_a_jump(
+    autojump_clock: trio.abc.Clock, nowait: bool
+) -> None:
+    # A subscriber at e1 #1 (it resumed there while the backplane was away); the backplane
+    # then fills 2 and 3 (published meanwhile: retained, delivered to nobody). The next
+    # delivered batch, 4, comes after a gap for it; one that joins after the fill has no
+    # gap, and the history stays whole (a resume from 1 gets 2, 3 and 4).
+    topics = Topics()
+    await topics.deliver_numbered("a", "e1", 1, [b"one"], [True])
+    async with topics.subscribe("a", since=1, epoch="e1") as behind:
+        await topics.deliver_numbered("a", "e1", 2, [b"two", b"three"], [True, True], fill=True)
+        async with topics.subscribe("a") as after:
+            if nowait:
+                topics.deliver_numbered_nowait("a", "e1", 4, [b"four"], [True])
+            else:
+                await topics.deliver_numbered("a", "e1", 4, [b"four"], [True])
+            await topics.deliver_numbered("a", "e1", 5, [b"five"], [True])
+            assert await drain(behind) == [
+                Gap("a", 1, 4, "e1"),
+                Message("a", 4, "four"),
+                Message("a", 5, "five"),
+            ]
+            assert await drain(after) == [Message("a", 4, "four"), Message("a", 5, "five")]
+    async with topics.subscribe("a", since=1, epoch="e1") as resumed:
+        assert [m.data for m in await take(resumed, 4)] == ["two", "three", "four", "five"]
+
+
 async def test_a_since_of_another_epoch_is_a_reset_with_everything_retained(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -442,6 +442,7 @@ class _Topic:
     __slots__ = (
         "broadcast",
         "epoch",
+        "filled",
         "history",
         "idle",
         "last_seq",
@@ -463,6 +464,9 @@ class _Topic:
         self.users = 0  # subscriptions and holds: while any, the topic is not forgotten
         self.idle = False  # in Topics._idle: kept only for its history (or not used yet)
         self.queued = False  # has an entry in Topics._oldest
+        # Numbers a backplane filled in (retained, delivered to nobody) since its last
+        # delivered batch: a subscriber that was there before them never got them.
+        self.filled = False
 
 
 class Backplane(Protocol):
@@ -987,9 +991,11 @@ class Topics:
             batch = self._numbered(topic, epoch, first_seq, payloads, texts, source, echo)
             if batch is None:
                 return self._shared_report(name, epoch, first_seq, len(payloads)), False
-            self._renumber(topic, batch)
             if fill:
+                self._renumber(topic, batch)
+                topic.filled = True
                 return self._shared_report(name, epoch, batch.first_seq, len(batch.payloads)), True
+            self._renumber(topic, batch, after_fill=True)
             published = await topic.broadcast.publish(batch)
         return self._shared_report(
             name, epoch, batch.first_seq, len(batch.payloads), published
@@ -1022,9 +1028,12 @@ class Topics:
             return self._shared_report(name, epoch, first_seq, len(payloads)), False
         if fill:
             self._renumber(topic, batch)
+            topic.filled = True
             return self._shared_report(name, epoch, batch.first_seq, len(batch.payloads)), True
+        skipped = batch.gap
+        batch.gap = skipped or topic.filled  # marked before it goes out: see _renumber
         published = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was done
-        self._renumber(topic, batch)
+        self._renumber(topic, batch, skipped=skipped, after_fill=True)
         report = self._shared_report(name, epoch, batch.first_seq, len(batch.payloads), published)
         return report, True
 
@@ -1067,11 +1076,31 @@ class Topics:
             gap = True  # numbers this relay never got (trimmed from the log while away)
         return Batch(topic.name, first_seq, payloads, texts, source, echo, epoch=epoch, gap=gap)
 
-    def _renumber(self, topic: _Topic, batch: Batch) -> None:
-        """Take ``batch`` (of :meth:`_numbered`) into the topic's numbering and history."""
+    def _renumber(
+        self,
+        topic: _Topic,
+        batch: Batch,
+        *,
+        skipped: bool | None = None,
+        after_fill: bool = False,
+    ) -> None:
+        """Take ``batch`` (of :meth:`_numbered`) into the topic's numbering and history.
+
+        ``skipped`` (default ``batch.gap``): the topic skipped numbers before it, so its
+        history is no longer whole. ``after_fill``: ``batch`` is to be delivered; if
+        numbers were filled in since the last delivered batch, it is marked a gap (it
+        follows them in the history, which stays whole): a subscriber from before them
+        (one that joined while Redis was away, at the number this relay had, say) never
+        got them, and is told so (its :class:`Cursor` sees the skip), never silently
+        jumps them."""
+        if skipped is None:
+            skipped = batch.gap
+        if after_fill and topic.filled:
+            batch.gap = True
+            topic.filled = False
         if batch.epoch != topic.epoch:
             self._switch(topic, batch.epoch)  # what it retained was of the old numbering
-        elif batch.gap:
+        elif skipped:
             # Its history must not pretend to be whole across numbers it never got.
             self._retained += topic.history.clear()
         self._commit(topic, batch)
