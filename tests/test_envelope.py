@@ -172,7 +172,7 @@ def test_a_text_that_is_not_a_string_is_a_bad_payload_with_the_id(text: object) 
 
 @pytest.mark.parametrize(
     "binary",
-    ["!!!!", "YQ", "YQ=", "YQ==\n", "Y Q==", "YQ==YQ", 123, None, ["YQ=="]],
+    ["!!!!", "YQ", "YQ=", "YQ==\n", "Y Q==", "YQ==YQ", "\u0080YQ=", 123, None, ["YQ=="]],
     ids=repr,
 )
 def test_a_binary_that_is_not_base64_is_a_bad_payload_with_the_id(binary: object) -> None:

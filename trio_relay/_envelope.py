@@ -8,7 +8,6 @@ turns client frames into :class:`PublishRequest` and :class:`RefreshRequest` val
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from dataclasses import dataclass, field
 
@@ -198,7 +197,7 @@ def publish_request(
         if not isinstance(value, str):
             raise TypeError
         payload = base64.b64decode(value, validate=True)
-    except (TypeError, binascii.Error):
+    except (TypeError, ValueError):  # binascii.Error, and ValueError for non-ASCII text
         raise EnvelopeError("bad-payload", '"binary" must be base64', request_id) from None
     return PublishRequest(payload, False, request_id, echo, topic, key)
 
