@@ -57,6 +57,7 @@ class RedisServer:
         """More command-line options of the server (``--cluster-enabled yes``, say)."""
         self.port = free_port(55536 if "--cluster-enabled" in options else 65536)
         self.process: subprocess.Popen[bytes] | None = None
+        self._log = b""  # what the server logged past the last line waited for
 
     @property
     def url(self) -> str:
@@ -84,14 +85,16 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )
         self.process = process
+        self._log = b""
         self.wait_for_log(READY)
 
     def wait_for_log(self, line: bytes) -> None:
         """Return once the server's log (its standard output) says ``line``, read as it
-        comes (bounded by START_TIMEOUT)."""
+        comes (bounded by START_TIMEOUT), after the line waited for last (what came after
+        that is kept, so that no line is missed for having come in the same read)."""
         process = self.process
         assert process is not None and process.stdout is not None
-        output = b""
+        output = self._log
         deadline = time.monotonic() + START_TIMEOUT
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
@@ -105,6 +108,7 @@ class RedisServer:
                     self.stop()
                     raise RuntimeError(f"redis-server exited: {output.decode()!r}")
                 output += chunk
+        self._log = output[output.index(line) + len(line) :]
 
     def command(self, *args: str) -> bytes:
         """Run one command (RESP over a plain socket, bounded by START_TIMEOUT) and return
@@ -240,6 +244,87 @@ def redis_cluster_node(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class RedisCluster:
+    """Three ``redis-server --cluster-enabled yes`` nodes, each in a directory of its own
+    (its ``nodes.conf``, its port), holding a third of the slots each (:attr:`ranges`),
+    joined with ``CLUSTER MEET``: a real multi-node Redis Cluster (no replicas), on which
+    a client that ignores the cluster gets ``MOVED``. A node killed (:meth:`RedisServer.kill`)
+    and started again (:meth:`restart`) comes back with its slots (its ``nodes.conf``) and
+    no data."""
+
+    ranges = ((0, 5460), (5461, 10922), (10923, 16383))
+    """The slots of each node, first to last, inclusive."""
+
+    def __init__(self, executable: str, directory: Path) -> None:
+        self.nodes: list[RedisServer] = []
+        for index in range(len(self.ranges)):
+            home = directory / f"node{index}"
+            home.mkdir()
+            self.nodes.append(
+                RedisServer(
+                    executable,
+                    home,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(home / "nodes.conf"),
+                    # A dead node is marked failing after 1 s, not 15; the others go on
+                    # serving their slots meanwhile (by default they would refuse every
+                    # command): what a relay does about a dead node is its own doing.
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """A ``redis+cluster://`` URL naming the first node (the client discovers the rest)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def node_of(self, slot: int) -> RedisServer:
+        """The node that holds ``slot``."""
+        for node, (first, last) in zip(self.nodes, self.ranges, strict=True):
+            if first <= slot <= last:
+                return node
+        raise ValueError(f"no slot {slot}")
+
+    def start(self) -> None:
+        """Start every node, give each its slots, join them, and return once every node's
+        log says the cluster is ok."""
+        for node, (first, last) in zip(self.nodes, self.ranges, strict=True):
+            node.start()
+            answer = node.command("CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+            assert answer == b"+OK", answer
+        for node in self.nodes[1:]:
+            answer = node.command("CLUSTER", "MEET", "127.0.0.1", str(self.nodes[0].port))
+            assert answer == b"+OK", answer
+        for node in self.nodes:
+            node.wait_for_log(b"Cluster state changed: ok")
+
+    def restart(self, node: RedisServer) -> None:
+        """Start a killed node again (empty: no persistence) and return once its log says
+        the cluster is ok (it rejoined with its slots, from its ``nodes.conf``)."""
+        node.start()
+        node.wait_for_log(b"Cluster state changed: ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A three-node Redis Cluster (:class:`RedisCluster`), stopped after the test."""
+    cluster = RedisCluster(redis_server_or_skip(), tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

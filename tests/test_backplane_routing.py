@@ -11,16 +11,17 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
-from redis_support import RedisServer, redis_cluster_node, redis_server
+from redis_support import RedisCluster, RedisServer, redis_cluster, redis_cluster_node, redis_server
 from test_backplane import LIMIT, relays, start_relay, subscribed, ws
-from test_backplane_faults import FAST, Consumer, check
+from test_backplane_faults import FAST, Consumer, check, redis_back, redis_gone
 
 import trio_relay
 from trio_relay import Message, RelayConfig, RelayServer
-from trio_relay._backplane import topic_keys
+from trio_relay._backplane import cluster_url, topic_keys
 
-__all__ = ["redis_cluster_node", "redis_server"]  # the fixtures, used by name
+__all__ = ["redis_cluster", "redis_cluster_node", "redis_server"]  # fixtures, used by name
 
 
 def subscribers_of(redis: RedisServer, topic: str) -> int:
@@ -315,3 +316,114 @@ async def test_a_relay_keeps_nothing_of_the_topics_it_held_and_left(
         # empties them): an AttributeError here says coredis changed, and the fix must too.
         left = len(pubsub._subscription_waiters) + len(pubsub._unsubscription_waiters)
     assert left <= 4, left  # the heartbeat's channel, and the last topic's, at most
+
+
+def slot_of(cluster: RedisCluster, topic: str) -> int:
+    """The slot of ``topic``'s keys, as a node of ``cluster`` computes it (CLUSTER KEYSLOT)."""
+    hash_key = topic_keys("trio-relay", topic)[0]
+    answer = cluster.nodes[0].command("CLUSTER", "KEYSLOT", hash_key)  # ":<slot>"
+    return int(answer[1:])
+
+
+async def test_the_backplane_runs_on_a_three_node_redis_cluster_and_survives_a_node(
+    redis_cluster: RedisCluster,
+) -> None:
+    # Issue 12: "keys hash-tagged so the design runs on Redis Cluster", on a real one: three
+    # nodes, a third of the slots each; a topic on each node.
+    cluster = redis_cluster
+    names = (f"room/{n}" for n in range(100))
+    topics: dict[int, str] = {}  # node index -> a topic whose keys it holds
+    for name in names:
+        topics.setdefault(cluster.nodes.index(cluster.node_of(slot_of(cluster, name))), name)
+    assert sorted(topics) == [0, 1, 2], topics
+    t0, t1, t2 = topics[0], topics[1], topics[2]
+    # The cluster is real: the first node sends a plain command on t2's keys away.
+    moved = cluster.nodes[0].command("HGET", topic_keys("trio-relay", t2)[0], "e")
+    assert moved.startswith(b"-MOVED") and moved.endswith(str(cluster.nodes[2].port).encode())
+    async with relays(cluster.url, 2, **FAST) as (a, b), trio.open_nursery() as nursery:
+        assert a.backplane is not None and b.backplane is not None
+        assert a.backplane.cluster and b.backplane.cluster
+        consumers = {
+            (relay, topic): Consumer(f"{topic!r} on {relay}")
+            for relay in "ab"
+            for topic in (t0, t1, t2)
+        }
+        for (relay, topic), consumer in consumers.items():
+            server = a if relay == "a" else b
+            await consumer.start(nursery, ws(server, topic))
+            await subscribed(server, topic)
+        reports = []
+        for n in range(12):  # publishes on both relays, on the three nodes' topics
+            server, topic = (a, b)[n % 2], (t0, t1, t2)[n % 3]
+            reports.append(await server.publish(f"m{n}", topic))
+        keyed = [
+            await a.topics.publish(t2, "once", idempotency_key="k1"),
+            await b.topics.publish(t2, "once", idempotency_key="k1"),
+        ]
+        # A node that lost its scripts (SCRIPT FLUSH, as a restart does) answers NOSCRIPT:
+        # the relay loads them again and the publish goes on, once.
+        assert cluster.nodes[1].command("SCRIPT", "FLUSH") == b"+OK"
+        reloaded = await a.publish("reloaded", t1)
+        for (_, topic), consumer in consumers.items():
+            await consumer.wait_for_data({t0: "m9", t1: "reloaded", t2: "once"}[topic])
+        # A relay that starts holding a topic reads its log (the recovery script).
+        async with relays(cluster.url, 1, **FAST) as (late,):
+            with trio.fail_after(LIMIT):
+                _, _, history = await late.topics.retained(t1)
+        assert [m.data for m in history] == ["m1", "m4", "m7", "m10", "reloaded"]
+        assert all(report.remote is True for report in [*reports, reloaded])
+        assert [(r.remote, r.duplicate) for r in keyed] == [(True, False), (True, True)]
+
+        # The node of t2 dies: each relay notices (its heartbeat goes through every node)
+        # and serves its own clients; a publish, on any topic, is local and prompt.
+        cluster.nodes[2].kill()
+        with trio.fail_after(2 * (FAST["block"] + FAST["timeout"])):
+            await redis_gone(a, b)
+        with trio.fail_after(FAST["timeout"]):
+            alone = await a.publish("alone", t2)
+            local = await b.publish("local", t0)
+        assert (alone.remote, local.remote) == (False, False)
+        assert alone.epoch == a.backplane.local_epoch
+        # Back (empty: its topics start a fresh epoch; the other nodes kept theirs).
+        cluster.restart(cluster.nodes[2])
+        await redis_back(a, b)
+        after = [
+            await b.publish("after", t2),
+            await a.publish("again", t2),
+            await a.publish("m12", t0),
+        ]
+        for (_, topic), consumer in consumers.items():
+            await consumer.wait_for_data({t0: "m12", t1: "reloaded", t2: "again"}[topic])
+        nursery.cancel_scope.cancel()
+    assert [(r.remote, r.seq) for r in after] == [(True, 1), (True, 2), (True, 5)]
+    assert after[0].epoch not in (alone.epoch, keyed[0].epoch)
+    assert after[2].epoch == reports[0].epoch  # t0's node kept its numbering
+    for (relay, topic), consumer in consumers.items():
+        shown = [m.data for m in consumer.messages]
+        if topic == t0:
+            expected = ["m0", "m3", "m6", "m9"] + (["local"] if relay == "b" else []) + ["m12"]
+        elif topic == t1:
+            expected = ["m1", "m4", "m7", "m10", "reloaded"]
+        else:
+            expected = ["m2", "m5", "m8", "m11", "once"]
+            expected += (["alone"] if relay == "a" else []) + ["after", "again"]
+        assert shown == expected, (consumer.name, consumer.items)
+    check(*consumers.values())
+    for server in (a, b):
+        assert server.backplane is not None
+        statistics = server.backplane.statistics()
+        assert statistics.reconnects >= 1 and statistics.conflicts == 0
+
+
+def test_a_redis_cluster_is_named_by_its_url_scheme() -> None:
+    assert RelayConfig(backplane="redis+cluster://r:7000").backplane == "redis+cluster://r:7000"
+    assert trio_relay.RedisBackplane("rediss+cluster://:pw@r:7000/0").cluster
+    assert not trio_relay.RedisBackplane("redis://r:6379/0").cluster
+    assert cluster_url("rediss+cluster://:pw@r:7000") == "rediss://:pw@r:7000"
+    assert cluster_url("redis://r:6379/1") is None
+    with pytest.raises(ValueError, match="database 0 only"):
+        RelayConfig(backplane="redis+cluster://r:7000/1")
+    with pytest.raises(ValueError, match="names a node"):
+        trio_relay.RedisBackplane("redis+cluster:///0")
+    with pytest.raises(ValueError, match="redis\\+cluster://"):
+        RelayConfig(backplane="cluster://r:7000")

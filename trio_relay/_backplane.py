@@ -50,14 +50,33 @@ outside every scope that gets cancelled; its retries are off (a retried publish 
 appended twice) and every command is bounded by ``timeout``. The subscription runs on a
 connection of its own (coredis's ``PubSub``, retries off too: this module reconnects and
 recovers, so that no loss goes unnoticed).
+
+**Redis Cluster** (a ``redis+cluster://`` or ``rediss+cluster://`` URL naming any node):
+the same design, through coredis's ``RedisCluster``, one client per connection's life (a
+session: it discovers the nodes and their slots as it starts, so a reconnect follows the
+cluster's changes). Each script call goes to its topic's node; the calls that are ready
+together go in one pipeline (a round trip per node), never retried as a whole (a call
+that a node answered ``NOSCRIPT``, a restarted node, is run again once the scripts are
+loaded on every node: it ran nowhere). The subscription (``ClusterPubSub``: non-sharded
+``SUBSCRIBE`` on one node) receives every node's ``PUBLISH`` over the cluster bus, in the
+order each node published, so a topic's messages, all published by its node, keep their
+order. The heartbeat is published through every primary node and each must come back:
+a node that dies or stops answering, or a cluster bus that stops carrying, fails the
+session within ``block + timeout``; the relay then serves locally, as when a single Redis
+is lost, until every node answers again (the cluster, by default, refuses every command
+while a slot has no node anyway). Redis's clock is read on one node: the nodes' clocks
+must agree within ``timeout / 2`` (the margin of each publish's deadline), as NTP keeps
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
+import urllib.parse
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -205,6 +224,26 @@ redis.call('DEL', KEYS[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'b', 0) end
 return 1
 """
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+"""URL schemes that name a Redis Cluster (any of its nodes) rather than one Redis."""
+
+
+def cluster_url(url: str) -> str | None:
+    """The ``redis://`` (``rediss://``) URL coredis's ``RedisCluster`` takes for a
+    ``redis+cluster://`` (``rediss+cluster://``) ``url``; None for any other URL.
+    ``ValueError`` if it names a database other than 0 (a cluster has no other) or no host.
+    """
+    if not url.startswith(CLUSTER_SCHEMES):
+        return None
+    plain = url.replace("+cluster://", "://", 1)
+    parts = urllib.parse.urlsplit(plain)
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has database 0 only: no other in its URL")
+    if not parts.hostname:
+        raise ValueError("a Redis Cluster URL names a node: redis+cluster://host:port")
+    return plain
+
 
 MAX_PUBLISHES_PER_CALL = 100
 """Most publishes one round trip to Redis carries (those that arrived together)."""
@@ -535,7 +574,9 @@ class _Route:
 class RedisBackplane:
     """Shares the topics of relay processes through the Redis at ``url``.
 
-    ``url`` is ``redis://host:port/db`` (``rediss://`` for TLS). ``prefix`` namespaces the
+    ``url`` is ``redis://host:port/db`` (``rediss://`` for TLS), or, for a Redis Cluster,
+    ``redis+cluster://host:port`` naming any of its nodes (``rediss+cluster://`` for TLS;
+    the relay discovers the others; see the module's docstring). ``prefix`` namespaces the
     keys, so relays that use another prefix share nothing (it may not contain ``{`` or
     ``}``: the keys are hash-tagged by topic). Each topic's log in Redis holds at most
     ``log_size`` entries, ``log_bytes`` bytes of payload and entries of ``log_age``
@@ -590,6 +631,9 @@ class RedisBackplane:
         """What a Redis command may raise when Redis is unreachable, slow or in trouble."""
         self.url = url
         """The Redis URL, password included: log :attr:`shown_url` instead."""
+        self._cluster_url = cluster_url(url)
+        self.cluster = self._cluster_url is not None
+        """Whether ``url`` names a Redis Cluster (``redis+cluster://``)."""
         self.shown_url = shown(url)
         """The URL without its password (``redis://:<redacted>@host``), for logs and pages."""
         self.prefix = prefix
@@ -615,8 +659,12 @@ class RedisBackplane:
         self._heartbeat_channel = f"{prefix}:relay:{self.relay_id}".encode()
         self._topics: Topics | None = None
         self._client: Any = None
+        # What each heartbeat is published through: the client, or on a Redis Cluster, a
+        # client of each primary node (each must carry it to the subscription).
+        self._publishers: list[Any] = []
         self._pubsub: Any = None
         self._shas: dict[str, Any] = {}
+        self._scripts: dict[Any, str] = {}  # each loaded script's text, by its SHA
         self._numbers = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         # Own publishes delivered locally (Redis gave no answer in time) that may still be
@@ -740,12 +788,15 @@ class RedisBackplane:
         topics.backplane = self
         for name in topics.names():
             self.route(name)
-        client = coredis.Redis.from_url(
-            self.url, decode_responses=False, retry_policy=NoRetryPolicy()
-        )
+        client: Any = None
+        if not self.cluster:
+            client = coredis.Redis.from_url(
+                self.url, decode_responses=False, retry_policy=NoRetryPolicy()
+            )
+            self._publishers = [client]
         # One client for the relay's lifetime (its pool runs tasks of its own); the scopes
-        # cancelled below are all inside it.
-        async with client, trio.open_nursery() as nursery:
+        # cancelled below are all inside it. A Redis Cluster's client is per session.
+        async with client or contextlib.nullcontext(), trio.open_nursery() as nursery:
             self._nursery = nursery
             self._client = client
             nursery.start_soon(self._send_outbox, topics)
@@ -798,7 +849,37 @@ class RedisBackplane:
     async def _session(self, connected: Any) -> NoReturn:
         """One connection's life: measure Redis's clock, load the scripts, subscribe to
         every topic held and read their logs (delivering what was missed), then deliver
-        their channels until something fails."""
+        their channels until something fails. On a Redis Cluster, first discover its nodes
+        (a client of this session's own)."""
+        if not self.cluster:
+            await self._serve(connected)
+        import coredis
+        from coredis.connection import TCPLocation
+        from coredis.retry import NoRetryPolicy
+
+        assert self._cluster_url is not None
+        parts = urllib.parse.urlsplit(self._cluster_url)
+        async with contextlib.AsyncExitStack() as stack:
+            # Discovery (CLUSTER SLOTS from the URL's node) as the client is entered; each
+            # connection and command bounded by `timeout` (a cancel scope cannot bound the
+            # entering: the client's task group outlives it). The node given as a
+            # TCPLocation: coredis 6.9's from_url gives a dict, deprecated (a warning).
+            client = coredis.RedisCluster.from_url(
+                self._cluster_url,
+                decode_responses=False,
+                retry_policy=NoRetryPolicy(),
+                connect_timeout=self.timeout,
+                stream_timeout=self.timeout,
+                startup_nodes=[TCPLocation(parts.hostname or "", parts.port or 6379)],
+            )
+            await stack.enter_async_context(client)
+            self._client = client
+            stack.callback(setattr, self, "_client", None)
+            self._publishers = [await stack.enter_async_context(node) for node in client.primaries]
+            await self._serve(connected)
+
+    async def _serve(self, connected: Any) -> NoReturn:
+        """A session's work, once connected (see :meth:`_session`)."""
         from coredis.retry import NoRetryPolicy
 
         client = self._client
@@ -813,7 +894,9 @@ class RedisBackplane:
         self._clock_offset = now_ms - sent * 1000
         with trio.fail_after(self.timeout):
             for name, script in (("publish", _PUBLISH), ("recover", _RECOVER), ("drop", _DROP)):
-                self._shas[name] = await client.script_load(script)
+                # On a Redis Cluster, on every node.
+                self._shas[name] = sha = await client.script_load(script)
+                self._scripts[sha] = script
         pubsub = client.pubsub(
             retry_policy=NoRetryPolicy(),
             ignore_subscribe_messages=True,
@@ -916,13 +999,60 @@ class RedisBackplane:
         """Run a loaded script once per ``(keys, args)``, all in one round trip, each call
         on one topic's keys (so each goes to that topic's Redis Cluster slot)."""
         client = self._client
+        if client is None:  # a Redis Cluster's client, between sessions
+            raise ConnectionError("not connected to the Redis Cluster")
         with trio.fail_after(self.timeout):
+            if self.cluster:
+                return await self._call_on_cluster(client, sha, calls)
             if len(calls) == 1:
                 keys, args = calls[0]
                 return [await client.evalsha(sha, keys=keys, args=args)]
             async with client.pipeline(transaction=False) as pipe:
                 requests = [pipe.evalsha(sha, keys=keys, args=args) for keys, args in calls]
             return [await request for request in requests]
+
+    async def _call_on_cluster(
+        self, client: Any, sha: Any, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """:meth:`_call_many` on a Redis Cluster: one pipeline (a round trip per node), its
+        answers taken one by one, never retried as a whole (the calls that a node ran must
+        not run twice). Calls that a node answered ``NOSCRIPT`` (restarted, its scripts
+        gone) ran nowhere: they run again once the script is loaded on every node. Raises
+        the first other error."""
+        from coredis.exceptions import NoScriptError
+
+        try:
+            answers = await self._pipeline(client, sha, calls)
+            missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+            if missing:
+                logger.info("backplane: a Redis Cluster node lost the scripts: loading them")
+                await client.script_load(self._scripts[sha])
+                again = await self._pipeline(client, sha, [calls[i] for i in missing])
+                for i, answer in zip(missing, again, strict=True):
+                    answers[i] = answer
+        except RuntimeError as exc:
+            if client is self._client:
+                raise
+            # The session ended meanwhile (its client closed under this call): a failure.
+            raise ConnectionError("the Redis Cluster session ended") from exc
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return answers
+
+    async def _pipeline(
+        self, client: Any, sha: Any, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run ``calls`` in one cluster pipeline; each answer, or the error it got."""
+        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            requests = [pipe.evalsha(sha, keys=keys, args=args) for keys, args in calls]
+        answers: list[Any] = []
+        for request in requests:
+            try:
+                answers.append(await request)
+            except self._failures as exc:
+                answers.append(exc)
+        return answers
 
     def _recovered(self, route: _Route) -> None:
         """Take what a read of ``route``'s log found: deliver what this relay had not had (or,
@@ -981,15 +1111,18 @@ class RedisBackplane:
     async def _send_heartbeats(self) -> NoReturn:
         """Every ``block`` seconds, publish a heartbeat on this relay's own channel and wait
         for it on the subscription: a Redis that stopped answering (frozen, cut off), or a
-        subscription that died silently, fails the session within ``timeout``."""
+        subscription that died silently, fails the session within ``timeout``. On a Redis
+        Cluster, through each primary node in turn (all within ``timeout``): a node that
+        died, or a cluster bus that stopped carrying its messages, fails it too."""
         number = 0
         while True:
-            number += 1
             await trio.sleep(self.block)
             with trio.fail_after(self.timeout):
-                await self._client.publish(self._heartbeat_channel, str(number))
-                while self._heartbeat < number:
-                    await self._heard.wait()
+                for publisher in self._publishers:
+                    number += 1
+                    await publisher.publish(self._heartbeat_channel, str(number))
+                    while self._heartbeat < number:
+                        await self._heard.wait()
 
     async def _read(self, pubsub: Any) -> NoReturn:
         """Deliver the messages of the subscription, never waiting for a subscriber."""
@@ -1219,7 +1352,7 @@ class RedisBackplane:
     async def position(self, topic: str) -> tuple[str, int] | None:
         """The epoch and last number of ``topic`` in Redis; None if Redis has none for it
         or cannot be asked now."""
-        if not self.up:
+        if not self.up or self._client is None:
             return None
         try:
             with trio.fail_after(self.timeout):

@@ -197,7 +197,8 @@ _SERVE_HELP = {
     "topic from being published, kept in Redis with a backplane; 0 for none",
     "max_topics": "topics at once; a new one forgets the idle topic used longest ago, or "
     "gets HTTP 503 if all are in use",
-    "backplane": "redis://host:port/db of a Redis that relays share topics through",
+    "backplane": "redis://host:port/db of a Redis that relays share topics through "
+    "(rediss:// for TLS; redis+cluster://host:port names a node of a Redis Cluster)",
     "backplane_prefix": "namespace of the backplane's keys in Redis: relays with another "
     "prefix share nothing; no { or }: keys are hash-tagged by topic for Redis Cluster",
     "backplane_timeout": "seconds each Redis command may take",

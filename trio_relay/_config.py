@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
+from ._backplane import CLUSTER_SCHEMES, cluster_url
 from ._broadcast import OverflowPolicy
 
 __all__ = ["BACKPLANE_SETTINGS", "RelayConfig", "check_backplane_prefix"]
@@ -140,7 +141,8 @@ class RelayConfig:
     """Topics at once. A new topic past it forgets the idle topic (one kept only for its
     history) used longest ago; if every topic has clients, the handshake gets HTTP 503."""
     backplane: str | None = field(default=None, repr=False)
-    """``redis://host:port/db`` of a Redis that relay processes share topics through (see
+    """``redis://host:port/db`` of a Redis that relay processes share topics through, or
+    ``redis+cluster://host:port`` naming a node of a Redis Cluster (``rediss`` for TLS; see
     :class:`~trio_relay.RedisBackplane`); None keeps topics in this process. Left out of
     the ``repr``: it may hold a password (``redis://:PASSWORD@host``)."""
     backplane_prefix: str | None = None
@@ -165,10 +167,18 @@ class RelayConfig:
     """Seconds after its last publish a topic's keys in Redis expire (None: 86,400)."""
 
     def __post_init__(self) -> None:
-        if self.backplane is not None and not self.backplane.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ValueError("backplane must be a redis://, rediss:// or unix:// URL")
+        if self.backplane is not None:
+            if not self.backplane.startswith(
+                ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
+            ):
+                raise ValueError(
+                    "backplane must be a redis://, rediss://, unix://, redis+cluster:// or "
+                    "rediss+cluster:// URL"
+                )
+            try:
+                cluster_url(self.backplane)
+            except ValueError as exc:
+                raise ValueError(f"backplane: {exc}") from None
         for name in BACKPLANE_SETTINGS:
             value = getattr(self, name)
             if value is None:
