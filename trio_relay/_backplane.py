@@ -791,7 +791,12 @@ class RedisBackplane:
         client: Any = None
         if not self.cluster:
             client = coredis.Redis.from_url(
-                self.url, decode_responses=False, retry_policy=NoRetryPolicy()
+                self.url,
+                decode_responses=False,
+                retry_policy=NoRetryPolicy(),
+                # Bounds connecting, the subscription's connection included (entering
+                # coredis's PubSub connects with no cancel scope of this module's around it).
+                connect_timeout=self.timeout,
             )
             self._publishers = [client]
         # One client for the relay's lifetime (its pool runs tasks of its own); the scopes
