@@ -114,22 +114,35 @@ class RedisServer:
         """Run one command (RESP over a plain socket, bounded by START_TIMEOUT) and return
         its answer: a status or error line as sent (``+OK``, ``-ERR ...``), an integer as
         ``:N``, a bulk string's value (``b""`` for none)."""
-        request = f"*{len(args)}\r\n".encode() + b"".join(
-            f"${len(arg.encode())}\r\n{arg}\r\n".encode() for arg in args
+        return self.commands(args)[0]
+
+    def commands(self, *commands: tuple[str, ...]) -> list[bytes]:
+        """Run ``commands`` one after the other on one connection (``WAIT`` counts the
+        replicas that have the connection's writes); their answers, as :meth:`command`."""
+        request = b"".join(
+            f"*{len(args)}\r\n".encode()
+            + b"".join(f"${len(arg.encode())}\r\n{arg}\r\n".encode() for arg in args)
+            for args in commands
         )
+        answers: list[bytes] = []
         with socket.create_connection(("127.0.0.1", self.port), timeout=START_TIMEOUT) as conn:
             conn.sendall(request)
-            answer = b""
-            while True:
-                line, _, rest = answer.partition(b"\r\n")
+            received = b""
+            while len(answers) < len(commands):
+                line, _, rest = received.partition(b"\r\n")
                 if _ and not line.startswith(b"$"):
-                    return line
+                    answers.append(line)
+                    received = rest
+                    continue
                 if _ and (int(line[1:]) < 0 or len(rest) >= int(line[1:]) + 2):
-                    return rest[: max(int(line[1:]), 0)]
+                    answers.append(rest[: max(int(line[1:]), 0)])
+                    received = rest[max(int(line[1:]), 0) + 2 if int(line[1:]) >= 0 else 0 :]
+                    continue
                 chunk = conn.recv(65536)
                 if not chunk:
-                    raise ConnectionError(f"redis-server closed the connection: {answer!r}")
-                answer += chunk
+                    raise ConnectionError(f"redis-server closed the connection: {received!r}")
+                received += chunk
+        return answers
 
     def save(self) -> None:
         """Write an RDB snapshot (``SAVE``): the next :meth:`start` after a :meth:`kill`
@@ -249,17 +262,19 @@ def redis_cluster_node(tmp_path: Path) -> Iterator[RedisServer]:
 class RedisCluster:
     """Three ``redis-server --cluster-enabled yes`` nodes, each in a directory of its own
     (its ``nodes.conf``, its port), holding a third of the slots each (:attr:`ranges`),
-    joined with ``CLUSTER MEET``: a real multi-node Redis Cluster (no replicas), on which
-    a client that ignores the cluster gets ``MOVED``. A node killed (:meth:`RedisServer.kill`)
-    and started again (:meth:`restart`) comes back with its slots (its ``nodes.conf``) and
-    no data."""
+    joined with ``CLUSTER MEET``: a real multi-node Redis Cluster, on which a client that
+    ignores the cluster gets ``MOVED``; with ``replica=True``, a fourth node replicates the
+    first (:attr:`replica`). A node killed (:meth:`RedisServer.kill`) and started again
+    (:meth:`restart`) comes back with its slots (its ``nodes.conf``) and no data."""
 
     ranges = ((0, 5460), (5461, 10922), (10923, 16383))
     """The slots of each node, first to last, inclusive."""
 
-    def __init__(self, executable: str, directory: Path) -> None:
+    def __init__(self, executable: str, directory: Path, *, replica: bool = False) -> None:
         self.nodes: list[RedisServer] = []
-        for index in range(len(self.ranges)):
+        """The primaries, in the order of :attr:`ranges`."""
+        self.replica: RedisServer | None = None
+        for index in range(len(self.ranges) + replica):
             home = directory / f"node{index}"
             home.mkdir()
             self.nodes.append(
@@ -277,8 +292,12 @@ class RedisCluster:
                     "1000",
                     "--cluster-require-full-coverage",
                     "no",
+                    "--repl-diskless-sync-delay",  # a replica syncs at once, not after 5 s
+                    "0",
                 )
             )
+        if replica:
+            self.replica = self.nodes.pop()
 
     @property
     def url(self) -> str:
@@ -299,11 +318,20 @@ class RedisCluster:
             node.start()
             answer = node.command("CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
             assert answer == b"+OK", answer
-        for node in self.nodes[1:]:
+        everyone = [*self.nodes, *([self.replica] if self.replica else [])]
+        if self.replica is not None:
+            self.replica.start()
+        for node in everyone[1:]:
             answer = node.command("CLUSTER", "MEET", "127.0.0.1", str(self.nodes[0].port))
             assert answer == b"+OK", answer
-        for node in self.nodes:
+        for node in everyone:
             node.wait_for_log(b"Cluster state changed: ok")
+        if self.replica is not None:
+            # It knows the first node now (it saw every slot's owner): it replicates it.
+            first = self.nodes[0].command("CLUSTER", "MYID").decode()
+            answer = self.replica.command("CLUSTER", "REPLICATE", first)
+            assert answer == b"+OK", answer
+            self.replica.wait_for_log(b"MASTER <-> REPLICA sync: Finished with success")
 
     def restart(self, node: RedisServer) -> None:
         """Start a killed node again (empty: no persistence) and return once its log says
@@ -312,7 +340,7 @@ class RedisCluster:
         node.wait_for_log(b"Cluster state changed: ok")
 
     def stop(self) -> None:
-        for node in self.nodes:
+        for node in [*self.nodes, *([self.replica] if self.replica else [])]:
             node.stop()
 
 
@@ -320,6 +348,17 @@ class RedisCluster:
 def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     """A three-node Redis Cluster (:class:`RedisCluster`), stopped after the test."""
     cluster = RedisCluster(redis_server_or_skip(), tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_with_replica(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A three-node Redis Cluster whose first node has a replica (:class:`RedisCluster`)."""
+    cluster = RedisCluster(redis_server_or_skip(), tmp_path, replica=True)
     try:
         cluster.start()
         yield cluster

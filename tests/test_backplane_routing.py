@@ -13,15 +13,27 @@ from typing import Any
 
 import pytest
 import trio
-from redis_support import RedisCluster, RedisServer, redis_cluster, redis_cluster_node, redis_server
+from redis_support import (
+    RedisCluster,
+    RedisServer,
+    redis_cluster,
+    redis_cluster_node,
+    redis_cluster_with_replica,
+    redis_server,
+)
 from test_backplane import LIMIT, relays, start_relay, subscribed, ws
 from test_backplane_faults import FAST, Consumer, check, redis_back, redis_gone
 
 import trio_relay
-from trio_relay import Message, RelayConfig, RelayServer
+from trio_relay import Gap, Message, RelayConfig, RelayServer
 from trio_relay._backplane import cluster_url, topic_keys
 
-__all__ = ["redis_cluster", "redis_cluster_node", "redis_server"]  # fixtures, used by name
+__all__ = [  # the fixtures, used by name
+    "redis_cluster",
+    "redis_cluster_node",
+    "redis_cluster_with_replica",
+    "redis_server",
+]
 
 
 def subscribers_of(redis: RedisServer, topic: str) -> int:
@@ -427,3 +439,55 @@ def test_a_redis_cluster_is_named_by_its_url_scheme() -> None:
         trio_relay.RedisBackplane("redis+cluster:///0")
     with pytest.raises(ValueError, match="redis\\+cluster://"):
         RelayConfig(backplane="cluster://r:7000")
+
+
+async def test_a_failover_of_the_node_the_url_names_loses_nothing(
+    redis_cluster_with_replica: RedisCluster,
+) -> None:
+    # The node the relays were given dies for good; its replica takes its slots over. The
+    # relays find the cluster through the other nodes they saw, and go on: same epochs,
+    # the next numbers, no gap (the replica had every write).
+    cluster = redis_cluster_with_replica
+    assert cluster.replica is not None
+    t0 = next(
+        f"room/{n}"
+        for n in range(100)
+        if cluster.node_of(slot_of(cluster, f"room/{n}")) is cluster.nodes[0]
+    )
+    t1 = next(
+        f"room/{n}"
+        for n in range(100)
+        if cluster.node_of(slot_of(cluster, f"room/{n}")) is cluster.nodes[1]
+    )
+    async with relays(cluster.url, 2, **FAST) as (a, b), trio.open_nursery() as nursery:
+        consumers = {
+            (relay, topic): Consumer(f"{topic!r} on {relay}")
+            for relay in "ab"
+            for topic in (t0, t1)
+        }
+        for (relay, topic), consumer in consumers.items():
+            server = a if relay == "a" else b
+            await consumer.start(nursery, ws(server, topic))
+            await subscribed(server, topic)
+        before = [await (a, b)[n % 2].publish(f"m{n}", (t0, t1)[n // 2 % 2]) for n in range(4)]
+        for (_, topic), consumer in consumers.items():
+            await consumer.wait_for_data("m1" if topic == t0 else "m3")
+        # The replica has every write so far: a write of the test's own, then WAIT for it.
+        mark = f"test:{{t:{t0}}}"
+        synced = cluster.nodes[0].commands(("SET", mark, "1"), ("WAIT", "1", "5000"))
+        assert synced == [b"+OK", b":1"], synced
+        cluster.nodes[0].kill()
+        await redis_gone(a, b)
+        cluster.replica.wait_for_log(b"Failover election won")
+        await redis_back(a, b)
+        after = [await b.publish("after", t0), await a.publish("again", t1)]
+        for (_, topic), consumer in consumers.items():
+            await consumer.wait_for_data("after" if topic == t0 else "again")
+        nursery.cancel_scope.cancel()
+    assert all(report.remote is True for report in [*before, *after])
+    assert [(r.epoch, r.seq) for r in after] == [(before[0].epoch, 3), (before[2].epoch, 3)]
+    for (_, topic), consumer in consumers.items():
+        assert not [item for item in consumer.items if isinstance(item, Gap)], consumer.items
+        expected = ["m0", "m1", "after"] if topic == t0 else ["m2", "m3", "again"]
+        assert [m.data for m in consumer.messages] == expected
+    check(*consumers.values())

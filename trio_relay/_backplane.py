@@ -662,6 +662,7 @@ class RedisBackplane:
         # What each heartbeat is published through: the client, or on a Redis Cluster, a
         # client of each primary node (each must carry it to the subscription).
         self._publishers: list[Any] = []
+        self._cluster_nodes: list[Any] = []  # a Redis Cluster's nodes, as last discovered
         self._pubsub: Any = None
         self._shas: dict[str, Any] = {}
         self._scripts: dict[Any, str] = {}  # each loaded script's text, by its SHA
@@ -864,20 +865,30 @@ class RedisBackplane:
 
         assert self._cluster_url is not None
         parts = urllib.parse.urlsplit(self._cluster_url)
+        # The URL's node first, then the others last seen: a reconnect finds the cluster
+        # whichever node is gone (failed over, or replaced).
+        seed = TCPLocation(parts.hostname or "", parts.port or 6379)
+        startup = [seed, *(node for node in self._cluster_nodes if node != seed)]
         async with contextlib.AsyncExitStack() as stack:
             # Discovery (CLUSTER SLOTS from the URL's node) as the client is entered; each
             # connection and command bounded by `timeout` (a cancel scope cannot bound the
             # entering: the client's task group outlives it). The node given as a
             # TCPLocation: coredis 6.9's from_url gives a dict, deprecated (a warning).
+            # Every node tried answers (CLUSTER SLOTS), or is skipped (refused, or silent
+            # for `timeout`).
             client = coredis.RedisCluster.from_url(
                 self._cluster_url,
                 decode_responses=False,
                 retry_policy=NoRetryPolicy(),
                 connect_timeout=self.timeout,
                 stream_timeout=self.timeout,
-                startup_nodes=[TCPLocation(parts.hostname or "", parts.port or 6379)],
+                startup_nodes=startup,
             )
             await stack.enter_async_context(client)
+            self._cluster_nodes = [
+                TCPLocation(node.host, node.port)
+                for node in client.connection_pool.cluster_layout.nodes
+            ]
             self._client = client
             stack.callback(setattr, self, "_client", None)
             self._publishers = [await stack.enter_async_context(node) for node in client.primaries]
