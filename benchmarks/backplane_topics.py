@@ -296,7 +296,14 @@ def started(command: list[str], **options: object) -> Iterator[subprocess.Popen[
 def relay_command(port: int, http_port: int, limit: int, backplane: str | None) -> list[str]:
     command = [sys.executable, "-m", "trio_relay", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--http-port", str(http_port), "--log-level", "WARNING"]
-    command += ["--ping-interval", "0", "--max-topics", str(limit)]
+    command += [
+        "--ping-interval",
+        "0",
+        "--max-topics",
+        str(limit),
+        "--http-max-connections",
+        "1000",
+    ]
     command += ["--max-connections", str(limit), "--max-connections-per-ip", str(limit)]
     if backplane:
         command += ["--backplane", backplane]
