@@ -123,6 +123,8 @@ def hold(first: int, count: int, port: int, source: str, in_flight: int) -> None
     buffers: dict[socket.socket, bytearray] = {}
     latencies: list[float] = []
     opened = 0
+    began: dict[socket.socket, float] = {}  # when each client connected
+    setup: list[float] = []  # seconds from connecting to the welcome, per client
 
     def take(client: socket.socket, buffer: bytearray) -> None:
         for opcode, payload in frames(buffer):
@@ -133,6 +135,7 @@ def hold(first: int, count: int, port: int, source: str, in_flight: int) -> None
             frame = json.loads(payload)
             if frame["type"] == "welcome":
                 del handshaking[client]
+                setup.append(time.monotonic() - began.pop(client))
                 clients.append(client)
             elif frame["type"] == "message":
                 latencies.append((time.monotonic() - float(frame["text"])) * 1000)
@@ -145,6 +148,7 @@ def hold(first: int, count: int, port: int, source: str, in_flight: int) -> None
             client.connect_ex(("127.0.0.1", port))
             selector.register(client, selectors.EVENT_WRITE, f"t{first + opened}")
             handshaking[client] = bytearray()
+            began[client] = time.monotonic()
             opened += 1
         for key, events in selector.select(60):
             client = key.fileobj
@@ -168,7 +172,9 @@ def hold(first: int, count: int, port: int, source: str, in_flight: int) -> None
             else:
                 buffers[client] += data
             take(client, buffers[client])
-    print(f"ready {time.monotonic() - started:.3f}", flush=True)
+    setup.sort()
+    print(f"ready {time.monotonic() - started:.3f} {json.dumps(setup[:: max(1, count // 1000)])}")
+    sys.stdout.flush()
     selector.register(stdin, selectors.EVENT_READ)
     while True:
         for key, _ in selector.select():
@@ -405,7 +411,8 @@ def run(kind: str, args: argparse.Namespace, log: Path, run_index: int) -> dict[
         helpers = []
         for number, first in enumerate(range(0, args.clients, args.per_process)):
             count = min(args.per_process, args.clients - first)
-            source = f"127.0.{run_index + 1}.{number + 2}"  # no port left in TIME_WAIT
+            # Addresses of this run alone: no port of theirs is still in TIME_WAIT.
+            source = f"127.{os.getpid() % 250 + 1}.{run_index + 1}.{number + 2}"
             helper_args = ["--hold", str(count), "--first", str(first), "--port", str(port)]
             helper_args += ["--source", source, "--in-flight", str(args.in_flight)]
             helpers.append(
@@ -422,11 +429,16 @@ def run(kind: str, args: argparse.Namespace, log: Path, run_index: int) -> dict[
             assert helper.stdin is not None
             helper.stdin.write(b"go\n")
             helper.stdin.flush()
+        setups: list[float] = []  # a sample of the clients' connect-to-welcome times
         for helper in helpers:
             assert helper.stdout is not None
-            if not helper.stdout.readline().startswith(b"ready"):
+            ready, _, sample = helper.stdout.readline().partition(b" ")
+            if ready != b"ready":
                 raise RuntimeError("a client helper failed (its error is above)")
+            setups += json.loads(sample.split(b" ", 1)[1])
         figures["subscribe_s"] = time.monotonic() - start
+        setups.sort()
+        figures["setup_ms"] = [1000 * setups[int(q * (len(setups) - 1))] for q in (0.5, 0.99, 1)]
         wait_idle(relay.pid)
         n = args.clients
         figures["cpu_us_per_subscription"] = (cpu_seconds(relay.pid) - cpu0) / n * 1e6
@@ -568,6 +580,8 @@ def main() -> int:
         costs = [f"{k[:-19]} {v:.0f}" for k, v in r.items() if k.endswith("_cpu_us_per_publish")]
         if costs:
             print(f"  {r['kind']}: CPU us per publish of the " + ", ".join(costs))
+        setup = "/".join(f"{v:.0f}" for v in r["setup_ms"])  # type: ignore[attr-defined]
+        print(f"  {r['kind']}: a client's connect to welcome p50/p99/max {setup} ms")
         if "channels_after" in r:
             print(f"  {r['kind']}: {r['channels_after']} channels left after the disconnect")
     return 0
