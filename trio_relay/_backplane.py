@@ -963,6 +963,13 @@ class RedisBackplane:
                 if self._routes.get(route.name) is route:
                     route.subscribed = True
                     self._start_recovery(route)
+                elif route.name not in self._routes:
+                    # Forgotten while its SUBSCRIBE was in flight (unroute found it neither
+                    # to subscribe nor subscribed): leave the channel, or this relay would
+                    # receive (and skip) all of a topic it does not hold. One held again
+                    # meanwhile is subscribed again (in _to_subscribe): it stays.
+                    self._to_unsubscribe.add(route.channel)
+                    self._routing.set()
 
     def _start_recovery(self, route: _Route) -> None:
         """Read ``route``'s log (soon): its channel's messages wait meanwhile."""
