@@ -16,6 +16,7 @@ import trio
 from redis_support import (
     RedisCluster,
     RedisServer,
+    free_port,
     redis_cluster,
     redis_cluster_node,
     redis_cluster_with_replica,
@@ -512,6 +513,24 @@ async def test_the_heartbeat_goes_through_every_primary_node_in_turn(
             while backplane._heartbeat < first + 12:
                 await backplane._heard.wait()
         counts = [now - then for now, then in zip(published(), before, strict=True)]
+        # A node that stops answering (frozen) is noticed within `block + timeout`, and
+        # the relay still stops at once.
+        redis_cluster.nodes[1].pause()
+        with trio.fail_after(2 * (0.05 + 1.0)):
+            await redis_gone(relay)
+        with trio.fail_after(1.0):
+            assert (await relay.publish("alone", "t")).remote is False
+        stopping = trio.current_time()
+    assert trio.current_time() - stopping < 1.0
     # Twelve heartbeats or more, one node after the other (a node chosen at random each
     # time would give three equal counts of 12 with a chance of 6.5 %).
     assert sum(counts) >= 12 and max(counts) - min(counts) <= 1, counts
+
+
+async def test_a_relay_whose_redis_cluster_is_unreachable_at_start_serves_locally() -> None:
+    # Entering coredis's RedisCluster discovers the nodes: failing, it must not end the
+    # relay (its client is per session), which serves its clients and retries.
+    async with relays(f"redis+cluster://127.0.0.1:{free_port()}", 1, **FAST) as (relay,):
+        assert relay.backplane is not None and not relay.backplane.up
+        report = await relay.publish("alone", "t")
+    assert (report.remote, report.epoch) == (False, relay.backplane.local_epoch)
