@@ -8,6 +8,7 @@ for an event (see tests/test_backplane.py).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from functools import partial
@@ -15,9 +16,10 @@ from typing import Any
 
 import trio
 import trio.testing
+import trio_websocket
 from hypothesis import HealthCheck, given, settings, strategies as st
 from redis_support import Proxy, RedisServer, redis_server
-from test_backplane import LIMIT, QUIET, start_relay, subscribed, ws
+from test_backplane import LIMIT, QUIET, relays, start_relay, subscribed, ws
 from test_backplane_faults import FAST, Consumer, check, redis_back, redis_gone
 from test_backplane_routing import subscribers_of
 
@@ -282,3 +284,44 @@ async def test_a_topic_forgotten_while_its_subscribe_is_in_flight_leaves_its_cha
                 await backplane.routed(name)
         assert (subscribers_of(redis_server, "x"), subscribers_of(redis_server, "z")) == (0, 1)
         nursery.cancel_scope.cancel()
+
+
+async def test_an_own_publish_read_back_from_the_log_late_still_skips_its_publisher(
+    redis_server: RedisServer,
+) -> None:
+    # A publish with echo false; its message on the channel never reaches its relay (a
+    # dropped subscription would do that), so its publisher's wait for it ends (timeout)
+    # with the script's answer. The relay reads it from the log when the next message
+    # skips a number: every subscriber gets it then, but not the connection that asked
+    # for no echo.
+    async with relays(redis_server.url, 2, **FAST) as (a, b), trio.open_nursery() as nursery:
+        assert a.backplane is not None
+        watcher = Consumer("watcher on a")
+        await watcher.start(nursery, ws(a, "t"))
+        take, lost = a.backplane._take, trio.Event()
+
+        def lose_mine(channel: bytes, data: bytes) -> None:
+            if b"mine" in data and not lost.is_set():
+                lost.set()  # the channel loses it on its way to a
+            else:
+                take(channel, data)
+
+        a.backplane._take = lose_mine  # type: ignore[method-assign]
+        async with trio_websocket.open_websocket_url(
+            ws(a, "t"), subprotocols=[trio_relay.SUBPROTOCOL]
+        ) as publisher:
+            welcome = json.loads(await publisher.get_message())
+            assert welcome["type"] == "welcome"
+            await subscribed(a, "t", 2)
+            frame = {"type": "publish", "id": 1, "text": "mine", "echo": False}
+            await publisher.send_message(json.dumps(frame))
+            with trio.fail_after(LIMIT):
+                ack = json.loads(await publisher.get_message())
+            assert (ack["type"], ack["seq"], ack["remote"], lost.is_set()) == ("ack", 1, True, True)
+            await b.publish("next", "t")  # a sees 2 after 0: it reads the log
+            await watcher.wait_for_data("mine", "next")
+            with trio.fail_after(LIMIT):
+                then = json.loads(await publisher.get_message())
+        await watcher.stop()
+    assert (then["type"], then["seq"], then.get("text")) == ("message", 2, "next")
+    check(watcher)

@@ -671,6 +671,11 @@ class RedisBackplane:
         # Own publishes delivered locally (Redis gave no answer in time) that may still be
         # shared: the reader only fills histories with them. Bounded, oldest first.
         self._local_only: OrderedDict[int, None] = OrderedDict()
+        # Own publishes with echo off that the reader had not delivered when their
+        # publishers stopped waiting (their reports said what the script named them): when
+        # it does (read from the log once back), still not to their publishers. Their
+        # sources only, bounded, oldest first.
+        self._unechoed: OrderedDict[int, _Pending] = OrderedDict()
         self._clock_offset = 0.0  # Redis's clock (ms) minus trio's (ms), as last measured
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -1219,7 +1224,7 @@ class RedisBackplane:
             if number in self._local_only:
                 del self._local_only[number]
                 fill = True  # delivered here already, under the local epoch: retain only
-            pending = self._pending.pop(number, None)
+            pending = self._pending.pop(number, None) or self._unechoed.pop(number, None)
         else:
             self._received += 1
         delivery = _Delivery(entry, pending, fill)
@@ -1499,6 +1504,10 @@ class RedisBackplane:
         if item.report is not None:
             return item.report
         self._pending.pop(number, None)
+        if not echo:
+            self._unechoed[number] = _Pending(name, [], [], source, echo)
+            while len(self._unechoed) > _MAX_LOCAL_ONLY:
+                self._unechoed.popitem(last=False)
         return DeliveryReport(
             name,
             int(answer[1]),
