@@ -135,6 +135,13 @@ def check(*consumers: Consumer, starts_at_zero: bool = True) -> dict[tuple[str, 
             where = f"{consumer.name}: {item!r} (epoch {item.epoch!r}) after {previous!r}"
             if isinstance(item, Gap):
                 assert gap is None or gap.reset or item.reset, where  # one gap explains one skip
+                if gap is not None and gap.reset and not item.reset:
+                    # A reset put the consumer before `first` of that numbering (at 0: it has
+                    # nothing of it, so since=0 takes any numbering, as the relay does); a
+                    # gap from there says where it goes on.
+                    assert item.since == gap.first - 1, where
+                    assert item.epoch == gap.epoch or item.since == 0, where
+                    previous = None
                 gap = item
                 if item.reset:
                     seen.clear()
@@ -493,11 +500,20 @@ def test_the_checker_catches_a_silent_jump_a_renumbering_and_a_duplicate() -> No
 
     check(consumer(m(1, "a"), m(2, "b"), Gap("t", 2, 5, "e1"), m(5, "e")))
     check(consumer(m(1, "a"), Gap("t", 1, 1, "e2", reset=True), m(1, "x", "e2")))
+    # A reset to e2's start, then (resuming elsewhere with since=0) e3 from its 2: what
+    # tests/test_backplane_faults.py's schedule saw (a hopper at a relay-local epoch's 1,
+    # reset to another relay's own epoch, back to the first, which numbered alone again).
+    reset = Gap("t", 1, 1, "e2", reset=True)
+    check(consumer(m(1, "a"), reset, Gap("t", 0, 2, "e3"), m(2, "b", "e3")))
     breaches = [
         consumer(m(1, "a"), m(3, "c")),  # a silent jump
         consumer(m(1, "a"), m(2, "b", "e2")),  # a silent renumbering
         consumer(m(1, "a"), m(2, "b"), Gap("t", 2, 3, "e1"), m(3, "a")),  # a silent duplicate
         consumer(m(1, "a"), Gap("t", 1, 4, "e1"), m(3, "c")),  # a gap that lies
+        consumer(m(1, "a"), reset, Gap("t", 1, 2, "e2"), m(2, "b", "e2")),  # not where it was
+        consumer(
+            m(1, "a"), Gap("t", 1, 3, "e2", reset=True), Gap("t", 2, 4, "e3"), m(4, "d", "e3")
+        ),
     ]
     for breach in breaches:
         with pytest.raises(AssertionError):
