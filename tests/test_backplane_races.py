@@ -24,18 +24,18 @@ from test_backplane_faults import FAST, Consumer, check, redis_back, redis_gone
 from test_backplane_routing import subscribers_of
 
 import trio_relay
-from trio_relay import Gap, Message, RedisBackplane, RelayConfig, RelayServer
+from trio_relay import Message, RedisBackplane, RelayConfig, RelayServer
 
 __all__ = ["redis_server"]  # the fixture, used by name
 
 
-async def test_a_topic_held_anew_while_redis_is_away_fills_nothing_past_a_resumed_consumer(
+async def test_a_topic_held_anew_while_redis_is_away_fills_in_what_a_resumed_consumer_lacks(
     redis_server: RedisServer,
 ) -> None:
     # A relay that forgot t (no client, no history kept) holds it again for a consumer
     # resuming from where it left, while Redis is unreachable: the consumer is at 2 there.
-    # Back online, the relay fills t's history with 3 and 4 (published meanwhile): the
-    # consumer had not had them, so the next message comes after a gap, never a jump.
+    # Back online, the relay fills t's history with 3 and 4 (published meanwhile): newer
+    # than what the consumer had, they reach it, then 5; never a silent jump to 5.
     async with trio.open_nursery() as nursery:
         proxy = Proxy(redis_server.port)
         await nursery.start(proxy.run)
@@ -66,13 +66,13 @@ async def test_a_topic_held_anew_while_redis_is_away_fills_nothing_past_a_resume
         resumed = Consumer("resumed on a")
         resumed.items = list(first.items)
         await resumed.start(nursery, ws(a, "t"))
+        await subscribed(a, "t")  # at 2, while Redis is away
         proxy.heal()
         await redis_back(a)
         await b.publish("m5", "t")
         await resumed.wait_for_data("m5")
         nursery.cancel_scope.cancel()
-    epoch = first.messages[0].epoch
-    assert resumed.items[2:] == [Gap("t", 2, 5, epoch), Message("t", 5, "m5")]
+    assert resumed.items[2:] == [Message("t", n, f"m{n}") for n in (3, 4, 5)]
     check(resumed, starts_at_zero=False)
 
 
@@ -325,3 +325,34 @@ async def test_an_own_publish_read_back_from_the_log_late_still_skips_its_publis
         await watcher.stop()
     assert (then["type"], then["seq"], then.get("text")) == ("message", 2, "next")
     check(watcher)
+
+
+async def test_a_consumer_that_joins_while_its_topic_is_still_being_read_gets_what_follows(
+    redis_server: RedisServer,
+) -> None:
+    # A relay starts holding t for a consumer (from 0: everything), and its read of t's log
+    # is slow (held back here): the join stops waiting for it (timeout) and takes the
+    # shared position from Redis (m1 is there). When the read comes, m1 fills the history;
+    # it is newer than what the consumer had (nothing of that numbering), so it reaches it,
+    # then m2: never a gap for messages the relay has.
+    async with relays(redis_server.url, 2, **FAST) as (a, b), trio.open_nursery() as nursery:
+        assert a.backplane is not None
+        await b.publish("m1", "t")
+        call_many, gate = a.backplane._call_many, trio.Event()
+        recover = a.backplane._shas["recover"]
+
+        async def slow_reads(sha: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+            if sha == recover:
+                await gate.wait()
+            return await call_many(sha, calls)
+
+        a.backplane._call_many = slow_reads  # type: ignore[method-assign]
+        joined = Consumer("joined on a")
+        await joined.start(nursery, ws(a, "t"))
+        await subscribed(a, "t")  # routed() gave up: joined before the read
+        gate.set()
+        await b.publish("m2", "t")
+        await joined.wait_for_data("m2")
+        await joined.stop()
+    assert joined.items == [Message("t", 1, "m1"), Message("t", 2, "m2")]
+    check(joined)

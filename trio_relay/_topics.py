@@ -204,6 +204,7 @@ class Batch:
         "_envelope",
         "echo",
         "epoch",
+        "fill",
         "first_seq",
         "gap",
         "last_seq",
@@ -238,6 +239,9 @@ class Batch:
         self.gap = gap
         """Whether the topic skipped numbers on this relay just before this batch (its
         backplane's log lost or trimmed them): subscribers get a :class:`Gap` first."""
+        self.fill = False
+        """Whether a backplane filled it in from its log (see
+        :meth:`Topics.deliver_numbered`): only subscribers already in its numbering take it."""
         if raw is None:
             if len(payloads) == 1:
                 raw = frame_header(len(payloads[0]), text=texts[0]) + payloads[0]
@@ -432,6 +436,11 @@ class Cursor:
             if batch.gap:
                 return Gap(batch.topic, seq, batch.first_seq, batch.epoch), batch
             return None, batch  # missed here by this subscriber alone (the drop policy)
+        if batch.fill:
+            # Filled in from a backplane's log, of a numbering this subscriber is not in
+            # (it joined before this relay had it): published before it came, not its to
+            # get. The next delivered batch tells it of the numbering (a reset).
+            return None, None
         self.epoch, self.seq = batch.epoch, batch.last_seq
         if seq == 0 and batch.first_seq == 1:
             return None, batch
@@ -980,8 +989,12 @@ class Topics:
         empties the history (it would not be whole). Either is marked :attr:`Batch.gap`
         unless it starts at 1, so that live subscribers get a :class:`Gap` with it.
 
-        ``fill``: retain only; live subscribers do not get it (a relay filling its
-        histories from the log). A new topic past ``max_topics`` is not made: nobody here
+        ``fill``: a relay filling its histories from the log (what was published before
+        it held the topic): retained, and delivered only to the subscribers already in
+        its numbering (its epoch: those that resumed from a number of it, or joined at the
+        shared position while the fill was pending), for whom it is newer than what they
+        had; one that joined in another numbering does not get it (see :class:`Cursor`).
+        A new topic past ``max_topics`` is not made: nobody here
         subscribes to it, so the batch reaches nobody (its number is remembered, as for a
         forgotten topic)."""
         topic = self._numbering(name, epoch, first_seq, len(payloads))
@@ -994,8 +1007,9 @@ class Topics:
             if fill:
                 self._renumber(topic, batch)
                 topic.filled = True
-                return self._shared_report(name, epoch, batch.first_seq, len(batch.payloads)), True
-            self._renumber(topic, batch, after_fill=True)
+                batch.fill = True
+            else:
+                self._renumber(topic, batch, after_fill=True)
             published = await topic.broadcast.publish(batch)
         return self._shared_report(
             name, epoch, batch.first_seq, len(batch.payloads), published
@@ -1027,9 +1041,14 @@ class Topics:
         if batch is None:
             return self._shared_report(name, epoch, first_seq, len(payloads)), False
         if fill:
+            batch.fill = True
+            published = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was done
             self._renumber(topic, batch)
             topic.filled = True
-            return self._shared_report(name, epoch, batch.first_seq, len(batch.payloads)), True
+            report = self._shared_report(
+                name, epoch, batch.first_seq, len(batch.payloads), published
+            )
+            return report, True
         skipped = batch.gap
         batch.gap = skipped or topic.filled  # marked before it goes out: see _renumber
         published = topic.broadcast.publish_nowait(batch)  # WouldBlock: nothing was done
