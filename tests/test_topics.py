@@ -1266,6 +1266,9 @@ class _LogBackplane:
     def unroute(self, topic: str) -> None:
         self.routes = self.routes - {topic}
 
+    def synced_position(self, topic: str) -> tuple[str, int] | None:
+        return None  # as before it receives the topic: position() is asked
+
     async def routed(self, topic: str) -> None:
         await trio.sleep(0)
 

@@ -764,6 +764,15 @@ class RedisBackplane:
             self._to_unsubscribe.add(route.channel)
             self._routing.set()
 
+    def synced_position(self, name: str) -> tuple[str, int] | None:
+        """The epoch and last number of topic ``name`` as this relay last had them from
+        Redis (its log read, then its channel), once it receives the topic (see
+        :meth:`routed`): ``("", 0)`` if Redis had no numbering of it; None before that."""
+        route = self._routes.get(name)
+        if route is None or not route.synced or not self.up:
+            return None
+        return route.epoch or "", route.seq
+
     async def routed(self, name: str) -> None:
         """Return once topic ``name`` (:meth:`route`) is live here: subscribed, its history
         filled from its log (across a reconnect, if the connection failed meanwhile);

@@ -508,6 +508,12 @@ class Backplane(Protocol):
         """Start receiving ``topic`` (made here): a relay receives only the topics it has."""
         ...
 
+    def synced_position(self, topic: str) -> tuple[str, int] | None:
+        """The epoch and last number of ``topic`` as this relay last had them from the
+        backplane, once it receives the topic (``("", 0)``: the backplane had none); None
+        if it does not receive it yet."""
+        ...
+
     def unroute(self, topic: str) -> None:
         """Stop receiving ``topic`` (forgotten here)."""
         ...
@@ -1249,6 +1255,14 @@ class Topics:
         if self.backplane is None:
             return None
         here, last = self.position(name)
+        if here == self.epoch and not last and not since:
+            # Not numbered here, and nothing asked of the past: where the backplane's read
+            # of the topic's log (as it started receiving the topic) found it will do; what
+            # was numbered since is on its way here. A round trip less per subscription.
+            known = self.backplane.synced_position(name)
+            if known is not None:
+                await trio.sleep(0)  # a checkpoint, as every async method makes
+                return known if known[0] else None
         if (here == self.epoch and not last) or (
             since is not None and since > last and epoch in (None, here)
         ):
