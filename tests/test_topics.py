@@ -1200,6 +1200,24 @@ async def test_numbers_filled_in_reach_a_subscriber_already_in_their_numbering_o
         assert [m.data for m in await take(resumed, 3)] == ["two", "three", "four"]
 
 
+async def test_a_local_epoch_never_names_two_messages_though_the_shared_numbering_restarts(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A backplane numbers alone in one relay-local epoch while it cannot share (a publish
+    # got no answer in time); meanwhile the shared numbering restarted (Redis forgot the
+    # topic: e2 from 1). The next publishes alone, in the same local epoch, go on after
+    # the last number that epoch named here, never from the shared numbering's 1 again.
+    topics = Topics()
+    for seq in range(1, 6):
+        await topics.deliver_numbered("a", "e1", seq, [b"shared"], [True])
+    alone = [await topics.publish_locally("a", [b"alone 0"], [True], epoch="local")]
+    await topics.deliver_numbered("a", "e2", 1, [b"fresh"], [True])
+    for n in range(1, 6):
+        text = f"alone {n}".encode()
+        alone.append(await topics.publish_locally("a", [text], [True], epoch="local"))
+    assert [(r.epoch, r.seq) for r in alone] == [("local", seq) for seq in range(6, 12)]
+
+
 async def test_a_since_of_another_epoch_is_a_reset_with_everything_retained(
     autojump_clock: trio.abc.Clock,
 ) -> None:

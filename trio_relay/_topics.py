@@ -449,6 +449,7 @@ class Cursor:
 
 class _Topic:
     __slots__ = (
+        "alone",
         "broadcast",
         "epoch",
         "filled",
@@ -473,9 +474,13 @@ class _Topic:
         self.users = 0  # subscriptions and holds: while any, the topic is not forgotten
         self.idle = False  # in Topics._idle: kept only for its history (or not used yet)
         self.queued = False  # has an entry in Topics._oldest
-        # Numbers a backplane filled in (retained, delivered to nobody) since its last
-        # delivered batch: a subscriber that was there before them never got them.
+        # Numbers a backplane filled in (retained, delivered only to subscribers in their
+        # numbering) since its last delivered batch: one from before them may lack them.
         self.filled = False
+        # The epoch and last number of the last batch numbered here alone (a backplane's
+        # relay-local epoch): that epoch never names a number twice, whatever the shared
+        # numbering did meanwhile (it may start again from 1).
+        self.alone: tuple[str, int] | None = None
 
 
 class Backplane(Protocol):
@@ -950,7 +955,11 @@ class Topics:
         async with topic.lock:
             if epoch is not None and epoch != topic.epoch:
                 self._switch(topic, epoch)
+                if topic.alone is not None and topic.alone[0] == epoch:
+                    topic.last_seq = max(topic.last_seq, topic.alone[1])
             batch = self._batch(topic, payloads, texts, source, echo)
+            if epoch is not None:
+                topic.alone = epoch, batch.last_seq
             # Numbered and retained before delivery: a subscriber that joins while this
             # publish waits for room finds the batch in the history (and drops the copy
             # it may also get live, by sequence number).
