@@ -652,3 +652,44 @@ async def test_publishes_that_arrive_together_go_to_redis_together(
         assert sorted(r.seq for r in reports if r.topic == topic) == list(range(1, 11))
     assert calls < 10, calls  # one round trip for many publishes (not 30)
     assert all(len(slot) == 1 for slot in slots)  # each script call: one Cluster slot
+
+
+async def test_a_redis_that_freezes_as_the_subscription_connects_is_noticed_in_time(
+    redis_server: RedisServer,
+) -> None:
+    # Entering coredis's PubSub connects and says HELLO; a Redis frozen there (SIGSTOP)
+    # accepts the connection and never answers. The relay must give up after its timeout,
+    # serve locally, and come back once Redis does (a relay that hung there never started).
+    class FreezesFirst(RedisBackplane):
+        frozen = False
+
+        async def _subscribe(self, *args: Any) -> Any:
+            if not self.frozen:
+                self.frozen = True
+                # A connection of its own for the subscription (as when the pool's is busy),
+                # so that entering it says HELLO to the frozen Redis.
+                self._client.connection_pool.disconnect()
+                redis_server.pause()
+            return await super()._subscribe(*args)
+
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                backplane = FreezesFirst(redis_server.url, timeout=0.5, block=0.2)
+                started = trio.current_time()
+                a: RelayServer = await nursery.start(
+                    partial(
+                        trio_relay.serve_relay, "127.0.0.1", 0, config=QUIET, backplane=backplane
+                    )
+                )
+                waited = trio.current_time() - started
+                assert backplane.frozen and not backplane.up
+                report = await a.publish("alone")
+                assert report.remote is False
+                redis_server.resume()
+                await backplane.wait_until_up(True)
+                assert (await a.publish("shared")).remote is True
+                nursery.cancel_scope.cancel()
+    finally:
+        redis_server.resume()
+    assert waited < 0.5 + 1.0, waited  # the timeout, and the time to start and stop

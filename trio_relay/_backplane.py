@@ -75,6 +75,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import urllib.parse
 from collections import OrderedDict, deque
@@ -932,7 +933,17 @@ class RedisBackplane:
             ignore_subscribe_messages=True,
             subscription_timeout=self.timeout,
         )
+        # Entering coredis's PubSub connects and says HELLO, which nothing else bounds (a
+        # Redis frozen there accepts the connection and never answers): a deadline over
+        # the whole block, lifted once it is entered (the heartbeat bounds the rest).
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as entering:
+            await self._subscribe(pubsub, connected, entering)
+        raise trio.TooSlowError("no subscription within the backplane's timeout")
+
+    async def _subscribe(self, pubsub: Any, connected: Any, entering: trio.CancelScope) -> NoReturn:
+        """The subscription's life (see :meth:`_serve`)."""
         async with pubsub, trio.open_nursery() as session:
+            entering.deadline = math.inf
             self._pubsub = pubsub
             self._waiting = []
             await pubsub.subscribe(self._heartbeat_channel)
