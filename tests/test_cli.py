@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import json
@@ -36,6 +37,7 @@ import trio_relay
 from trio_relay import DEFAULT_TIMEOUT, Gap, RedisBackplane, RelayConfig, verify_token
 from trio_relay._cli import (
     _client_target,
+    _run,
     _server_settings,
     build_parser,
     configure_logging,
@@ -983,3 +985,21 @@ async def test_serve_workers_keep_their_redis_keys_under_backplane_prefix(
     assert lengths and max(lengths) <= 2 < published, (logs, lengths, published)
     supervisor.process.send_signal(signal.SIGTERM)
     assert await supervisor.finish() == 0, supervisor.describe()
+
+
+def test_ctrl_c_inside_a_nursery_beside_another_failure_is_still_ctrl_c() -> None:
+    # Seen in CI: SIGINT reached `consume` inside trio-websocket's reader task while the
+    # connection's other task failed; the group of both made the command exit 1, not 130.
+    async def interrupted(_args: argparse.Namespace) -> None:
+        async def fails() -> None:
+            raise ConnectionError("the connection went")
+
+        async def interrupted_task() -> None:
+            raise KeyboardInterrupt
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fails)
+            nursery.start_soon(interrupted_task)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(interrupted, argparse.Namespace())

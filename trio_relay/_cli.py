@@ -1003,6 +1003,10 @@ def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
         trio.run(command, args)
     except BaseExceptionGroup as group:
         failure = leaf(group)
+        if isinstance(failure, BaseExceptionGroup) and group.subgroup(KeyboardInterrupt):
+            # Ctrl-C that trio delivered inside a task of a nursery (trio-websocket's reader,
+            # say) while another task of it failed as the connection went: still Ctrl-C.
+            failure = KeyboardInterrupt()
     if failure is not None:
         try:
             raise failure
