@@ -22,14 +22,9 @@ import tempfile
 import time
 
 import trio
+from mass_disconnect import free_port  # beside this script
 
 from trio_relay import RedisBackplane, Topics
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def info_memory(port: int) -> int:

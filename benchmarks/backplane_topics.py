@@ -42,10 +42,8 @@ import contextlib
 import json
 import os
 import random
-import resource
 import selectors
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -56,22 +54,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
+from idle_cost import cpu_seconds, rss_kib  # beside this script
+from mass_disconnect import free_port, raise_descriptor_limit, started
 
 ROOT = Path(__file__).resolve().parent.parent  # the relay runs here: this tree's trio_relay
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-
-
-def raise_descriptor_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # ------------------------------------------------------------------ helper: hold clients
@@ -205,18 +192,6 @@ def hold(first: int, count: int, port: int, source: str, in_flight: int) -> None
 # ------------------------------------------------------------------ the measuring process
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def wait_idle(pid: int) -> None:
     """Wait until the process has used no CPU for 0.3 s (its work is done)."""
     last, at = cpu_seconds(pid), time.monotonic()
@@ -278,25 +253,6 @@ def channels(redis_port: int) -> int:
 def redis_memory(redis_port: int) -> int:
     info = redis_command(redis_port, "INFO", "memory").decode()
     return int(info.split("used_memory:")[1].split()[0])
-
-
-@contextlib.contextmanager
-def started(command: list[str], **options: object) -> Iterator[subprocess.Popen[bytes]]:
-    """A process in its own session, stopped (its whole group) on the way out."""
-    process = subprocess.Popen(command, start_new_session=True, **options)  # type: ignore[call-overload]
-    try:
-        yield process
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
 
 
 def relay_command(port: int, http_port: int, limit: int, backplane: str | None) -> list[str]:

@@ -293,10 +293,6 @@ def _forget_waiters(pubsub: Any, channels: list[bytes]) -> list[bytes]:
     return waiting
 
 
-class _Reconnect(OSError):
-    """The subscription missed something it cannot catch up on in place."""
-
-
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -1143,10 +1139,9 @@ class RedisBackplane:
                 continue
             if fill and (entry.epoch, entry.first_seq) in live:
                 break
-            if fill and _id_ms(identifier) < oldest_ms:
-                route.advance(entry)  # older than any history keeps: had, not retained
-                continue
             route.advance(entry)
+            if fill and _id_ms(identifier) < oldest_ms:
+                continue  # older than any history keeps: had, not retained
             self._deliver(entry, fill=fill)
         buffered = route.buffer
         route.reset()
