@@ -195,8 +195,11 @@ async def v2_costs(count: int) -> dict[str, int]:
         async def unsubscribe() -> None:
             await answered(b'{"type":"unsubscribe","topic":""}', b'"unsubscribed"')
 
-        costs["v2 subscribe"] = await count_calls(subscribe)
-        costs["v2 unsubscribe"] = await count_calls(unsubscribe)
+        # The fewest calls of three rounds: count_calls counts every task's calls, and
+        # whatever else happens to run meanwhile only adds (one CI run: 305 -> 474).
+        rounds = [(await count_calls(subscribe), await count_calls(unsubscribe)) for _ in range(3)]
+        costs["v2 subscribe"] = min(subscribed for subscribed, _ in rounds)
+        costs["v2 unsubscribe"] = min(unsubscribed for _, unsubscribed in rounds)
         await stream.aclose()
     return costs
 
